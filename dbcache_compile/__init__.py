@@ -1,0 +1,8 @@
+"""dbcache_compile: DBCache (Dual Block Cache) + torch.compile + torchao for diffusers diffusion transformers."""
+
+from .config import DBCacheConfig
+from .optimize import disable, optimize, reset, summary
+from .stats import CacheSummary
+
+__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary"]
+__version__ = "0.1.0"

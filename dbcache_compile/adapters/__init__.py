@@ -1,0 +1,94 @@
+"""Model-family adapters: which block lists form the cached chain, how the transformer embeds its inputs before the
+blocks and projects after them, and whether its pipeline runs CFG as separate transformer calls.
+
+An adapter is registered for transformer classes (torchao-style registry: adding a family touches one file).
+Blocks are called ``block(hidden_states=h, encoder_hidden_states=e, **block_kwargs)`` and return ``(e, h)``
+(cache-dit's ForwardPattern_1, shared by FLUX.1 and Qwen-Image).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Adapter", "Embedded", "register_adapter", "adapter_for", "supported_models"]
+
+
+class Embedded:
+    """What the adapter's ``embed`` returns: streams entering the first block and what the blocks/output need."""
+
+    __slots__ = ("hidden", "encoder", "block_kwargs", "out_kwargs")
+
+    def __init__(self, hidden: torch.Tensor, encoder: torch.Tensor, block_kwargs: dict[str, Any],
+                 out_kwargs: dict[str, Any]) -> None:
+        self.hidden = hidden
+        self.encoder = encoder
+        self.block_kwargs = block_kwargs
+        self.out_kwargs = out_kwargs
+
+
+class Adapter:
+    """Base class. Subclasses set ``name``, ``block_lists`` and implement ``embed`` / ``project``."""
+
+    name: str = "base"
+    #: attribute names of the transformer's block ModuleLists, in execution order; they form ONE cached chain.
+    block_lists: tuple[str, ...] = ()
+
+    def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        out: list[torch.nn.Module] = []
+        for attr in self.block_lists:
+            out.extend(getattr(transformer, attr))
+        return out
+
+    def embed(self, transformer: torch.nn.Module, *args: Any, **kwargs: Any) -> Embedded:
+        raise NotImplementedError
+
+    def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
+        """Whether a pipeline call with these kwargs runs conditional and unconditional as separate forwards."""
+        return False
+
+
+_REGISTRY: list[tuple[tuple[type, ...], Adapter]] = []
+
+
+def register_adapter(transformer_classes: tuple[type, ...], adapter: Adapter) -> None:
+    _REGISTRY.append((transformer_classes, adapter))
+
+
+def _load_builtin() -> None:
+    if not _REGISTRY:
+        from . import flux, qwen_image  # noqa: F401  (registers on import)
+
+
+def adapter_for(transformer: torch.nn.Module) -> Adapter:
+    """The adapter for this transformer instance, or a ``ValueError`` listing what is supported."""
+    _load_builtin()
+    for classes, adapter in _REGISTRY:
+        if isinstance(transformer, classes):
+            return adapter
+    raise ValueError(f"dbcache_compile has no adapter for {type(transformer).__name__}; supported transformers: "
+                     f"{', '.join(supported_models())}")
+
+
+def supported_models() -> list[str]:
+    _load_builtin()
+    return [cls.__name__ for classes, _ in _REGISTRY for cls in classes]
+
+
+def reject_unsupported(kwargs: dict[str, Any], names: tuple[str, ...], model: str) -> None:
+    """Raise ``NotImplementedError`` for forward arguments the cached forward does not implement."""
+    for name in names:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{model}: the cached forward does not support `{name}` yet; "
+                                      f"call dbcache_compile.disable() for this pipeline")
+
+
+def first_present(*values: Optional[Any]) -> Optional[Any]:
+    for v in values:
+        if v is not None:
+            return v
+    return None

@@ -1,0 +1,60 @@
+"""Qwen-Image (and Qwen-Image-Lightning LoRAs): one list of 60 dual-stream blocks. The pipeline runs true CFG as a
+second transformer call per step when ``true_cfg_scale > 1`` and a negative prompt is given: separate CFG."""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Any
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
+
+from . import Adapter, Embedded, register_adapter, reject_unsupported
+
+_SIGNATURE = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
+              "guidance", "attention_kwargs", "controlnet_block_samples", "additional_t_cond", "return_dict")
+
+
+class QwenImageAdapter(Adapter):
+    name = "qwen-image"
+    block_lists = ("transformer_blocks",)
+
+    def embed(self, transformer: QwenImageTransformer2DModel, *args: Any, **kwargs: Any) -> Embedded:
+        kwargs.update(zip(_SIGNATURE, args))
+        reject_unsupported(kwargs, ("controlnet_block_samples",), "Qwen-Image")
+        hidden = transformer.img_in(kwargs["hidden_states"])
+        timestep = kwargs["timestep"].to(hidden.dtype)
+        img_shapes = kwargs.get("img_shapes")
+        modulate_index = None
+        if transformer.zero_cond_t:
+            timestep = torch.cat([timestep, timestep * 0], dim=0)
+            modulate_index = torch.tensor(
+                [[0] * prod(s[0]) + [1] * sum(prod(x) for x in s[1:]) for s in img_shapes],
+                device=timestep.device, dtype=torch.int)
+        encoder = transformer.txt_in(transformer.txt_norm(kwargs["encoder_hidden_states"]))
+        text_seq_len, _, mask = compute_text_seq_len_from_mask(encoder, kwargs.get("encoder_hidden_states_mask"))
+        guidance = kwargs.get("guidance")
+        t_cond = kwargs.get("additional_t_cond")
+        if guidance is not None:
+            temb = transformer.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, hidden, t_cond)
+        else:
+            temb = transformer.time_text_embed(timestep, hidden, t_cond)
+        rotary = transformer.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden.device)
+        block_kwargs = {"encoder_hidden_states_mask": mask, "temb": temb, "image_rotary_emb": rotary,
+                        "joint_attention_kwargs": kwargs.get("attention_kwargs"), "modulate_index": modulate_index}
+        out_temb = temb.chunk(2, dim=0)[0] if transformer.zero_cond_t else temb
+        return Embedded(hidden, encoder, block_kwargs, {"temb": out_temb})
+
+    def project(self, transformer: QwenImageTransformer2DModel, hidden: torch.Tensor,
+                out_kwargs: dict[str, Any]) -> torch.Tensor:
+        return transformer.proj_out(transformer.norm_out(hidden, out_kwargs["temb"]))
+
+    def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
+        # QwenImagePipeline.__call__: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        has_negative = (call_kwargs.get("negative_prompt") is not None
+                        or call_kwargs.get("negative_prompt_embeds") is not None)
+        return call_kwargs.get("true_cfg_scale", 4.0) > 1 and has_negative
+
+
+register_adapter((QwenImageTransformer2DModel,), QwenImageAdapter())

@@ -1,0 +1,130 @@
+"""Public API: ``optimize``, ``disable``, ``reset``, ``summary``.
+
+``optimize`` attaches a :class:`~dbcache_compile.step.CachedTransformer` to the transformer instance by setting
+the instance's ``forward`` (the class is never edited), and, for a pipeline, swaps the pipeline instance's class for
+a same-named subclass whose ``__call__`` resets the cache state first. ``disable`` undoes both and leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Optional, Union
+
+import torch
+
+from .adapters import adapter_for
+from .config import DBCacheConfig
+from .stats import CacheSummary
+from .step import CachedTransformer
+
+__all__ = ["optimize", "disable", "reset", "summary", "COMPILE_MODES", "GRAPHS"]
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHS = ("auto", "segments", "cond")
+_ATTR = "_dbcache_compile"
+
+
+def _split(obj: Any) -> tuple[Optional[Any], torch.nn.Module]:
+    """(pipeline or None, transformer) from a pipeline or a bare transformer."""
+    if isinstance(obj, torch.nn.Module):
+        return None, obj
+    transformer = getattr(obj, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ValueError(f"{type(obj).__name__} is neither a transformer module nor a pipeline with a "
+                         f"`.transformer`; dbcache_compile.optimize() accepts e.g. FluxPipeline, QwenImagePipeline "
+                         f"or their transformers")
+    return obj, transformer
+
+
+def _runtime(obj: Any) -> CachedTransformer:
+    _, transformer = _split(obj)
+    runtime = getattr(transformer, _ATTR, None)
+    if runtime is None:
+        raise ValueError(f"{type(obj).__name__} is not optimized by dbcache_compile (call optimize() first)")
+    return runtime
+
+
+def _wrap_pipeline(pipe: Any, runtime: CachedTransformer) -> None:
+    original_cls = type(pipe)
+    signature = inspect.signature(original_cls.__call__)
+
+    @functools.wraps(original_cls.__call__)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(self, *args, **kwargs)
+        call_kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
+        call_kwargs.update(call_kwargs.pop("kwargs", {}) or {})
+        runtime.reset(runtime.adapter.separate_cfg(call_kwargs))
+        return original_cls.__call__(self, *args, **kwargs)
+
+    cached_cls = type(original_cls.__name__, (original_cls,),
+                      {"__call__": __call__, "__module__": original_cls.__module__,
+                       "__qualname__": original_cls.__qualname__, "_dbcache_original_class": original_cls})
+    pipe.__class__ = cached_cls
+
+
+def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
+             graph: str = "auto", quantize: Any = None) -> Any:
+    """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
+
+    Args:
+        pipe: a pipeline with a ``.transformer`` (FluxPipeline, QwenImagePipeline, ...) or the transformer itself.
+            With a bare transformer, call :func:`reset` before each new generation.
+        cache: a :class:`DBCacheConfig`, its string form (``"F8B0_W8M0MC0_T0O1_R0.08"``) or ``None`` (no cache).
+        mode: ``None`` for eager, or a ``torch.compile`` mode.
+        graph: ``"auto"``, ``"segments"`` or ``"cond"``: how the cached step is lowered when compiling.
+        quantize: ``None`` or a torchao quantization (``"fp8"``, ``"int8"``, ...).
+
+    Returns the same object, modified in place.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    if mode is not None:
+        raise NotImplementedError("compiled lowerings (mode != None) are not implemented yet; use mode=None")
+    if quantize is not None:
+        raise NotImplementedError("quantization is not implemented yet; use quantize=None")
+    if cache is None:
+        raise NotImplementedError("optimize(cache=None) needs a compile mode or quantization, which are not "
+                                  "implemented yet")
+    pipeline, transformer = _split(pipe)
+    if getattr(transformer, _ATTR, None) is not None:
+        raise ValueError("this transformer is already optimized; call dbcache_compile.disable() first")
+    config = DBCacheConfig.coerce(cache)
+    runtime = CachedTransformer(transformer, adapter_for(transformer), config)
+    setattr(transformer, _ATTR, runtime)
+    transformer.forward = runtime.forward
+    if pipeline is not None:
+        _wrap_pipeline(pipeline, runtime)
+    return pipe
+
+
+def disable(pipe: Any) -> Any:
+    """Undo :func:`optimize`: the original ``forward`` and pipeline class, no attribute left behind."""
+    pipeline, transformer = _split(pipe)
+    _runtime(transformer)
+    del transformer.forward
+    delattr(transformer, _ATTR)
+    if pipeline is not None and hasattr(type(pipeline), "_dbcache_original_class"):
+        pipeline.__class__ = type(pipeline)._dbcache_original_class
+    return pipe
+
+
+def reset(pipe_or_transformer: Any) -> None:
+    """Start a new generation for a bare transformer (pipelines do this at every call)."""
+    _runtime(pipe_or_transformer).reset()
+
+
+def summary(pipe_or_transformer: Any) -> CacheSummary:
+    """Cache decisions of the last (or current) generation."""
+    rt = _runtime(pipe_or_transformer)
+    calls_per_step = 2 if rt.separate_cfg else 1
+    cond, uncond = rt.branches
+    return CacheSummary(
+        config=str(rt.config), num_steps=-(-rt.calls // calls_per_step),
+        cached_steps=list(cond.cached_steps), cfg_cached_steps=list(uncond.cached_steps) if rt.separate_cfg else [],
+        residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
+        separate_cfg=rt.separate_cfg, lowering="eager", mode=None, num_blocks=rt.num_blocks,
+        Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks)

@@ -1,0 +1,115 @@
+"""Cache state: per-(transformer, CFG branch) counters on the host and preallocated device buffers, plus TaylorSeer.
+
+Buffers are allocated once per shape and then updated in place (``copy_``), gpt-fast style, so that compiled
+segments can treat them as static addresses and CUDA graphs can replay over them. Counters are Python ints: the
+host knows every decision (it reads the predicate once per non-forced step), so they never need a device sync.
+
+TaylorSeer follows cache-dit 1.5.3 (``TaylorSeerState``): on a compute step at branch step ``s`` the ladder becomes
+``d0 = Y``, ``d(i+1) = (d_i - d_i_prev) / (s - s_last)`` for as many derivatives as the previous ladder supports, but
+none while ``s <= 2``; a hit at ``k = s - s_last`` steps forecasts ``sum_i d_i k^i / i!``. (cache-dit forms no
+derivative while its state's step counter is ``<= 1``; that state is created lazily by the first update, at step 0,
+with its counter at -1, so the counter runs one behind the denoising step and the rule reads ``s <= 2`` here.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["BranchState", "taylor_coefficients", "taylor_forecast", "taylor_update"]
+
+
+def taylor_coefficients(elapsed: int, valid: int, terms: int) -> list[float]:
+    """Weights ``k^i / i!`` of the ladder entries for a forecast ``elapsed`` steps ahead; 0 beyond ``valid``."""
+    return [(elapsed ** i) / math.factorial(i) if i < valid else 0.0 for i in range(terms)]
+
+
+def taylor_forecast(ladder: Sequence[torch.Tensor], coeffs: Union[Sequence[float], torch.Tensor]) -> torch.Tensor:
+    """``sum_i coeffs[i] * ladder[i]``; with one term and coefficient 1 this is the cached residual itself."""
+    if len(ladder) == 1:
+        return ladder[0]
+    out = ladder[0] * coeffs[0]
+    for i in range(1, len(ladder)):
+        out = out + ladder[i] * coeffs[i]
+    return out
+
+
+def taylor_update(ladder: Sequence[torch.Tensor], y: torch.Tensor, window: Union[int, torch.Tensor],
+                  n_derivatives: int) -> list[torch.Tensor]:
+    """New ladder after a compute step: ``[y, (y - d0)/w, ((y - d0)/w - d1)/w, ...]`` (``n_derivatives`` of them).
+
+    Entries past ``n_derivatives`` keep their old (now invalid) values; callers mask them with zero coefficients.
+    """
+    new = [y]
+    for i in range(len(ladder) - 1):
+        if i < n_derivatives:
+            new.append((new[i] - ladder[i]) / window)
+        else:
+            new.append(ladder[i + 1])
+    return new
+
+
+class BranchState:
+    """Counters and buffers of one CFG branch of one cached transformer.
+
+    Host counters (reset every generation): ``cached_steps`` (step indices), ``diffs`` (step -> diff, only steps
+    whose gates allowed a diff), ``consecutive`` (cached steps in a row), ``has_prev`` (an Fn residual is stored),
+    ``last_compute`` / ``valid`` (TaylorSeer: step of the last compute, number of valid ladder entries).
+
+    Device buffers (kept across generations while the shape holds): ``fn_residual`` (hidden-stream residual of the
+    first Fn blocks at the last compute), ``ladder_h`` / ``ladder_e`` (cached middle residual of the hidden and
+    encoder streams and, with TaylorSeer, their divided differences).
+    """
+
+    def __init__(self, terms: int) -> None:
+        self.terms = terms
+        self.fn_residual: Optional[torch.Tensor] = None
+        self.ladder_h: list[torch.Tensor] = []
+        self.ladder_e: list[torch.Tensor] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.cached_steps: list[int] = []
+        self.diffs: dict[int, float] = {}
+        self.consecutive = 0
+        self.has_prev = False
+        self.last_compute = -1
+        self.valid = 0
+
+    def begin_step(self, step: int) -> None:
+        """cache-dit's ``mark_step_begin``: a step whose previous step computed breaks the cached streak."""
+        if not self.cached_steps or self.cached_steps[-1] != step - 1:
+            self.consecutive = 0
+
+    def ensure_buffers(self, hidden: torch.Tensor, encoder: torch.Tensor) -> None:
+        """Allocate the buffers for these shapes (no-op when they already match)."""
+        if (self.fn_residual is not None and self.fn_residual.shape == hidden.shape
+                and self.ladder_e[0].shape == encoder.shape and self.fn_residual.dtype == hidden.dtype
+                and self.fn_residual.device == hidden.device):
+            return
+        self.fn_residual = torch.zeros_like(hidden)
+        self.ladder_h = [torch.zeros_like(hidden) for _ in range(self.terms)]
+        self.ladder_e = [torch.zeros_like(encoder) for _ in range(self.terms)]
+
+    def buffer_shapes(self) -> Optional[tuple[torch.Size, torch.Size]]:
+        if self.fn_residual is None:
+            return None
+        return self.fn_residual.shape, self.ladder_e[0].shape
+
+    def record_hit(self, step: int) -> None:
+        self.cached_steps.append(step)
+        self.consecutive += 1
+
+    def forecast_coefficients(self, step: int) -> list[float]:
+        return taylor_coefficients(step - self.last_compute, self.valid, self.terms)
+
+    def derivatives_for_update(self, step: int) -> int:
+        """How many derivatives a compute at ``step`` can form (none while ``step <= 2``, see the module doc)."""
+        return min(self.valid, self.terms - 1) if step > 2 else 0
+
+    def record_compute(self, step: int, n_derivatives: int) -> None:
+        self.has_prev = True
+        self.valid = 1 + n_derivatives
+        self.last_compute = step

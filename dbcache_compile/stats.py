@@ -1,0 +1,73 @@
+"""What ``dbcache_compile.summary()`` returns: the decisions of the last generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+__all__ = ["CacheSummary"]
+
+
+@dataclasses.dataclass
+class CacheSummary:
+    """Cache decisions of the last generation of one cached transformer.
+
+    Attributes:
+        config: the cache config in string form.
+        num_steps: denoising steps seen (transformer calls, halved with separate CFG).
+        cached_steps: step indices served from the cache (conditional / only branch).
+        cfg_cached_steps: same for the unconditional branch with separate CFG (empty otherwise).
+        residual_diffs: step -> relative L1 diff of the Fn residual, for steps whose gates allowed a diff
+            (``-1.0``: threshold >= 1, hit without a diff), as cache-dit records them.
+        cfg_residual_diffs: same for the unconditional branch.
+        separate_cfg: whether the last generation ran with separate CFG state.
+        lowering: ``"eager"``, ``"cond"`` or ``"segments"``.
+        mode: the ``torch.compile`` mode, or ``None`` for eager.
+        num_blocks / Fn / Bn: the block split.
+        cudagraphs: CUDA-graph status of the compiled segments (``None`` when not applicable).
+    """
+
+    config: str
+    num_steps: int
+    cached_steps: list[int]
+    cfg_cached_steps: list[int]
+    residual_diffs: dict[int, float]
+    cfg_residual_diffs: dict[int, float]
+    separate_cfg: bool
+    lowering: str
+    mode: Optional[str]
+    num_blocks: int
+    Fn: int
+    Bn: int
+    cudagraphs: Optional[str] = None
+
+    @property
+    def compute_steps(self) -> list[int]:
+        cached = set(self.cached_steps)
+        return [s for s in range(self.num_steps) if s not in cached]
+
+    @property
+    def block_ratio(self) -> float:
+        """Transformer blocks of an uncached run divided by blocks executed (both branches); >= 1.
+
+        Blocks dominate a DiT's FLOPs; ``bench`` measures the exact FLOP ratio with calflops."""
+        branches = 2 if self.separate_cfg else 1
+        full = self.num_steps * branches * self.num_blocks
+        cached = len(self.cached_steps) + len(self.cfg_cached_steps)
+        executed = full - cached * (self.num_blocks - self.Fn - self.Bn)
+        return full / executed if executed else float("nan")
+
+    def __str__(self) -> str:
+        lines = [
+            f"DBCache {self.config} on {self.num_blocks} blocks (Fn={self.Fn}, Bn={self.Bn}); "
+            f"lowering={self.lowering}, mode={self.mode}"
+            + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else ""),
+            f"  steps: {self.num_steps}, cached: {len(self.cached_steps)} {self.cached_steps}",
+        ]
+        if self.separate_cfg:
+            lines.append(f"  uncond branch cached: {len(self.cfg_cached_steps)} {self.cfg_cached_steps}")
+        if self.residual_diffs:
+            diffs = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(self.residual_diffs.items()))
+            lines.append(f"  residual diffs: {diffs}")
+        lines.append(f"  block ratio (uncached / executed): {self.block_ratio:.2f}x")
+        return "\n".join(lines)
