@@ -84,7 +84,11 @@ class BranchState:
             self.consecutive = 0
 
     def ensure_buffers(self, hidden: torch.Tensor, encoder: torch.Tensor) -> None:
-        """Allocate the buffers for these shapes (no-op when they already match)."""
+        """Allocate the buffers for the streams leaving the Fn blocks (no-op when they already match).
+
+        The encoder stream can enter the blocks with a smaller batch than the hidden stream and be broadcast by the
+        first block (FLUX with ``prompt_embeds`` and ``num_images_per_prompt > 1``), so callers pass the Fn outputs.
+        """
         if (self.fn_residual is not None and self.fn_residual.shape == hidden.shape
                 and self.ladder_e[0].shape == encoder.shape and self.fn_residual.dtype == hidden.dtype
                 and self.fn_residual.device == hidden.device):
@@ -92,11 +96,6 @@ class BranchState:
         self.fn_residual = torch.zeros_like(hidden)
         self.ladder_h = [torch.zeros_like(hidden) for _ in range(self.terms)]
         self.ladder_e = [torch.zeros_like(encoder) for _ in range(self.terms)]
-
-    def buffer_shapes(self) -> Optional[tuple[torch.Size, torch.Size]]:
-        if self.fn_residual is None:
-            return None
-        return self.fn_residual.shape, self.ladder_e[0].shape
 
     def record_hit(self, step: int) -> None:
         self.cached_steps.append(step)

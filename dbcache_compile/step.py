@@ -51,6 +51,7 @@ class CachedTransformer:
         self.branches = [BranchState(config.taylorseer_terms) for _ in range(2)]
         self.separate_cfg = bool(config.enable_separate_cfg)
         self.calls = 0
+        self.input_shapes: list[Optional[tuple[torch.Size, torch.Size]]] = [None, None]
 
     # ----------------------------------------------------------------------------------------------- bookkeeping
     def reset(self, separate_cfg: Optional[bool] = None) -> None:
@@ -61,6 +62,7 @@ class CachedTransformer:
         elif separate_cfg is not None:
             self.separate_cfg = separate_cfg
         self.calls = 0
+        self.input_shapes = [None, None]
         for branch in self.branches:
             branch.reset()
 
@@ -70,23 +72,26 @@ class CachedTransformer:
             return self.calls // 2, self.calls % 2
         return self.calls, 0
 
-    def _check_shapes(self, state: BranchState, step: int, emb: Embedded) -> None:
-        shapes = state.buffer_shapes()
-        if step > 0 and shapes is not None and shapes != (emb.hidden.shape, emb.encoder.shape):
+    def _check_shapes(self, step: int, branch: int, emb: Embedded) -> None:
+        """Remember the input shapes at step 0; a change later in the same generation is a user error."""
+        shapes = (emb.hidden.shape, emb.encoder.shape)
+        expected = self.input_shapes[branch]
+        if expected is None or step == 0:
+            self.input_shapes[branch] = shapes
+        elif expected != shapes:
             raise ValueError(
-                f"input shape changed in the middle of a generation (step {step}: hidden {tuple(emb.hidden.shape)}, "
-                f"encoder {tuple(emb.encoder.shape)}; cached {tuple(shapes[0])}, {tuple(shapes[1])}). "
-                f"Pipelines reset automatically per call; when driving the transformer yourself call "
-                f"dbcache_compile.reset(transformer) before each new generation")
-        state.ensure_buffers(emb.hidden, emb.encoder)
+                f"input shape changed in the middle of a generation (step {step}: hidden {tuple(shapes[0])}, "
+                f"encoder {tuple(shapes[1])}; the generation started with {tuple(expected[0])}, "
+                f"{tuple(expected[1])}). Pipelines reset automatically per call; when driving the transformer "
+                f"yourself call dbcache_compile.reset(transformer) before each new generation"
+                + ("" if self.separate_cfg else "; if the pipeline calls the transformer twice per step (separate "
+                   "CFG), leave enable_separate_cfg=None or set it to True"))
 
     # -------------------------------------------------------------------------------------------------- segments
-    def head(self, emb: Embedded, fn_residual_prev: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fn blocks → (hidden, encoder, Fn residual of the hidden stream, relative L1 diff to the stored one)."""
+    def head(self, emb: Embedded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fn blocks → (hidden, encoder, Fn residual of the hidden stream)."""
         hidden, encoder = _run_blocks(self.fn_blocks, emb.hidden, emb.encoder, emb.block_kwargs)
-        residual = hidden - emb.hidden
-        return hidden, encoder, residual, relative_l1(fn_residual_prev, residual)
+        return hidden, encoder, hidden - emb.hidden
 
     def tail(self, emb: Embedded, hidden: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
         """Bn blocks and the output projection."""
@@ -118,12 +123,14 @@ class CachedTransformer:
         step, branch = self._position()
         state = self.branches[branch]
         emb = self.adapter.embed(self.transformer, *args, **kwargs)
-        self._check_shapes(state, step, emb)
+        self._check_shapes(step, branch, emb)
         state.begin_step(step)
-        hidden, encoder, residual, diff = self.head(emb, state.fn_residual)
+        hidden, encoder, residual = self.head(emb)
+        state.ensure_buffers(hidden, encoder)
         use_cache = False
         allowed = cache_allowed(self.config, step, len(state.cached_steps), state.consecutive, state.has_prev)
         if allowed:
+            diff = relative_l1(state.fn_residual, residual)
             use_cache, diff_value = read_decision_sync(hit_predicate(self.config, True, diff), diff)
             state.diffs[step] = DIFF_ALWAYS_HIT if self.config.residual_diff_threshold >= 1.0 else diff_value
         if use_cache:

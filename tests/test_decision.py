@@ -1,0 +1,79 @@
+import itertools
+
+import pytest
+import torch
+
+from dbcache_compile import DBCacheConfig
+from dbcache_compile.decision import (cache_allowed, hit_predicate, read_decision_sync, relative_l1,
+                                      warmup_steps)
+
+
+def allowed(cfg, step, cached=0, consecutive=0, has_prev=True):
+    return cache_allowed(cfg, step, cached, consecutive, has_prev)
+
+
+def test_warmup_gate():
+    cfg = DBCacheConfig.from_string("F1B0_W4_R0.5")
+    assert [allowed(cfg, s) for s in range(6)] == [False] * 4 + [True] * 2
+    cfg = DBCacheConfig.from_string("F1B0_W4I2_R0.5")  # warmup set {0, 2}: 1 and 3 may cache
+    assert list(warmup_steps(cfg)) == [0, 2]
+    assert [allowed(cfg, s) for s in range(5)] == [False, True, False, True, True]
+    assert all(allowed(DBCacheConfig.from_string("F1B0_W0_R0.5"), s) for s in range(3))
+
+
+def test_steps_mask_gate_and_warmup_truncation():
+    cfg = DBCacheConfig(max_warmup_steps=8, residual_diff_threshold=0.5, steps_computation_mask=(1, 1, 0, 1, 0))
+    assert list(warmup_steps(cfg)) == [0, 1]  # truncated to the leading run of 1s
+    assert [allowed(cfg, s) for s in range(7)] == [False, False, True, False, True, True, True]
+
+
+def test_max_cached_steps_gate():
+    cfg = DBCacheConfig.from_string("F1B0_W0M3_R0.5")
+    assert allowed(cfg, 5, cached=2) and not allowed(cfg, 5, cached=3)
+
+
+def test_max_continuous_gate():
+    cfg = DBCacheConfig.from_string("F1B0_W0MC2_R0.5")
+    assert allowed(cfg, 5, consecutive=1) and not allowed(cfg, 5, consecutive=2)
+    unlimited = DBCacheConfig.from_string("F1B0_W0MC0_R0.5")
+    assert allowed(unlimited, 5, consecutive=1000)
+
+
+def test_previous_residual_and_threshold_gates():
+    cfg = DBCacheConfig.from_string("F1B0_W0_R0.5")
+    assert not allowed(cfg, 3, has_prev=False)
+    assert not allowed(DBCacheConfig.from_string("F1B0_W0_R0"), 3)
+    assert not allowed(DBCacheConfig(max_warmup_steps=0, residual_diff_threshold=-0.5), 3)
+
+
+def test_gates_agree_on_ints_and_tensors():
+    cfgs = [DBCacheConfig.from_string(s) for s in ("F1B0_W4I2M3MC2_R0.5", "F1B0_W2_R0", "F1B0_W0MC1_R1.0")]
+    cfgs.append(DBCacheConfig(max_warmup_steps=3, steps_computation_mask=(1, 0, 1, 1, 0, 1), residual_diff_threshold=0.3))
+    for cfg, step, cached, cons, prev in itertools.product(cfgs, range(9), range(4), range(3), (0, 1)):
+        host = cache_allowed(cfg, step, cached, cons, bool(prev))
+        dev = cache_allowed(cfg, torch.tensor(step), torch.tensor(cached), torch.tensor(cons), torch.tensor(prev))
+        assert isinstance(host, bool) and isinstance(dev, torch.Tensor) and dev.dtype == torch.bool
+        assert bool(dev) == host, (str(cfg), step, cached, cons, prev)
+
+
+def test_relative_l1_matches_definition():
+    prev = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    cur = torch.tensor([[1.5, -2.0], [2.0, 4.0]])
+    expected = (0.5 + 0 + 1 + 0) / 4 / ((1 + 2 + 3 + 4) / 4)
+    assert relative_l1(prev, cur).item() == pytest.approx(expected)
+    assert relative_l1(prev, prev).item() == 0.0
+
+
+def test_hit_predicate_threshold_and_single_sync_read():
+    cfg = DBCacheConfig.from_string("F1B0_W0_R0.25")
+    diff = torch.tensor(0.2)
+    hit, value = read_decision_sync(hit_predicate(cfg, True, diff), diff)
+    assert hit is True and value == pytest.approx(0.2)
+    hit, _ = read_decision_sync(hit_predicate(cfg, False, diff), diff)
+    assert hit is False
+    assert not bool(hit_predicate(cfg, True, torch.tensor(0.25)))  # strict: diff < R
+    # R >= 1 hits without looking at the diff (even NaN)
+    assert bool(hit_predicate(DBCacheConfig.from_string("R1.0"), True, torch.tensor(float("nan"))))
+    # compared in float64 like cache-dit's Python float: a bf16 diff just below R in float64 still hits
+    d = torch.tensor(0.2490234375, dtype=torch.bfloat16)
+    assert bool(hit_predicate(cfg, True, d)) == (d.item() < 0.25)

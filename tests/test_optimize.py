@@ -1,0 +1,176 @@
+"""The public API on real tiny diffusers pipelines: attach/detach, per-call reset, isolation, errors."""
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import dbcache_compile as dbc
+from conftest import generator
+from tiny_models import FLUX_BLOCKS, flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
+
+CONFIG = "F1B0_W2M0MC2_T0O1_R0.4"
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+def run(pipe, steps=10, seed=0, **overrides):
+    return pipe(**dict(flux_inputs(), **overrides), num_inference_steps=steps, generator=generator(seed)).images
+
+
+def test_disable_restores_bit_identical_outputs_and_leaves_nothing_behind(flux):
+    before = run(flux)
+    transformer_attrs = set(vars(flux.transformer))
+    dbc.optimize(flux, cache=CONFIG)
+    cached = run(flux)
+    assert dbc.summary(flux).cached_steps, "the config must cache something for this test to mean anything"
+    assert not torch.equal(before, cached)
+    dbc.disable(flux)
+    assert type(flux) is FluxPipeline
+    assert set(vars(flux.transformer)) == transformer_attrs
+    assert torch.equal(run(flux), before)
+
+
+def test_uncached_config_matches_the_original_forward_exactly(flux):
+    before = run(flux)
+    dbc.optimize(flux, cache="F1B0_W0_R0")  # threshold 0: never cache, our forward computes every block
+    try:
+        assert torch.equal(run(flux), before)
+        assert dbc.summary(flux).cached_steps == []
+    finally:
+        dbc.disable(flux)
+
+
+def test_each_call_resets_state_and_identical_calls_give_identical_images(flux):
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        first = run(flux)
+        s1 = dbc.summary(flux)
+        second = run(flux)
+        s2 = dbc.summary(flux)
+        assert torch.equal(first, second)
+        assert s1.cached_steps == s2.cached_steps and s1.num_steps == 10 and s2.num_steps == 10
+        assert s1.residual_diffs == s2.residual_diffs
+    finally:
+        dbc.disable(flux)
+
+
+def test_interrupted_generation_leaves_the_next_call_correct(flux):
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        clean = run(flux)
+
+        def boom(pipe, step, timestep, kwargs):
+            if step == 5:
+                raise RuntimeError("user callback failed")
+            return kwargs
+
+        with pytest.raises(RuntimeError, match="user callback failed"):
+            run(flux, callback_on_step_end=boom)
+        assert torch.equal(run(flux), clean)
+    finally:
+        dbc.disable(flux)
+
+
+def test_two_pipelines_keep_separate_state():
+    a, b = tiny_flux_pipeline(seed=0), tiny_flux_pipeline(seed=1)
+    dbc.optimize(a, cache=CONFIG)
+    dbc.optimize(b, cache="F1B0_W3M0MC1_T0O1_R0.4")
+    alone_a = run(a, steps=8)
+    summary_a = dbc.summary(a)
+    # interleave: b runs between two runs of a, a's decisions and images must not change
+    run(b, steps=12, seed=3)
+    assert torch.equal(run(a, steps=8), alone_a)
+    assert dbc.summary(a).cached_steps == summary_a.cached_steps
+    assert dbc.summary(b).num_steps == 12 and dbc.summary(a).num_steps == 8
+    assert type(a).__call__ is not type(b).__call__ or type(a) is not type(b)
+    dbc.disable(a)
+    assert type(b).__name__ == "FluxPipeline" and dbc.summary(b).num_steps == 12
+    dbc.disable(b)
+
+
+def test_bare_transformer_needs_reset_between_generations(flux):
+    transformer = flux.transformer
+    dbc.optimize(transformer, cache=CONFIG)
+    try:
+        x = torch.randn(1, 16, 16)
+        kwargs = dict(encoder_hidden_states=torch.randn(1, 4, 32), pooled_projections=torch.randn(1, 32),
+                      img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3),
+                      return_dict=False)
+        for i in range(4):
+            transformer(hidden_states=x, timestep=torch.tensor([1.0 - i / 4]), **kwargs)
+        assert dbc.summary(transformer).num_steps == 4
+        with pytest.raises(ValueError, match="shape changed in the middle of a generation"):
+            transformer(hidden_states=torch.randn(1, 64, 16), timestep=torch.tensor([0.1]),
+                        **dict(kwargs, img_ids=torch.zeros(64, 3)))
+        dbc.reset(transformer)
+        transformer(hidden_states=torch.randn(1, 64, 16), timestep=torch.tensor([1.0]),
+                    **dict(kwargs, img_ids=torch.zeros(64, 3)))
+        assert dbc.summary(transformer).num_steps == 1
+    finally:
+        dbc.disable(transformer)
+
+
+def test_resolution_change_between_calls_works(flux):
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        small = run(flux, steps=6)
+        large = run(flux, steps=6, height=48, width=48)
+        assert small.shape[-1] == 32 and large.shape[-1] == 48
+    finally:
+        dbc.disable(flux)
+
+
+def test_summary_is_readable(flux):
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        run(flux)
+        s = dbc.summary(flux)
+        text = str(s)
+        assert CONFIG in text and "cached:" in text and f"{FLUX_BLOCKS} blocks" in text
+        assert s.compute_steps == [k for k in range(10) if k not in s.cached_steps]
+        assert s.block_ratio > 1.0
+    finally:
+        dbc.disable(flux)
+
+
+def test_qwen_separate_cfg_follows_the_call():
+    pipe = tiny_qwen_pipeline()
+    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35")
+    pipe(**qwen_inputs(cfg=True), num_inference_steps=6, generator=generator())
+    assert dbc.summary(pipe).separate_cfg and dbc.summary(pipe).num_steps == 6
+    pipe(**qwen_inputs(cfg=False), num_inference_steps=6, generator=generator())
+    assert not dbc.summary(pipe).separate_cfg and dbc.summary(pipe).num_steps == 6
+    dbc.disable(pipe)
+    forced = dbc.DBCacheConfig.from_string("F1B0_W2M0MC2_T0O1_R0.35", enable_separate_cfg=False)
+    dbc.optimize(pipe, cache=forced)
+    # forcing one shared state onto two calls per step with different prompts is an error, not a silent mix-up
+    with pytest.raises(ValueError, match="set it to True"):
+        pipe(**qwen_inputs(cfg=True), num_inference_steps=6, generator=generator())
+    dbc.disable(pipe)
+
+
+def test_errors_are_clear(flux):
+    with pytest.raises(ValueError, match="exceeds the 8 transformer blocks"):
+        dbc.optimize(flux, cache="F6B3_R0.1")
+    with pytest.raises(ValueError, match="unknown token"):
+        dbc.optimize(flux, cache="F1B0_Z2")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dbc.optimize(flux, cache=CONFIG, mode="fast")
+    with pytest.raises(ValueError, match="graph must be one of"):
+        dbc.optimize(flux, cache=CONFIG, graph="tree")
+    with pytest.raises(ValueError, match="no adapter for Linear"):
+        dbc.optimize(torch.nn.Linear(2, 2), cache=CONFIG)
+    with pytest.raises(ValueError, match="neither a transformer module nor a pipeline"):
+        dbc.optimize(object(), cache=CONFIG)
+    with pytest.raises(ValueError, match="not optimized"):
+        dbc.summary(flux)
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        with pytest.raises(ValueError, match="already optimized"):
+            dbc.optimize(flux, cache=CONFIG)
+    finally:
+        dbc.disable(flux)
+    assert type(flux) is FluxPipeline
