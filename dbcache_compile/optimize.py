@@ -82,8 +82,6 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    if mode is not None:
-        raise NotImplementedError("compiled lowerings (mode != None) are not implemented yet; use mode=None")
     if quantize is not None:
         raise NotImplementedError("quantization is not implemented yet; use quantize=None")
     if cache is None:
@@ -93,12 +91,23 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     if getattr(transformer, _ATTR, None) is not None:
         raise ValueError("this transformer is already optimized; call dbcache_compile.disable() first")
     config = DBCacheConfig.coerce(cache)
-    runtime = CachedTransformer(transformer, adapter_for(transformer), config)
+    lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
+    options = None if mode is None else {"mode": mode, "fullgraph": True}
+    runtime = CachedTransformer(transformer, adapter_for(transformer), config, lowering, options)
     setattr(transformer, _ATTR, runtime)
     transformer.forward = runtime.forward
     if pipeline is not None:
         _wrap_pipeline(pipeline, runtime)
     return pipe
+
+
+def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
+    """``auto``: ``segments`` on CUDA (CUDA graphs on every path); on CPU ``cond``, which measured faster on the
+    tiny FLUX model (no host sync per step; see bench/results/README.md)."""
+    if graph != "auto":
+        return graph
+    device = next(transformer.parameters()).device
+    return "segments" if device.type == "cuda" else "cond"
 
 
 def disable(pipe: Any) -> Any:
@@ -120,11 +129,12 @@ def reset(pipe_or_transformer: Any) -> None:
 def summary(pipe_or_transformer: Any) -> CacheSummary:
     """Cache decisions of the last (or current) generation."""
     rt = _runtime(pipe_or_transformer)
+    rt.sync_records()
     calls_per_step = 2 if rt.separate_cfg else 1
     cond, uncond = rt.branches
     return CacheSummary(
         config=str(rt.config), num_steps=-(-rt.calls // calls_per_step),
         cached_steps=list(cond.cached_steps), cfg_cached_steps=list(uncond.cached_steps) if rt.separate_cfg else [],
         residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
-        separate_cfg=rt.separate_cfg, lowering="eager", mode=None, num_blocks=rt.num_blocks,
+        separate_cfg=rt.separate_cfg, lowering=rt.lowering, mode=rt.mode, num_blocks=rt.num_blocks,
         Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks)

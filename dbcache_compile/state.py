@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["BranchState", "taylor_coefficients", "taylor_forecast", "taylor_update"]
+__all__ = ["BranchState", "taylor_coefficients", "taylor_coefficients_tensor", "taylor_forecast", "taylor_update"]
 
 
 def taylor_coefficients(elapsed: int, valid: int, terms: int) -> list[float]:
@@ -37,18 +37,29 @@ def taylor_forecast(ladder: Sequence[torch.Tensor], coeffs: Union[Sequence[float
 
 
 def taylor_update(ladder: Sequence[torch.Tensor], y: torch.Tensor, window: Union[int, torch.Tensor],
-                  n_derivatives: int) -> list[torch.Tensor]:
+                  n_derivatives: Union[int, torch.Tensor]) -> list[torch.Tensor]:
     """New ladder after a compute step: ``[y, (y - d0)/w, ((y - d0)/w - d1)/w, ...]`` (``n_derivatives`` of them).
 
-    Entries past ``n_derivatives`` keep their old (now invalid) values; callers mask them with zero coefficients.
+    Entries past ``n_derivatives`` keep their old (now invalid) values; forecasts mask them with zero coefficients.
+    With a tensor ``n_derivatives`` (compiled lowerings) every entry is computed and selected with ``torch.where``.
     """
     new = [y]
     for i in range(len(ladder) - 1):
-        if i < n_derivatives:
+        if isinstance(n_derivatives, torch.Tensor):
+            new.append(torch.where(n_derivatives > i, (new[i] - ladder[i]) / window, ladder[i + 1]))
+        elif i < n_derivatives:
             new.append((new[i] - ladder[i]) / window)
         else:
             new.append(ladder[i + 1])
     return new
+
+
+def taylor_coefficients_tensor(elapsed: torch.Tensor, valid: torch.Tensor, terms: int) -> torch.Tensor:
+    """Device-side :func:`taylor_coefficients` (float32, shape ``(terms,)``) for the ``cond`` lowering."""
+    i = torch.arange(terms, device=elapsed.device)
+    fact = torch.tensor([float(math.factorial(k)) for k in range(terms)], device=elapsed.device)
+    powers = elapsed.to(torch.float32) ** i.to(torch.float32) / fact
+    return torch.where(i < valid, powers, torch.zeros_like(powers))
 
 
 class BranchState:

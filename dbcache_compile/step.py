@@ -1,25 +1,42 @@
-"""The cached transformer forward: one cache-step definition (embed → Fn → decide → middle or cache → Bn → output).
+"""The cached transformer forward: one cache-step definition (embed → Fn → decide → middle or cache → Bn → output)
+and its three lowerings.
 
-This module holds the eager lowering; the compiled lowerings reuse its three segments:
+Segments (pure functions of tensors; the compiled lowerings wrap them):
 
 * ``head``: embeddings, the first Fn blocks, the Fn residual and its relative L1 diff to the stored one;
 * ``miss``: store the Fn residual, run the middle blocks, update the cached middle residual (TaylorSeer ladder),
   then the last Bn blocks and the output projection;
 * ``hit``: add the cached (or forecast) middle residual, then Bn and the output projection.
+
+Lowerings:
+
+* ``eager``: the segments run as plain PyTorch; one host read of (predicate, diff) per step whose gates allow a hit.
+* ``segments``: ``head`` / ``miss`` / ``hit`` are each ``torch.compile(fullgraph=True)`` graphs (CUDA-graphed by
+  cudagraph trees under ``reduce-overhead`` / ``max-autotune`` on CUDA); the host picks the path with the same single
+  read as eager, and skips it on steps the gates force to compute.
+* ``cond``: the whole forward is ONE ``torch.compile(fullgraph=True)`` graph; the decision is ``torch.cond`` on a
+  device predicate, the counters live on the device, state is carried functionally and copied into the static
+  buffers after the cond. No host sync per step, no graph break, exportable; Inductor disables CUDA graphs for any
+  graph with a cond (torch 2.11–2.14), which :func:`dbcache_compile.summary` reports.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Callable, Optional
 
 import torch
 
 from .adapters import Adapter, Embedded
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
-from .state import BranchState, taylor_forecast, taylor_update
+from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
-__all__ = ["CachedTransformer"]
+__all__ = ["CachedTransformer", "LOWERINGS"]
+
+LOWERINGS = ("eager", "segments", "cond")
+# device counters of the cond lowering, one int64 vector per branch
+_CACHED, _CONSECUTIVE, _HAS_PREV, _LAST_COMPUTE, _VALID, _LAST_CACHED = range(6)
 
 
 def _run_blocks(blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: torch.Tensor,
@@ -27,6 +44,12 @@ def _run_blocks(blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: to
     for block in blocks:
         encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, **block_kwargs)
     return hidden, encoder
+
+
+def _input_key(args: tuple, kwargs: dict) -> tuple:
+    """Shapes/dtypes of the tensor inputs: buffers and shape checks are keyed on it."""
+    items = list(enumerate(args)) + sorted(kwargs.items())
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in items if isinstance(v, torch.Tensor))
 
 
 class CachedTransformer:
@@ -37,7 +60,10 @@ class CachedTransformer:
     branch of step ``k`` and call ``2k+1`` its unconditional branch.
     """
 
-    def __init__(self, transformer: torch.nn.Module, adapter: Adapter, config: DBCacheConfig) -> None:
+    def __init__(self, transformer: torch.nn.Module, adapter: Adapter, config: DBCacheConfig,
+                 lowering: str = "eager", compile_options: Optional[dict[str, Any]] = None) -> None:
+        if lowering not in LOWERINGS:
+            raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
         blocks = adapter.blocks(transformer)
         config.validate_for(len(blocks), type(transformer).__name__)
         self.transformer = transformer
@@ -50,8 +76,26 @@ class CachedTransformer:
         self.num_blocks = len(blocks)
         self.branches = [BranchState(config.taylorseer_terms) for _ in range(2)]
         self.separate_cfg = bool(config.enable_separate_cfg)
+        self.lowering = lowering
+        self.mode = (compile_options or {}).get("mode") if lowering != "eager" else None
         self.calls = 0
-        self.input_shapes: list[Optional[tuple[torch.Size, torch.Size]]] = [None, None]
+        self.input_keys: list[Optional[tuple]] = [None, None]
+        # cond lowering: per-branch device counters and per-call (pred, diff) records read lazily by summary()
+        self.counters: list[Optional[torch.Tensor]] = [None, None]
+        self.records: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[], []]
+        self._head: Callable = self.head
+        self._miss: Callable = self.miss
+        self._hit: Callable = self.hit
+        self._cond_step: Callable = self.cond_step
+        if lowering != "eager":
+            opts = dict(compile_options or {})
+            opts.setdefault("fullgraph", True)
+            if lowering == "segments":
+                self._head = torch.compile(self.head, **opts)
+                self._miss = torch.compile(self.miss, **opts)
+                self._hit = torch.compile(self.hit, **opts)
+            else:
+                self._cond_step = torch.compile(self.cond_step, **opts)
 
     # ----------------------------------------------------------------------------------------------- bookkeeping
     def reset(self, separate_cfg: Optional[bool] = None) -> None:
@@ -62,9 +106,13 @@ class CachedTransformer:
         elif separate_cfg is not None:
             self.separate_cfg = separate_cfg
         self.calls = 0
-        self.input_shapes = [None, None]
+        self.input_keys = [None, None]
+        self.records = [[], []]
         for branch in self.branches:
             branch.reset()
+        for counters in self.counters:
+            if counters is not None:
+                counters.copy_(self._initial_counters(counters.device))
 
     def _position(self) -> tuple[int, int]:
         """(denoising step, CFG branch) of the current call."""
@@ -72,74 +120,180 @@ class CachedTransformer:
             return self.calls // 2, self.calls % 2
         return self.calls, 0
 
-    def _check_shapes(self, step: int, branch: int, emb: Embedded) -> None:
+    def _check_inputs(self, step: int, branch: int, args: tuple, kwargs: dict) -> None:
         """Remember the input shapes at step 0; a change later in the same generation is a user error."""
-        shapes = (emb.hidden.shape, emb.encoder.shape)
-        expected = self.input_shapes[branch]
+        key = _input_key(args, kwargs)
+        expected = self.input_keys[branch]
         if expected is None or step == 0:
-            self.input_shapes[branch] = shapes
-        elif expected != shapes:
+            self.input_keys[branch] = key
+        elif expected != key:
             raise ValueError(
-                f"input shape changed in the middle of a generation (step {step}: hidden {tuple(shapes[0])}, "
-                f"encoder {tuple(shapes[1])}; the generation started with {tuple(expected[0])}, "
-                f"{tuple(expected[1])}). Pipelines reset automatically per call; when driving the transformer "
+                f"input shape changed in the middle of a generation (step {step}: {key}; the generation started "
+                f"with {expected}). Pipelines reset automatically per call; when driving the transformer "
                 f"yourself call dbcache_compile.reset(transformer) before each new generation"
                 + ("" if self.separate_cfg else "; if the pipeline calls the transformer twice per step (separate "
                    "CFG), leave enable_separate_cfg=None or set it to True"))
 
+    def _ensure_buffers(self, state: BranchState, args: tuple, kwargs: dict) -> None:
+        """Allocate the branch's static buffers for these inputs. The stream shapes after the Fn blocks are learnt
+        by running the eager head once per new input shape (the encoder stream can be broadcast by the first block,
+        e.g. FLUX with ``prompt_embeds`` and ``num_images_per_prompt > 1``)."""
+        key = _input_key(args, kwargs)
+        if getattr(state, "key", None) == key:
+            return
+        hidden, encoder, _, _, _ = self.head(None, *args, **kwargs)
+        state.ensure_buffers(hidden, encoder)
+        if self.lowering != "eager":
+            for buf in [state.fn_residual, *state.ladder_h, *state.ladder_e]:
+                torch._dynamo.mark_static_address(buf)
+        state.key = key
+
     # -------------------------------------------------------------------------------------------------- segments
-    def head(self, emb: Embedded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fn blocks → (hidden, encoder, Fn residual of the hidden stream)."""
+    def head(self, fn_residual: Optional[torch.Tensor], *args: Any, **kwargs: Any):
+        """Embeddings + Fn blocks → (hidden, encoder, Fn residual, diff to ``fn_residual`` or None, Embedded)."""
+        emb = self.adapter.embed(self.transformer, *args, **kwargs)
         hidden, encoder = _run_blocks(self.fn_blocks, emb.hidden, emb.encoder, emb.block_kwargs)
-        return hidden, encoder, hidden - emb.hidden
+        residual = hidden - emb.hidden
+        diff = None if fn_residual is None else relative_l1(fn_residual, residual)
+        return hidden, encoder, residual, diff, (emb.block_kwargs, emb.out_kwargs)
 
-    def tail(self, emb: Embedded, hidden: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
+    def tail(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]) -> torch.Tensor:
         """Bn blocks and the output projection."""
-        hidden, encoder = _run_blocks(self.bn_blocks, hidden, encoder, emb.block_kwargs)
-        return self.adapter.project(self.transformer, hidden, emb.out_kwargs)
+        hidden, encoder = _run_blocks(self.bn_blocks, hidden, encoder, kw[0])
+        return self.adapter.project(self.transformer, hidden, kw[1])
 
-    def miss(self, state: BranchState, emb: Embedded, hidden: torch.Tensor, encoder: torch.Tensor,
-             residual: torch.Tensor, window: int, n_derivatives: int) -> torch.Tensor:
-        """Compute step: store the Fn residual, run the middle blocks, cache their residual, then Bn + output."""
-        state.fn_residual.copy_(residual)
-        mid_h, mid_e = _run_blocks(self.mid_blocks, hidden, encoder, emb.block_kwargs)
-        mid_h, mid_e = mid_h.contiguous(), mid_e.contiguous()
-        for buf, new in zip(state.ladder_h, taylor_update(state.ladder_h, mid_h - hidden, window, n_derivatives)):
-            buf.copy_(new)
-        for buf, new in zip(state.ladder_e, taylor_update(state.ladder_e, mid_e - encoder, window, n_derivatives)):
-            buf.copy_(new)
-        return self.tail(emb, mid_h, mid_e)
+    def middle(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]):
+        mid_h, mid_e = _run_blocks(self.mid_blocks, hidden, encoder, kw[0])
+        return mid_h.contiguous(), mid_e.contiguous()
 
-    def hit(self, state: BranchState, emb: Embedded, hidden: torch.Tensor, encoder: torch.Tensor,
-            coeffs: list[float]) -> torch.Tensor:
+    def miss(self, fn_residual: torch.Tensor, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor],
+             hidden: torch.Tensor, encoder: torch.Tensor, residual: torch.Tensor, kw: tuple[dict, dict],
+             window: Any, n_derivatives: Any) -> torch.Tensor:
+        """Compute step: store the Fn residual, run the middle blocks, cache their residual (in place), Bn, output."""
+        fn_residual.copy_(residual)
+        mid_h, mid_e = self.middle(hidden, encoder, kw)
+        for buf, new in zip(ladder_h, taylor_update(ladder_h, mid_h - hidden, window, n_derivatives)):
+            buf.copy_(new)
+        for buf, new in zip(ladder_e, taylor_update(ladder_e, mid_e - encoder, window, n_derivatives)):
+            buf.copy_(new)
+        return self.tail(mid_h, mid_e, kw)
+
+    def hit(self, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], hidden: torch.Tensor,
+            encoder: torch.Tensor, kw: tuple[dict, dict], coeffs: Any) -> torch.Tensor:
         """Cached step: add the cached (TaylorSeer: forecast) middle residual, then Bn + output."""
-        hidden = (taylor_forecast(state.ladder_h, coeffs) + hidden).contiguous()
-        encoder = (taylor_forecast(state.ladder_e, coeffs) + encoder).contiguous()
-        return self.tail(emb, hidden, encoder)
+        hidden = (taylor_forecast(ladder_h, coeffs) + hidden).contiguous()
+        encoder = (taylor_forecast(ladder_e, coeffs) + encoder).contiguous()
+        return self.tail(hidden, encoder, kw)
+
+    # ------------------------------------------------------------------------------------- eager and segments
+    def _host_step(self, step: int, state: BranchState, args: tuple, kwargs: dict) -> torch.Tensor:
+        """One step with host counters; reads the device at most once (only when the gates allow a hit)."""
+        compiled = self.lowering == "segments"
+        hidden, encoder, residual, diff, kw = self._head(state.fn_residual, *args, **kwargs)
+        use_cache = False
+        if cache_allowed(self.config, step, len(state.cached_steps), state.consecutive, state.has_prev):
+            use_cache, diff_value = read_decision_sync(hit_predicate(self.config, True, diff), diff)
+            state.diffs[step] = DIFF_ALWAYS_HIT if self.config.residual_diff_threshold >= 1.0 else diff_value
+        if use_cache:
+            state.record_hit(step)
+            coeffs = state.forecast_coefficients(step)
+            if compiled and state.terms > 1:
+                coeffs = torch.tensor(coeffs, dtype=torch.float32, device=hidden.device)
+            return self._hit(state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs)
+        n = state.derivatives_for_update(step)
+        window: Any = step - state.last_compute
+        n_arg: Any = n
+        if compiled:
+            window = torch.tensor(float(window), device=hidden.device)
+            n_arg = torch.tensor(n, device=hidden.device)
+        out = self._miss(state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw,
+                         window, n_arg)
+        state.record_compute(step, n)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------ cond
+    def _initial_counters(self, device: torch.device) -> torch.Tensor:
+        init = [0] * 6
+        init[_LAST_COMPUTE] = init[_LAST_CACHED] = -1
+        return torch.tensor(init, dtype=torch.int64, device=device)
+
+    def cond_step(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
+                  ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
+        """The whole cached forward as one graph: returns (output, hit predicate, diff or NaN when not computed).
+
+        ``counters`` (int64, see ``_CACHED`` ...), ``fn_residual`` and the ladders are updated in place after the
+        ``torch.cond``; the cond branches themselves only return the middle residuals (no mutation, no aliasing).
+        """
+        cfg, terms = self.config, self.config.taylorseer_terms
+        hidden, encoder, residual, diff, kw = self.head(fn_residual, *args, **kwargs)
+        consecutive = torch.where(counters[_LAST_CACHED] == step - 1, counters[_CONSECUTIVE], 0)
+        allowed = cache_allowed(cfg, step, counters[_CACHED], consecutive, counters[_HAS_PREV])
+        pred = hit_predicate(cfg, allowed, diff)
+        coeffs = taylor_coefficients_tensor(step - counters[_LAST_COMPUTE], counters[_VALID], terms)
+
+        def hit_fn(h, e, coeffs, ladder_h, ladder_e):
+            dh, de = taylor_forecast(ladder_h, coeffs), taylor_forecast(ladder_e, coeffs)
+            return (dh.clone(), de.clone()) if terms == 1 else (dh, de)
+
+        def miss_fn(h, e, coeffs, ladder_h, ladder_e):
+            mid_h, mid_e = self.middle(h, e, kw)
+            return mid_h - h, mid_e - e
+
+        dh, de = torch.cond(pred, hit_fn, miss_fn, (hidden, encoder, coeffs, list(ladder_h), list(ladder_e)))
+        out = self.tail((hidden + dh).contiguous(), (encoder + de).contiguous(), kw)
+
+        n = torch.where(step > 2, torch.clamp(counters[_VALID], max=terms - 1), 0)
+        window = (step - counters[_LAST_COMPUTE]).to(torch.float32)
+        for ladder, new in ((ladder_h, taylor_update(ladder_h, dh, window, n)),
+                            (ladder_e, taylor_update(ladder_e, de, window, n))):
+            for buf, value in zip(ladder, new):
+                buf.copy_(torch.where(pred, buf, value))
+        fn_residual.copy_(torch.where(pred, fn_residual, residual))
+        one = torch.ones_like(counters[_CACHED])
+        on_hit = torch.stack([counters[_CACHED] + 1, consecutive + 1, counters[_HAS_PREV],
+                              counters[_LAST_COMPUTE], counters[_VALID], step * one])
+        on_miss = torch.stack([counters[_CACHED], consecutive, one, step * one, 1 + n, counters[_LAST_CACHED]])
+        counters.copy_(torch.where(pred, on_hit, on_miss))
+        if cfg.residual_diff_threshold >= 1.0:
+            diff = torch.full_like(diff, DIFF_ALWAYS_HIT)
+        return out, pred, torch.where(allowed, diff, torch.full_like(diff, math.nan))
+
+    def _device_step(self, step: int, branch: int, state: BranchState, args: tuple, kwargs: dict) -> torch.Tensor:
+        device = state.fn_residual.device
+        if self.counters[branch] is None or self.counters[branch].device != device:
+            self.counters[branch] = self._initial_counters(device)
+            torch._dynamo.mark_static_address(self.counters[branch])
+        step_t = torch.tensor(step, dtype=torch.int64, device=device)
+        out, pred, diff = self._cond_step(step_t, self.counters[branch], state.fn_residual, state.ladder_h,
+                                          state.ladder_e, *args, **kwargs)
+        self.records[branch].append((step, pred, diff))
+        return out
+
+    def sync_records(self) -> None:
+        """cond lowering: fold the device-side (predicate, diff) records into the host lists (one sync)."""
+        for branch, records in zip(self.branches, self.records):
+            if not records:
+                continue
+            values = torch.stack([torch.stack([p.to(torch.float64), d.to(torch.float64)]) for _, p, d in records])
+            for (step, _, _), (hit, diff) in zip(records, values.tolist()):
+                if hit:
+                    branch.cached_steps.append(step)
+                if not math.isnan(diff):
+                    branch.diffs[step] = diff
+            records.clear()
 
     # --------------------------------------------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
         step, branch = self._position()
         state = self.branches[branch]
-        emb = self.adapter.embed(self.transformer, *args, **kwargs)
-        self._check_shapes(step, branch, emb)
-        state.begin_step(step)
-        hidden, encoder, residual = self.head(emb)
-        state.ensure_buffers(hidden, encoder)
-        use_cache = False
-        allowed = cache_allowed(self.config, step, len(state.cached_steps), state.consecutive, state.has_prev)
-        if allowed:
-            diff = relative_l1(state.fn_residual, residual)
-            use_cache, diff_value = read_decision_sync(hit_predicate(self.config, True, diff), diff)
-            state.diffs[step] = DIFF_ALWAYS_HIT if self.config.residual_diff_threshold >= 1.0 else diff_value
-        if use_cache:
-            state.record_hit(step)
-            out = self.hit(state, emb, hidden, encoder, state.forecast_coefficients(step))
+        self._check_inputs(step, branch, args, kwargs)
+        self._ensure_buffers(state, args, kwargs)
+        if self.lowering == "cond":
+            out = self._device_step(step, branch, state, args, kwargs)
         else:
-            n_derivatives = state.derivatives_for_update(step)
-            out = self.miss(state, emb, hidden, encoder, residual, step - state.last_compute, n_derivatives)
-            state.record_compute(step, n_derivatives)
+            state.begin_step(step)
+            out = self._host_step(step, state, args, kwargs)
         self.calls += 1
         if not return_dict:
             return (out,)
