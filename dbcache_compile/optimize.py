@@ -65,7 +65,7 @@ def _wrap_pipeline(pipe: Any, runtime: CachedTransformer) -> None:
 
 
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
-             graph: str = "auto", quantize: Any = None) -> Any:
+             graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -75,6 +75,8 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         mode: ``None`` for eager, or a ``torch.compile`` mode.
         graph: ``"auto"``, ``"segments"`` or ``"cond"``: how the cached step is lowered when compiling.
         quantize: ``None`` or a torchao quantization (``"fp8"``, ``"int8"``, ...).
+        compile_options: extra ``torch.compile`` arguments (e.g. ``{"dynamic": True}``); with a ``backend`` the
+            ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
 
     Returns the same object, modified in place.
     """
@@ -92,8 +94,13 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         raise ValueError("this transformer is already optimized; call dbcache_compile.disable() first")
     config = DBCacheConfig.coerce(cache)
     lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
-    options = None if mode is None else {"mode": mode, "fullgraph": True}
-    runtime = CachedTransformer(transformer, adapter_for(transformer), config, lowering, options)
+    options = None
+    if mode is not None:
+        options = dict(compile_options or {})
+        if "backend" not in options:
+            options["mode"] = mode
+        options["fullgraph"] = True
+    runtime = CachedTransformer(transformer, adapter_for(transformer), config, lowering, mode, options)
     setattr(transformer, _ATTR, runtime)
     transformer.forward = runtime.forward
     if pipeline is not None:

@@ -61,7 +61,8 @@ class CachedTransformer:
     """
 
     def __init__(self, transformer: torch.nn.Module, adapter: Adapter, config: DBCacheConfig,
-                 lowering: str = "eager", compile_options: Optional[dict[str, Any]] = None) -> None:
+                 lowering: str = "eager", mode: Optional[str] = None,
+                 compile_options: Optional[dict[str, Any]] = None) -> None:
         if lowering not in LOWERINGS:
             raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
         blocks = adapter.blocks(transformer)
@@ -77,7 +78,7 @@ class CachedTransformer:
         self.branches = [BranchState(config.taylorseer_terms) for _ in range(2)]
         self.separate_cfg = bool(config.enable_separate_cfg)
         self.lowering = lowering
-        self.mode = (compile_options or {}).get("mode") if lowering != "eager" else None
+        self.mode = mode if lowering != "eager" else None
         self.calls = 0
         self.input_keys: list[Optional[tuple]] = [None, None]
         # cond lowering: per-branch device counters and per-call (pred, diff) records read lazily by summary()

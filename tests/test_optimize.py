@@ -6,7 +6,7 @@ from diffusers import FluxPipeline
 
 import dbcache_compile as dbc
 from conftest import generator
-from tiny_models import FLUX_BLOCKS, flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
+from dbcache_compile.testing import FLUX_BLOCKS, flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
 
 CONFIG = "F1B0_W2M0MC2_T0O1_R0.4"
 

@@ -7,7 +7,7 @@ import torch
 import dbcache_compile as dbc
 from cachedit_oracle import run_cache_dit
 from conftest import generator
-from tiny_models import flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
+from dbcache_compile.testing import flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
 
 FLUX_CONFIGS = [
     "F1B0_W2M0MC3_T0O1_R0.35",

@@ -1,5 +1,6 @@
-"""Tiny configs of the real diffusers models (random weights, seeded), built without text encoders: tests pass
-prompt embeddings directly. Shared by the test modules; nothing here is mocked."""
+"""Tiny configs of the real diffusers pipelines (random weights, seeded), built without text encoders: callers pass
+prompt embeddings. Used by the test suite, the golden graph records (``python -m dbcache_compile.graphs``) and by
+anyone who wants to check a cache config on CPU in seconds. Nothing here is mocked: these are the diffusers classes."""
 
 from __future__ import annotations
 

@@ -1,0 +1,125 @@
+"""Golden graph records: how each (adapter, lowering) compiles on the tiny models, guarded by the test suite.
+
+``python -m dbcache_compile.graphs --update`` regenerates ``graphs/<adapter>-<lowering>.json``; ``--check`` (the
+default) compares. A record holds the number of compiled graphs, graph breaks, ``torch.cond`` nodes and recompiles
+after warm-up, measured over three pipeline calls that exercise warmup, hits, misses, the MC limit, a TaylorSeer
+forecast and (Qwen-Image) a CFG pair, with ``torch.compiler.set_stance("fail_on_recompile")`` after the first call.
+A change in graph structure then shows up as a reviewed diff of these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .optimize import disable, optimize, summary
+from .stats import CacheSummary
+
+__all__ = ["SCENARIOS", "GraphRun", "measure", "record_path", "main"]
+
+RECORD_DIR = Path(__file__).resolve().parent.parent / "graphs"
+SCENARIO_CONFIG = "F1B0_W2M0MC2_T1O1_R0.45"
+STEPS = 10
+CALLS = 3
+
+
+def _flux() -> tuple[Any, dict]:
+    from .testing import flux_inputs, tiny_flux_pipeline
+    return tiny_flux_pipeline(), flux_inputs()
+
+
+def _qwen() -> tuple[Any, dict]:
+    from .testing import qwen_inputs, tiny_qwen_pipeline
+    return tiny_qwen_pipeline(), qwen_inputs(cfg=True)
+
+
+SCENARIOS: dict[str, Callable[[], tuple[Any, dict]]] = {"flux": _flux, "qwen-image": _qwen}
+LOWERINGS = ("cond", "segments")
+
+
+@dataclasses.dataclass
+class GraphRun:
+    """A measured scenario: the record (what the golden file holds) plus the outputs, for comparison with eager."""
+
+    record: dict
+    images: list[torch.Tensor]
+    summaries: list[CacheSummary]
+
+
+def record_path(adapter: str, lowering: str) -> Path:
+    return RECORD_DIR / f"{adapter}-{lowering}.json"
+
+
+def run_scenario(pipe: Any, inputs: dict, calls: int = CALLS) -> tuple[list[torch.Tensor], list[CacheSummary]]:
+    images, summaries = [], []
+    for _ in range(calls):
+        images.append(pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images)
+        summaries.append(summary(pipe))
+    return images, summaries
+
+
+def measure(adapter: str, lowering: str) -> GraphRun:
+    """Compile the tiny ``adapter`` pipeline with ``lowering`` (Inductor, mode "default") and record its graphs."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe, inputs = SCENARIOS[adapter]()
+    optimize(pipe, cache=SCENARIO_CONFIG, mode="default", graph=lowering,
+                  compile_options={"backend": recording_inductor})
+    try:
+        images, summaries = run_scenario(pipe, inputs, 1)
+        warm = len(graphs)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            more_images, more_summaries = run_scenario(pipe, inputs, CALLS - 1)
+    finally:
+        disable(pipe)
+    cond_nodes = sum(1 for gm in graphs for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond)
+    record = {
+        "adapter": adapter, "lowering": lowering, "config": SCENARIO_CONFIG, "steps": STEPS, "calls": CALLS,
+        "graphs": len(graphs), "graph_breaks": sum(counters["graph_break"].values()),
+        "cond_nodes": cond_nodes, "recompiles_after_warmup": len(graphs) - warm,
+        "cudagraphs": "not measurable on CPU (Inductor skips CUDA graphs for cond graphs in torch 2.11-2.14)"
+        if lowering == "cond" else "not measurable on CPU",
+    }
+    return GraphRun(record, images + more_images, summaries + more_summaries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dbcache_compile.graphs", description=__doc__.split("\n")[0])
+    parser.add_argument("--update", action="store_true", help="rewrite the golden records instead of comparing")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    failed = False
+    for adapter in SCENARIOS:
+        for lowering in LOWERINGS:
+            record = measure(adapter, lowering).record
+            path = record_path(adapter, lowering)
+            if args.update:
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(json.dumps(record, indent=2) + "\n")
+                print(f"wrote {path}: {record['graphs']} graphs, {record['graph_breaks']} breaks, "
+                      f"{record['cond_nodes']} cond nodes")
+            else:
+                golden = json.loads(path.read_text())
+                status = "ok" if golden == record else "DIFFERS"
+                failed |= golden != record
+                print(f"{path.name}: {status}" + ("" if golden == record else f"\n  golden {golden}\n  now    {record}"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
