@@ -144,4 +144,4 @@ def summary(pipe_or_transformer: Any) -> CacheSummary:
         cached_steps=list(cond.cached_steps), cfg_cached_steps=list(uncond.cached_steps) if rt.separate_cfg else [],
         residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
         separate_cfg=rt.separate_cfg, lowering=rt.lowering, mode=rt.mode, num_blocks=rt.num_blocks,
-        Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks)
+        Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status())

@@ -284,6 +284,27 @@ class CachedTransformer:
             records.clear()
 
     # --------------------------------------------------------------------------------------------------- forward
+    def uses_cudagraphs(self) -> bool:
+        """Whether this runtime's compiled graphs are meant to be CUDA graphs (segments, a cudagraph mode, CUDA)."""
+        device = next(self.transformer.parameters()).device
+        return (self.lowering == "segments" and device.type == "cuda"
+                and self.mode in ("reduce-overhead", "max-autotune"))
+
+    def cudagraph_status(self) -> str:
+        """Human-readable CUDA-graph status for :func:`dbcache_compile.summary`."""
+        device = next(self.transformer.parameters()).device
+        if self.lowering == "eager":
+            return "off (eager)"
+        if device.type != "cuda":
+            return f"n/a ({device.type})"
+        if self.mode not in ("reduce-overhead", "max-autotune"):
+            return f"off (mode={self.mode})"
+        if self.lowering == "cond":
+            return "skipped: Inductor disables CUDA graphs for graphs with torch.cond (torch 2.11-2.14)"
+        from torch._dynamo.utils import counters
+        skips = counters["inductor"]["cudagraph_skips"]
+        return "captured (cudagraph trees, 0 skips)" if skips == 0 else f"skipped for {skips} graph(s): see logs"
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
         step, branch = self._position()
@@ -294,7 +315,13 @@ class CachedTransformer:
             out = self._device_step(step, branch, state, args, kwargs)
         else:
             state.begin_step(step)
+            if self.uses_cudagraphs():
+                torch.compiler.cudagraph_mark_step_begin()
             out = self._host_step(step, state, args, kwargs)
+            if self.uses_cudagraphs():
+                # a CUDA-graph output lives in the graph's pool and is overwritten by the next replay (e.g. the
+                # unconditional call of the same step): hand the pipeline its own copy
+                out = out.clone()
         self.calls += 1
         if not return_dict:
             return (out,)

@@ -95,6 +95,7 @@ def test_new_resolution_costs_at_most_one_recompile(lowering):
 def test_summary_reports_lowering_and_cudagraph_status(compiled_run):
     summary = compiled_run("flux", "cond").summaries[-1]
     assert "lowering=cond" in str(summary) and "mode=default" in str(summary)
+    assert summary.cudagraphs == "n/a (cpu)"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph checks need a CUDA device (none here)")
