@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Optional, Union
+import warnings
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from .adapters import adapter_for
 from .config import DBCacheConfig
+from .quantize import default_filter, quantize_transformer, resolve_quantization
 from .stats import CacheSummary
 from .step import CachedTransformer
 
@@ -65,7 +67,8 @@ def _wrap_pipeline(pipe: Any, runtime: CachedTransformer) -> None:
 
 
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
-             graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None) -> Any:
+             graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
+             quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -74,7 +77,11 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         cache: a :class:`DBCacheConfig`, its string form (``"F8B0_W8M0MC0_T0O1_R0.08"``) or ``None`` (no cache).
         mode: ``None`` for eager, or a ``torch.compile`` mode.
         graph: ``"auto"``, ``"segments"`` or ``"cond"``: how the cached step is lowered when compiling.
-        quantize: ``None`` or a torchao quantization (``"fp8"``, ``"int8"``, ...).
+        quantize: ``None``, ``"fp8"`` (dynamic per-row, needs SM >= 8.9 and a compile mode), ``"fp8-wo"``,
+            ``"int8"`` (dynamic), ``"int8-wo"`` or a torchao config object. Quantization is not undone by
+            :func:`disable`.
+        quantize_filter: ``(module, fqn) -> bool`` choosing the linears to quantize; default: attention and MLP
+            linears of the blocks (no embedders, modulation or output projection).
         compile_options: extra ``torch.compile`` arguments (e.g. ``{"dynamic": True}``); with a ``backend`` the
             ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
 
@@ -84,23 +91,33 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    if quantize is not None:
-        raise NotImplementedError("quantization is not implemented yet; use quantize=None")
-    if cache is None:
-        raise NotImplementedError("optimize(cache=None) needs a compile mode or quantization, which are not "
-                                  "implemented yet")
+    if cache is None and mode is None and quantize is None:
+        raise ValueError("optimize() with cache=None, mode=None and quantize=None would do nothing")
     pipeline, transformer = _split(pipe)
     if getattr(transformer, _ATTR, None) is not None:
         raise ValueError("this transformer is already optimized; call dbcache_compile.disable() first")
-    config = DBCacheConfig.coerce(cache)
-    lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
+    adapter = adapter_for(transformer)
+    config = None if cache is None else DBCacheConfig.coerce(cache)
+    if config is not None:
+        config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
+    quantized = None
+    if quantize is not None:
+        ao_config = resolve_quantization(quantize, next(transformer.parameters()).device, mode)
+        count = quantize_transformer(transformer, ao_config,
+                                     quantize_filter or default_filter(adapter.block_lists))
+        quantized = f"{quantize if isinstance(quantize, str) else type(quantize).__name__} ({count} linears)"
     options = None
     if mode is not None:
         options = dict(compile_options or {})
         if "backend" not in options:
             options["mode"] = mode
         options["fullgraph"] = True
-    runtime = CachedTransformer(transformer, adapter_for(transformer), config, lowering, mode, options)
+    if config is None:
+        runtime: Any = UncachedRuntime(transformer, mode, options)
+    else:
+        lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
+        runtime = CachedTransformer(transformer, adapter, config, lowering, mode, options)
+    runtime.quantized = quantized
     setattr(transformer, _ATTR, runtime)
     transformer.forward = runtime.forward
     if pipeline is not None:
@@ -108,19 +125,47 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     return pipe
 
 
+class UncachedRuntime:
+    """``optimize(cache=None, ...)``: the original forward, compiled (fullgraph) and/or quantized; the baseline
+    that cached runs are measured against."""
+
+    lowering = "uncached"
+
+    def __init__(self, transformer: torch.nn.Module, mode: Optional[str], options: Optional[dict]) -> None:
+        self.mode = mode
+        original = type(transformer).forward.__get__(transformer)
+        self.forward = original if mode is None else torch.compile(original, **options)
+
+    def reset(self, separate_cfg: Optional[bool] = None) -> None:
+        """No cache state to reset."""
+
+
+def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
+    """Whether some weight is a tensor subclass (e.g. a torchao quantized weight)."""
+    return any(type(p.data) is not torch.Tensor for p in transformer.parameters())
+
+
 def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
-    """``auto``: ``segments`` on CUDA (CUDA graphs on every path); on CPU ``cond``, which measured faster on the
-    tiny FLUX model (no host sync per step; see bench/results/README.md)."""
+    """``auto``: ``segments`` on CUDA (CUDA graphs on every path) and for quantized weights; otherwise (CPU) ``cond``,
+    which measured faster on the tiny FLUX model (no host sync per step; see bench/results/README.md)."""
+    quantized = _has_subclass_weights(transformer)
+    if graph == "cond" and quantized:
+        raise NotImplementedError(
+            "graph='cond' cannot run quantized (tensor-subclass) weights: torch.cond has no rule for tensor "
+            "subclasses in torch 2.11-2.14 ('no rule registered for HOP cond and subclass'); use graph='segments'")
     if graph != "auto":
         return graph
     device = next(transformer.parameters()).device
-    return "segments" if device.type == "cuda" else "cond"
+    return "segments" if device.type == "cuda" or quantized else "cond"
 
 
 def disable(pipe: Any) -> Any:
     """Undo :func:`optimize`: the original ``forward`` and pipeline class, no attribute left behind."""
     pipeline, transformer = _split(pipe)
     _runtime(transformer)
+    if _has_subclass_weights(transformer):
+        warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "
+                      "for the original weights", stacklevel=2)
     del transformer.forward
     delattr(transformer, _ATTR)
     if pipeline is not None and hasattr(type(pipeline), "_dbcache_original_class"):
@@ -136,6 +181,8 @@ def reset(pipe_or_transformer: Any) -> None:
 def summary(pipe_or_transformer: Any) -> CacheSummary:
     """Cache decisions of the last (or current) generation."""
     rt = _runtime(pipe_or_transformer)
+    if isinstance(rt, UncachedRuntime):
+        raise ValueError("this pipeline was optimized with cache=None: there are no cache decisions to summarize")
     rt.sync_records()
     calls_per_step = 2 if rt.separate_cfg else 1
     cond, uncond = rt.branches
@@ -144,4 +191,5 @@ def summary(pipe_or_transformer: Any) -> CacheSummary:
         cached_steps=list(cond.cached_steps), cfg_cached_steps=list(uncond.cached_steps) if rt.separate_cfg else [],
         residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
         separate_cfg=rt.separate_cfg, lowering=rt.lowering, mode=rt.mode, num_blocks=rt.num_blocks,
-        Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status())
+        Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status(),
+        quantized=rt.quantized)

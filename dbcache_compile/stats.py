@@ -24,7 +24,8 @@ class CacheSummary:
         lowering: ``"eager"``, ``"cond"`` or ``"segments"``.
         mode: the ``torch.compile`` mode, or ``None`` for eager.
         num_blocks / Fn / Bn: the block split.
-        cudagraphs: CUDA-graph status of the compiled segments (``None`` when not applicable).
+        cudagraphs: CUDA-graph status of the compiled graphs.
+        quantized: the torchao quantization applied (``None`` when none).
     """
 
     config: str
@@ -40,6 +41,7 @@ class CacheSummary:
     Fn: int
     Bn: int
     cudagraphs: Optional[str] = None
+    quantized: Optional[str] = None
 
     @property
     def compute_steps(self) -> list[int]:
@@ -61,7 +63,8 @@ class CacheSummary:
         lines = [
             f"DBCache {self.config} on {self.num_blocks} blocks (Fn={self.Fn}, Bn={self.Bn}); "
             f"lowering={self.lowering}, mode={self.mode}"
-            + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else ""),
+            + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else "")
+            + (f", quantized={self.quantized}" if self.quantized else ""),
             f"  steps: {self.num_steps}, cached: {len(self.cached_steps)} {self.cached_steps}",
         ]
         if self.separate_cfg:

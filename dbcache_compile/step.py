@@ -78,6 +78,7 @@ class CachedTransformer:
         self.branches = [BranchState(config.taylorseer_terms) for _ in range(2)]
         self.separate_cfg = bool(config.enable_separate_cfg)
         self.lowering = lowering
+        self.quantized: Optional[str] = None
         self.mode = mode if lowering != "eager" else None
         self.calls = 0
         self.input_keys: list[Optional[tuple]] = [None, None]

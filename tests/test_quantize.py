@@ -1,0 +1,95 @@
+"""torchao quantization stacked with the cache (CPU: int8 variants; fp8 on CUDA only)."""
+
+import pytest
+import torch
+
+import dbcache_compile as dbc
+from conftest import generator
+from dbcache_compile.quantize import default_filter
+from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+CONFIG = "F1B0_W2M0MC2_T0O1_R0.45"
+
+
+def run(pipe, steps=10):
+    return pipe(**flux_inputs(), num_inference_steps=steps, generator=generator()).images
+
+
+def test_default_filter_keeps_embedders_modulation_and_output_in_full_precision():
+    pipe = tiny_flux_pipeline()
+    keep = default_filter(("transformer_blocks", "single_transformer_blocks"))
+    chosen = [n for n, m in pipe.transformer.named_modules() if keep(m, n)]
+    assert "transformer_blocks.0.attn.to_q" in chosen and "single_transformer_blocks.0.proj_mlp" in chosen
+    assert "single_transformer_blocks.0.proj_out" in chosen  # the block's own output linear is a main matmul
+    assert not any("norm" in n or n.startswith(("x_embedder", "context_embedder", "time_text_embed", "proj_out"))
+                   for n in chosen)
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-wo"])
+def test_int8_eager_cache_stays_close_to_full_precision(name):
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG)
+    reference = run(pipe)
+    cached_steps = dbc.summary(pipe).cached_steps
+    dbc.disable(pipe)
+    dbc.optimize(pipe, cache=CONFIG, quantize=name)
+    quantized = run(pipe)
+    summary = dbc.summary(pipe)
+    assert summary.quantized.startswith(f"{name} (") and "quantized=" in str(summary)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight.data) is not torch.Tensor
+    assert summary.cached_steps == cached_steps
+    assert not torch.equal(quantized, reference)
+    torch.testing.assert_close(quantized, reference, atol=0.05, rtol=0)
+    with pytest.warns(UserWarning, match="stays quantized"):
+        dbc.disable(pipe)
+
+
+def test_int8_compiles_with_cache_without_graph_breaks_and_matches_eager_quantized():
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG, quantize="int8")
+    eager = run(pipe)
+    eager_steps = dbc.summary(pipe).cached_steps
+    with pytest.warns(UserWarning):
+        dbc.disable(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    with pytest.raises(NotImplementedError, match="torch.cond has no rule for tensor subclasses"):
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="cond")
+    dbc.optimize(pipe, cache=CONFIG, mode="default")  # auto picks segments for quantized weights
+    compiled = run(pipe)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = run(pipe)
+    summary = dbc.summary(pipe)
+    assert summary.lowering == "segments" and summary.cached_steps == eager_steps
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 3
+    torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=0)
+    assert torch.equal(compiled, again)
+    with pytest.warns(UserWarning):
+        dbc.disable(pipe)
+
+
+def test_quantize_errors_are_clear():
+    pipe = tiny_flux_pipeline()
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9.*Use quantize='int8'"):
+        dbc.optimize(pipe, cache=CONFIG, mode="max-autotune", quantize="fp8")
+    with pytest.raises(ValueError, match=r"one of \('fp8', 'fp8-wo', 'int8', 'int8-wo'\)"):
+        dbc.optimize(pipe, cache=CONFIG, quantize="int4")
+    with pytest.raises(ValueError, match="selected no linear"):
+        dbc.optimize(pipe, cache=CONFIG, quantize="int8", quantize_filter=lambda m, n: False)
+    with pytest.raises(ValueError, match="would do nothing"):
+        dbc.optimize(pipe, cache=None)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight.data) is torch.Tensor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 needs a CUDA GPU with compute capability >= 8.9 (none here)")
+def test_fp8_segments_on_gpu():
+    pipe = tiny_flux_pipeline().to("cuda", torch.bfloat16)
+    with pytest.raises(ValueError, match="without torch.compile"):
+        dbc.optimize(pipe, cache=CONFIG, quantize="fp8")
+    dbc.optimize(pipe, cache=CONFIG, mode="max-autotune", quantize="fp8")
+    inputs = {k: v.to("cuda", torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
+    out = pipe(**inputs, num_inference_steps=10, generator=torch.Generator("cuda").manual_seed(0)).images
+    assert torch.isfinite(out).all() and dbc.summary(pipe).cached_steps
