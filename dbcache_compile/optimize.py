@@ -42,6 +42,8 @@ def _split(obj: Any) -> tuple[Optional[Any], torch.nn.Module]:
 
 def _runtime(obj: Any) -> CachedTransformer:
     _, transformer = _split(obj)
+    if getattr(transformer, "lowering", None) == "aoti":  # a LoadedCachedTransformer is its own runtime
+        return transformer
     runtime = getattr(transformer, _ATTR, None)
     if runtime is None:
         raise ValueError(f"{type(obj).__name__} is not optimized by dbcache_compile (call optimize() first)")
@@ -186,10 +188,11 @@ def summary(pipe_or_transformer: Any) -> CacheSummary:
     rt.sync_records()
     calls_per_step = 2 if rt.separate_cfg else 1
     cond, uncond = rt.branches
+    config = rt.cache_config
     return CacheSummary(
-        config=str(rt.config), num_steps=-(-rt.calls // calls_per_step),
+        config=str(config), num_steps=-(-rt.calls // calls_per_step),
         cached_steps=list(cond.cached_steps), cfg_cached_steps=list(uncond.cached_steps) if rt.separate_cfg else [],
         residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
         separate_cfg=rt.separate_cfg, lowering=rt.lowering, mode=rt.mode, num_blocks=rt.num_blocks,
-        Fn=rt.config.Fn_compute_blocks, Bn=rt.config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status(),
+        Fn=config.Fn_compute_blocks, Bn=config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status(),
         quantized=rt.quantized)

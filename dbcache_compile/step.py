@@ -99,6 +99,10 @@ class CachedTransformer:
             else:
                 self._cond_step = torch.compile(self.cond_step, **opts)
 
+    @property
+    def cache_config(self) -> DBCacheConfig:
+        return self.config
+
     # ----------------------------------------------------------------------------------------------- bookkeeping
     def reset(self, separate_cfg: Optional[bool] = None) -> None:
         """Start a new generation. ``separate_cfg`` (from the adapter, per pipeline call) applies unless the config
@@ -114,7 +118,7 @@ class CachedTransformer:
             branch.reset()
         for counters in self.counters:
             if counters is not None:
-                counters.copy_(self._initial_counters(counters.device))
+                counters.copy_(self.initial_counters(counters.device))
 
     def _position(self) -> tuple[int, int]:
         """(denoising step, CFG branch) of the current call."""
@@ -214,17 +218,16 @@ class CachedTransformer:
         return out
 
     # ------------------------------------------------------------------------------------------------------ cond
-    def _initial_counters(self, device: torch.device) -> torch.Tensor:
+    def initial_counters(self, device: torch.device) -> torch.Tensor:
         init = [0] * 6
         init[_LAST_COMPUTE] = init[_LAST_CACHED] = -1
         return torch.tensor(init, dtype=torch.int64, device=device)
 
-    def cond_step(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
-                  ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
-        """The whole cached forward as one graph: returns (output, hit predicate, diff or NaN when not computed).
-
-        ``counters`` (int64, see ``_CACHED`` ...), ``fn_residual`` and the ladders are updated in place after the
-        ``torch.cond``; the cond branches themselves only return the middle residuals (no mutation, no aliasing).
+    def cond_step_functional(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
+                             ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
+        """The whole cached forward as a pure function (the ``cond`` lowering; what :func:`dbcache_compile.export`
+        exports): returns ``(output, hit predicate, diff or NaN when not computed, new counters, new fn_residual,
+        new ladder_h, new ladder_e)``. The cond branches only return the middle residuals (no mutation, no alias).
         """
         cfg, terms = self.config, self.config.taylorseer_terms
         hidden, encoder, residual, diff, kw = self.head(fn_residual, *args, **kwargs)
@@ -246,24 +249,32 @@ class CachedTransformer:
 
         n = torch.where(step > 2, torch.clamp(counters[_VALID], max=terms - 1), 0)
         window = (step - counters[_LAST_COMPUTE]).to(torch.float32)
-        for ladder, new in ((ladder_h, taylor_update(ladder_h, dh, window, n)),
-                            (ladder_e, taylor_update(ladder_e, de, window, n))):
-            for buf, value in zip(ladder, new):
-                buf.copy_(torch.where(pred, buf, value))
-        fn_residual.copy_(torch.where(pred, fn_residual, residual))
+        new_h = [torch.where(pred, old, new) for old, new in zip(ladder_h, taylor_update(ladder_h, dh, window, n))]
+        new_e = [torch.where(pred, old, new) for old, new in zip(ladder_e, taylor_update(ladder_e, de, window, n))]
+        new_fn = torch.where(pred, fn_residual, residual)
         one = torch.ones_like(counters[_CACHED])
         on_hit = torch.stack([counters[_CACHED] + 1, consecutive + 1, counters[_HAS_PREV],
                               counters[_LAST_COMPUTE], counters[_VALID], step * one])
         on_miss = torch.stack([counters[_CACHED], consecutive, one, step * one, 1 + n, counters[_LAST_CACHED]])
-        counters.copy_(torch.where(pred, on_hit, on_miss))
+        new_counters = torch.where(pred, on_hit, on_miss)
         if cfg.residual_diff_threshold >= 1.0:
             diff = torch.full_like(diff, DIFF_ALWAYS_HIT)
-        return out, pred, torch.where(allowed, diff, torch.full_like(diff, math.nan))
+        diff = torch.where(allowed, diff, torch.full_like(diff, math.nan))
+        return out, pred, diff, new_counters, new_fn, new_h, new_e
+
+    def cond_step(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
+                  ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
+        """:meth:`cond_step_functional` with the new state copied into the static buffers (in the same graph)."""
+        out, pred, diff, new_counters, new_fn, new_h, new_e = self.cond_step_functional(
+            step, counters, fn_residual, ladder_h, ladder_e, *args, **kwargs)
+        for buf, value in zip([counters, fn_residual, *ladder_h, *ladder_e], [new_counters, new_fn, *new_h, *new_e]):
+            buf.copy_(value)
+        return out, pred, diff
 
     def _device_step(self, step: int, branch: int, state: BranchState, args: tuple, kwargs: dict) -> torch.Tensor:
         device = state.fn_residual.device
         if self.counters[branch] is None or self.counters[branch].device != device:
-            self.counters[branch] = self._initial_counters(device)
+            self.counters[branch] = self.initial_counters(device)
             torch._dynamo.mark_static_address(self.counters[branch])
         step_t = torch.tensor(step, dtype=torch.int64, device=device)
         out, pred, diff = self._cond_step(step_t, self.counters[branch], state.fn_residual, state.ladder_h,

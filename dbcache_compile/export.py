@@ -1,0 +1,202 @@
+"""Cold start without compiling: export the cached transformer step (``cond`` lowering) with ``torch.export`` and
+package it with AOTInductor; load the package in a fresh process (Python: :func:`load`; C++: ``dbcache_runner``).
+
+The exported program is a pure function with the cache state as explicit inputs and outputs. Its flat input order
+(what the C++ runner relies on) is::
+
+    hidden_states, timestep, step, counters, fn_residual, ladder_h[0..T-1], ladder_e[0..T-1], <other tensor inputs>
+
+and its outputs are ``output, hit predicate, diff, counters', fn_residual', ladder_h'..., ladder_e'...`` (state
+outputs in the same order as the state inputs). Shapes are those of the example inputs (static): export once per
+resolution and batch size. Non-tensor transformer arguments (``img_shapes`` of Qwen-Image, ``None``s) are baked in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .adapters import adapter_for
+from .config import DBCacheConfig
+from .state import BranchState
+from .step import CachedTransformer
+
+__all__ = ["export", "load", "LoadedCachedTransformer"]
+
+_LEADING = ("hidden_states", "timestep")
+
+
+class _ExportedStep(torch.nn.Module):
+    """``CachedTransformer.cond_step_functional`` as a module with a flat tensor signature."""
+
+    def __init__(self, runtime: CachedTransformer, other_names: list[str], constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.transformer = runtime.transformer
+        self._runtime = [runtime]  # not a submodule: the transformer is registered once, above
+        self.other_names = other_names
+        self.constants = constants
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, step: torch.Tensor,
+                counters: torch.Tensor, fn_residual: torch.Tensor, *rest: torch.Tensor):
+        runtime = self._runtime[0]
+        terms = runtime.config.taylorseer_terms
+        ladder_h, ladder_e, others = list(rest[:terms]), list(rest[terms:2 * terms]), rest[2 * terms:]
+        kwargs = dict(self.constants, **dict(zip(self.other_names, others)))
+        out, pred, diff, counters, fn_residual, ladder_h, ladder_e = runtime.cond_step_functional(
+            step, counters, fn_residual, ladder_h, ladder_e, hidden_states=hidden_states, timestep=timestep, **kwargs)
+        return (out, pred, diff, counters, fn_residual, *ladder_h, *ladder_e)
+
+
+def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union[str, Path],
+           cache: Union[DBCacheConfig, str] = "F1B0_W4MC2_R0.2", quantize: Any = None) -> Path:
+    """Export the cached transformer step for ``example_inputs`` (the keyword arguments of one transformer call)
+    and package it with AOTInductor at ``path`` (a ``.pt2`` file; metadata goes to ``<path>.json``).
+
+    Returns the package path. Takes a while (compiles with Inductor, ~20 s for the tiny models on CPU).
+    """
+    if quantize is not None:
+        raise NotImplementedError("export(quantize=...) is not supported: torch.cond has no rule for torchao "
+                                  "tensor-subclass weights in torch 2.11-2.14; export unquantized")
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if getattr(transformer, "_dbcache_compile", None) is not None:
+        raise ValueError("export() takes an un-optimized transformer; call dbcache_compile.disable() first")
+    missing = [k for k in _LEADING if not isinstance(example_inputs.get(k), torch.Tensor)]
+    if missing:
+        raise ValueError(f"example_inputs needs tensors for {missing}")
+    config = DBCacheConfig.coerce(cache)
+    adapter = adapter_for(transformer)
+    runtime = CachedTransformer(transformer, adapter, config)
+    kwargs = {k: v for k, v in example_inputs.items() if k != "return_dict"}
+    other_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LEADING]
+    constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    state = BranchState(config.taylorseer_terms)
+    with torch.no_grad():
+        hidden, encoder, _, _, _ = runtime.head(None, **kwargs)
+    state.ensure_buffers(hidden, encoder)
+    device = hidden.device
+    args = (kwargs["hidden_states"], kwargs["timestep"], torch.tensor(0, device=device),
+            runtime.initial_counters(device), state.fn_residual, *state.ladder_h, *state.ladder_e,
+            *(kwargs[k] for k in other_names))
+    module = _ExportedStep(runtime, other_names, constants).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(module, args, strict=False)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    meta = {
+        "format": 1, "cache": str(config), "adapter": adapter.name, "terms": config.taylorseer_terms,
+        "num_blocks": runtime.num_blocks, "input_order": [*_LEADING, "step", "counters", "fn_residual",
+                                                          *[f"ladder_h.{i}" for i in range(config.taylorseer_terms)],
+                                                          *[f"ladder_e.{i}" for i in range(config.taylorseer_terms)],
+                                                          *other_names],
+        "other_inputs": other_names, "state_shapes": [list(t.shape) for t in args[3:3 + 2 + 2 * state.terms]],
+        "state_dtypes": [str(t.dtype).removeprefix("torch.") for t in args[3:3 + 2 + 2 * state.terms]],
+        "separate_cfg": bool(config.enable_separate_cfg), "device": device.type,
+        "transformer_config": dict(transformer.config), "dtype": str(hidden.dtype).removeprefix("torch."),
+        "export_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+    }
+    Path(str(path) + ".json").write_text(json.dumps(meta, indent=2, default=str))
+    return path
+
+
+class LoadedCachedTransformer(torch.nn.Module):
+    """An AOTInductor package in place of the transformer: same call signature (keyword arguments), same cached-step
+    decisions as the live ``cond`` lowering, no compilation. Call :meth:`reset` per generation (pipelines passed to
+    :func:`load` do it per call)."""
+
+    lowering = "aoti"
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+        path = Path(path)
+        meta_path = Path(str(path) + ".json")
+        if not path.exists() or not meta_path.exists():
+            raise FileNotFoundError(f"no dbcache_compile package at {path} (expected {path} and {meta_path}; "
+                                    f"create them with dbcache_compile.export)")
+        self.meta = json.loads(meta_path.read_text())
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        self.config = FrozenDict(self.meta["transformer_config"])
+        self.cache_config = DBCacheConfig.from_string(self.meta["cache"])
+        self.num_blocks = self.meta["num_blocks"]
+        self.quantized = None
+        self.mode = None
+        self.branches = [BranchState(self.meta["terms"]) for _ in range(2)]
+        self.separate_cfg = self.meta["separate_cfg"]
+        self._state: list[Optional[list[torch.Tensor]]] = [None, None]
+        self._records: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[], []]
+        self.calls = 0
+        from .adapters import _load_builtin, _REGISTRY
+        _load_builtin()
+        self.adapter = next(a for _, a in _REGISTRY if a.name == self.meta["adapter"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.meta["dtype"])
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.meta["device"])
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """diffusers pipelines wrap each call in ``transformer.cache_context(...)``; nothing to do here."""
+        yield
+
+    def reset(self, separate_cfg: Optional[bool] = None) -> None:
+        self.calls = 0
+        self._state = [None, None]
+        self._records = [[], []]
+        for branch in self.branches:
+            branch.reset()
+
+    def _initial_state(self) -> list[torch.Tensor]:
+        shapes, dtypes = self.meta["state_shapes"], self.meta["state_dtypes"]
+        state = [torch.zeros(s, dtype=getattr(torch, d), device=self.device) for s, d in zip(shapes, dtypes)]
+        state[0][3] = state[0][5] = -1  # counters: last compute / last cached step
+        return state
+
+    def forward(self, return_dict: bool = True, **kwargs: Any) -> Any:
+        step, branch = (self.calls // 2, self.calls % 2) if self.separate_cfg else (self.calls, 0)
+        if self._state[branch] is None:
+            self._state[branch] = self._initial_state()
+        inputs = [kwargs["hidden_states"], kwargs["timestep"], torch.tensor(step, device=self.device),
+                  *self._state[branch], *(kwargs[k] for k in self.meta["other_inputs"])]
+        out, pred, diff, *state = self.runner(*inputs)
+        self._state[branch] = state
+        self._records[branch].append((step, pred, diff))
+        self.calls += 1
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=out)
+
+    def sync_records(self) -> None:
+        for branch, records in zip(self.branches, self._records):
+            for step, pred, diff in records:
+                if bool(pred):
+                    branch.cached_steps.append(step)
+                if not math.isnan(float(diff)):
+                    branch.diffs[step] = float(diff)
+            records.clear()
+
+    def cudagraph_status(self) -> str:
+        return "off (AOTInductor package with torch.cond)"
+
+
+def load(path: Union[str, Path], pipe: Any = None) -> LoadedCachedTransformer:
+    """Load a package made by :func:`export`. With ``pipe``, it replaces ``pipe.transformer`` and the pipeline
+    resets the cache state at every call (:func:`dbcache_compile.summary` works on it)."""
+    module = LoadedCachedTransformer(path)
+    if pipe is not None:
+        from .optimize import _wrap_pipeline
+        pipe.transformer = module
+        _wrap_pipeline(pipe, module)
+    return module
