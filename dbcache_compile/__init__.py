@@ -1,9 +1,9 @@
 """dbcache_compile: DBCache (Dual Block Cache) + torch.compile + torchao for diffusers diffusion transformers."""
 
 from .config import DBCacheConfig
-from .export import export, load
+from .export import LoadedCachedTransformer, export, load
 from .optimize import disable, optimize, reset, summary
 from .stats import CacheSummary
 
-__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "export", "load"]
+__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "export", "load", "LoadedCachedTransformer"]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ from .config import DBCacheConfig
 from .state import BranchState
 from .step import CachedTransformer
 
-__all__ = ["export", "load", "LoadedCachedTransformer"]
+__all__ = ["export", "load", "LoadedCachedTransformer", "capture_transformer_inputs", "euler_loop", "write_runner_inputs"]
 
 _LEADING = ("hidden_states", "timestep")
 
@@ -167,8 +167,8 @@ class LoadedCachedTransformer(torch.nn.Module):
         step, branch = (self.calls // 2, self.calls % 2) if self.separate_cfg else (self.calls, 0)
         if self._state[branch] is None:
             self._state[branch] = self._initial_state()
-        inputs = [kwargs["hidden_states"], kwargs["timestep"], torch.tensor(step, device=self.device),
-                  *self._state[branch], *(kwargs[k] for k in self.meta["other_inputs"])]
+        inputs = _flat_inputs(self.meta, kwargs, self._state[branch])
+        inputs[2] = torch.tensor(step, device=self.device)
         out, pred, diff, *state = self.runner(*inputs)
         self._state[branch] = state
         self._records[branch].append((step, pred, diff))
@@ -200,3 +200,56 @@ def load(path: Union[str, Path], pipe: Any = None) -> LoadedCachedTransformer:
         pipe.transformer = module
         _wrap_pipeline(pipe, module)
     return module
+
+
+def _flat_inputs(meta: dict, kwargs: dict[str, Any], state: list[torch.Tensor]) -> list[torch.Tensor]:
+    device = kwargs["hidden_states"].device
+    return [kwargs["hidden_states"], kwargs["timestep"], torch.tensor(0, device=device), *state,
+            *(kwargs[k] for k in meta["other_inputs"])]
+
+
+def euler_loop(module: LoadedCachedTransformer, kwargs: dict[str, Any], sigmas: torch.Tensor
+               ) -> tuple[torch.Tensor, list[bool]]:
+    """The denoising loop of ``dbcache_runner`` in Python (reference for the C++ runner): flow-matching Euler
+    steps ``x += (sigma[i+1] - sigma[i]) * v`` in float32, ``timestep = sigma[i]``. Returns latents and hits."""
+    module.reset()
+    kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
+    x = kwargs["hidden_states"]
+    for i in range(len(sigmas) - 1):
+        step_kwargs = dict(kwargs, hidden_states=x, timestep=torch.full_like(kwargs["timestep"], float(sigmas[i])))
+        v = module(return_dict=False, **step_kwargs)[0]
+        x = (x.to(torch.float32) + float(sigmas[i + 1] - sigmas[i]) * v.to(torch.float32)).to(x.dtype)
+    module.sync_records()
+    cached = set(module.branches[0].cached_steps)
+    return x, [i in cached for i in range(len(sigmas) - 1)]
+
+
+def write_runner_inputs(package: Union[str, Path], kwargs: dict[str, Any], sigmas: torch.Tensor,
+                        path: Union[str, Path]) -> Path:
+    """Write the ``INPUTS.pt`` that ``dbcache_runner`` reads: ``[sigmas, num_state, *flat package inputs]``."""
+    module = LoadedCachedTransformer(package)
+    state = module._initial_state()
+    flat = _flat_inputs(module.meta, kwargs, state)
+    torch.save([sigmas.to(torch.float32), torch.tensor(len(state)), *[t.contiguous() for t in flat]], str(path))
+    return Path(path)
+
+
+def capture_transformer_inputs(pipe: Any, **call_kwargs: Any) -> dict[str, Any]:
+    """Run ``pipe(**call_kwargs)`` for one step and return the keyword arguments of its first transformer call:
+    the ``example_inputs`` that :func:`export` needs for this resolution, batch and prompt length."""
+    transformer = pipe.transformer
+    captured: dict[str, Any] = {}
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise ValueError("export needs a pipeline that calls its transformer with keyword arguments")
+        if not captured:
+            captured.update(kwargs)
+        return type(transformer).forward(transformer, **kwargs)
+
+    transformer.forward = spy
+    try:
+        pipe(**dict(call_kwargs, num_inference_steps=1))
+    finally:
+        del transformer.forward
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in captured.items()}

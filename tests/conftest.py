@@ -4,6 +4,9 @@ import sys
 import pytest
 import torch
 
+import dbcache_compile
+from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, measure, run_scenario
+
 # Tiny models run fastest single-threaded, and a second process (CI runs alone, a developer may not) must not
 # oversubscribe the cores.
 torch.set_num_threads(1)
@@ -14,6 +17,28 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture
-def gen():
-    return generator
+@pytest.fixture(scope="session")
+def compiled_run():
+    runs = {}
+
+    def get(adapter, lowering):
+        if (adapter, lowering) not in runs:
+            runs[adapter, lowering] = measure(adapter, lowering)
+        return runs[adapter, lowering]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def eager_run():
+    runs = {}
+
+    def get(adapter):
+        if adapter not in runs:
+            pipe, inputs = SCENARIOS[adapter]()
+            dbcache_compile.optimize(pipe, cache=SCENARIO_CONFIG)
+            runs[adapter] = run_scenario(pipe, inputs)
+            dbcache_compile.disable(pipe)
+        return runs[adapter]
+
+    return get

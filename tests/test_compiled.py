@@ -8,36 +8,9 @@ import pytest
 import torch
 
 import dbcache_compile as dbc
-from dbcache_compile.graphs import LOWERINGS, SCENARIOS, SCENARIO_CONFIG, measure, record_path, run_scenario
+from dbcache_compile.graphs import LOWERINGS, SCENARIOS, record_path
 
 CASES = [(a, lo) for a in SCENARIOS for lo in LOWERINGS]
-
-
-@pytest.fixture(scope="session")
-def compiled_run():
-    runs = {}
-
-    def get(adapter, lowering):
-        if (adapter, lowering) not in runs:
-            runs[adapter, lowering] = measure(adapter, lowering)
-        return runs[adapter, lowering]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def eager_run():
-    runs = {}
-
-    def get(adapter):
-        if adapter not in runs:
-            pipe, inputs = SCENARIOS[adapter]()
-            dbc.optimize(pipe, cache=SCENARIO_CONFIG)
-            runs[adapter] = run_scenario(pipe, inputs)
-            dbc.disable(pipe)
-        return runs[adapter]
-
-    return get
 
 
 @pytest.mark.parametrize("adapter, lowering", CASES)

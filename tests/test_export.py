@@ -1,0 +1,76 @@
+"""export → AOTInductor package → load (Python) and the C++ runner (CMakeLists.txt): the same outputs and cached
+steps as the live compiled ``cond`` path, from a package that needs no compilation."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import dbcache_compile as dbc
+from dbcache_compile.export import capture_transformer_inputs, euler_loop, write_runner_inputs
+from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, STEPS, run_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def package(tmp_path_factory):
+    pipe, inputs = SCENARIOS["flux"]()
+    example = capture_transformer_inputs(pipe, **inputs, generator=torch.Generator().manual_seed(0))
+    path = dbc.export(pipe, example, tmp_path_factory.mktemp("pkg") / "flux.pt2", cache=SCENARIO_CONFIG)
+    return path, example
+
+
+def test_loaded_package_reproduces_the_live_compiled_path(package, compiled_run):
+    path, _ = package
+    live = compiled_run("flux", "cond")
+    pipe, inputs = SCENARIOS["flux"]()
+    module = dbc.load(path, pipe=pipe)
+    assert pipe.transformer is module
+    images, summaries = run_scenario(pipe, inputs)
+    for img, summary, ref_img, ref in zip(images, summaries, live.images, live.summaries):
+        assert summary.lowering == "aoti" and summary.num_steps == STEPS
+        assert summary.cached_steps == ref.cached_steps
+        assert summary.residual_diffs.keys() == ref.residual_diffs.keys()
+        torch.testing.assert_close(img, ref_img, rtol=1e-4, atol=1e-4)
+    assert summaries[0].cached_steps, "the scenario must hit the cache"
+
+
+def test_export_errors(package):
+    pipe, _ = SCENARIOS["flux"]()
+    with pytest.raises(NotImplementedError, match="tensor-subclass"):
+        dbc.export(pipe, {}, "x.pt2", quantize="int8")
+    with pytest.raises(ValueError, match="needs tensors for"):
+        dbc.export(pipe, {"hidden_states": torch.zeros(1)}, "x.pt2")
+    dbc.optimize(pipe, cache=SCENARIO_CONFIG)
+    with pytest.raises(ValueError, match="un-optimized transformer"):
+        dbc.export(pipe, package[1], "x.pt2")
+    dbc.disable(pipe)
+    with pytest.raises(FileNotFoundError, match="dbcache_compile.export"):
+        dbc.load("/nonexistent/model.pt2")
+
+
+def _missing_build_tools():
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    return f"C++ runner test needs {', '.join(missing)} (not found on PATH)" if missing else None
+
+
+@pytest.mark.skipif(_missing_build_tools() is not None, reason=str(_missing_build_tools()))
+def test_cpp_runner_matches_python(package, tmp_path):
+    path, example = package
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"], check=True,
+                   capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    expected, hits = euler_loop(dbc.LoadedCachedTransformer(path), example, sigmas)
+    inputs = write_runner_inputs(path, example, sigmas, tmp_path / "inputs.pt")
+    result = subprocess.run([str(build / "dbcache_runner"), str(path), str(inputs), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    latents, cpp_hits = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert cpp_hits.tolist() == hits and any(hits) and not all(hits)
+    assert f"{sum(hits)} cached" in result.stdout
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
