@@ -1,0 +1,175 @@
+"""Tests of the benchmark package (bench/): metrics on known images, FLOP counting against hand counts, peer
+attach/detach hygiene, row planning, and one real end-to-end run of ``python -m bench`` on the tiny FLUX (eager only,
+no torch.compile)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a top-level package of the repository
+
+from bench.cli import main, parse_args  # noqa: E402
+from bench.flops import (ForwardFlops, cached_forward_flops, count_attention, count_forward,  # noqa: E402
+                         full_forward_flops, generation_flops)
+from bench.methods import CacheDit, FirstBlockCache, peer_unavailable  # noqa: E402
+from bench.metrics import psnr, ssim  # noqa: E402
+from bench.report import COLUMNS  # noqa: E402
+from bench.runner import RowSpec, plan_rows  # noqa: E402
+from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline  # noqa: E402
+
+HIDDEN, HEADS, HEAD_DIM = 32, 2, 16
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+def test_identical_images_psnr_inf_ssim_one():
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(psnr(images, images)).all()
+    torch.testing.assert_close(ssim(images, images), torch.ones(2))
+
+
+def test_psnr_of_known_noise_level():
+    # a +-0.05 checkerboard around 0.5: MSE = 0.0025 exactly, PSNR = 10 log10(1 / 0.0025) = 26.02 dB
+    reference = torch.full((1, 3, 16, 16), 0.5)
+    sign = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2 - 1
+    noisy = reference + 0.05 * sign
+    assert psnr(noisy, reference).item() == pytest.approx(10 * math.log10(1 / 0.0025), abs=1e-3)
+    assert ssim(noisy, reference).item() < 1.0
+
+
+# --------------------------------------------------------------------------------------------------------- FLOPs
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def test_linear_flops_match_hand_count(transformer):
+    x = torch.randn(1, 64, 16)
+    assert count_forward(transformer.x_embedder, transformer.x_embedder, {"input": x}) == \
+        ForwardFlops(calflops=2 * 64 * 16 * HIDDEN, attention=0)
+
+
+def test_single_block_flops_match_hand_count(transformer):
+    image, text = 64, 8
+    tokens = image + text
+    block = transformer.single_transformer_blocks[0]
+    kwargs = {"hidden_states": torch.randn(1, image, HIDDEN), "encoder_hidden_states": torch.randn(1, text, HIDDEN),
+              "temb": torch.randn(1, HIDDEN), "image_rotary_emb": transformer.pos_embed(torch.zeros(tokens, 3))}
+    flops = count_forward(block, block, kwargs)
+    d = HIDDEN
+    # proj_mlp d->4d, to_q/k/v d->d, proj_out 5d->d on every token; the adaLN linear d->3d once per sample
+    linears = 2 * tokens * (4 * d * d + 3 * d * d + 5 * d * d) + 2 * d * 3 * d
+    assert linears <= flops.calflops <= 1.02 * linears  # calflops adds norms/activations (element-wise)
+    assert flops.attention == 2 * HEADS * tokens * tokens * (HEAD_DIM + HEAD_DIM)
+
+
+def test_attention_counter_restores_sdpa():
+    original = torch.nn.functional.scaled_dot_product_attention
+    q = torch.randn(2, 3, 5, 4)
+    with count_attention() as total:
+        torch.nn.functional.scaled_dot_product_attention(q, torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6))
+    assert total[0] == 2 * 6 * 5 * 7 * (4 + 6)
+    assert torch.nn.functional.scaled_dot_product_attention is original
+
+
+def test_cached_forward_cheaper_than_full():
+    pipe = tiny_flux_pipeline()
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault("kw", kwargs)
+
+    handle = pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    pipe(**flux_inputs(), num_inference_steps=1)
+    handle.remove()
+    full = full_forward_flops(pipe.transformer, captured["kw"])
+    f1 = cached_forward_flops(pipe.transformer, captured["kw"], 1, 0)
+    f2b1 = cached_forward_flops(pipe.transformer, captured["kw"], 2, 1)
+    assert 0 < f1.total < f2b1.total < full.total
+    # 8 identical-attention blocks: a cached F1B0 forward runs exactly 1 of 8 attentions
+    assert f1.attention * 8 == full.attention
+    assert generation_flops(full, f1, calls=10, cached_calls=4) == 6 * full.total + 4 * f1.total
+    with pytest.raises(ValueError):
+        cached_forward_flops(pipe.transformer, captured["kw"], 8, 1)
+
+
+# ------------------------------------------------------------------------------------------------------ methods
+@pytest.mark.parametrize("make", [lambda: CacheDit("F1B0_W2MC2_R0.45", compiled=False, separate_cfg=False),
+                                  lambda: FirstBlockCache(0.45, compiled=False)], ids=["cache-dit", "fbcache"])
+def test_peer_detach_restores_the_pipeline(make):
+    method = make()
+    if peer_unavailable(method.name):
+        pytest.skip(peer_unavailable(method.name))
+    pipe = tiny_flux_pipeline()
+    kwargs = dict(flux_inputs(), num_inference_steps=6)
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    method.attach(pipe)
+    method.begin_call()
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert 0 < method.cached_calls(pipe) < 6
+    method.detach(pipe)
+    assert "forward" not in vars(pipe.transformer)
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in pipe.transformer.modules())
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_plan_rows_reference_first_quantized_last_fbcache_per_threshold():
+    rows = plan_rows(["compile+int8", "compile", "eager"], ["F1B0_W2_R0.2", "F2B0_W2_R0.2", "F1B0_W2_R0.3"],
+                     ["cache-dit", "diffusers-fbcache"])
+    assert rows[0] == RowSpec("uncached", "eager")
+    assert [r.mode for r in rows].index("compile+int8") > max(i for i, r in enumerate(rows) if r.mode == "compile")
+    assert sum(r.method == "diffusers-fbcache" and r.mode == "eager" for r in rows) == 2
+    assert sum(r.method == "uncached" for r in rows) == 3
+    assert sum(r.method == "ours" for r in rows) == 9
+
+
+def test_cli_rejects_missing_model_dir_and_bad_modes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", str(tmp_path / "nope"), "--device", "cpu"])
+    assert "no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--random-weights", "flux-tiny", "--modes", "compile+fp8", "--device", "cpu"])
+    assert "int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--random-weights", "flux-tiny", "--configs", "F1X0"])
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def test_end_to_end_tiny_flux_eager(tmp_path):
+    out = tmp_path / "bench"
+    code = main(["--random-weights", "flux-tiny", "--modes", "eager", "--configs", "F1B0_W2MC2_R0.45", "--steps",
+                 "6", "--height", "32", "--width", "32", "--num-prompts", "2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    table = (out / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Config"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(COLUMNS)
+    assert (out / "speedup_vs_psnr.png").stat().st_size > 0
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["versions"]["torch"] == torch.__version__
+    assert "CPU" in data["meta"]["device"] and data["meta"]["command"].startswith("python -m bench")
+    rows = {r["label"]: r for r in data["rows"]}
+    assert rows["uncached"]["speedup_flops"] == 1.0 and rows["uncached"]["speedup_measured"] == 1.0
+    ours = rows["F1B0_W2MC2_R0.45"]
+    assert ours["status"] == "ok"
+    assert ours["speedup_flops"] > 1.0  # some steps were cached: fewer FLOPs
+    assert ours["speedup_measured"] > 0 and ours["speedup_measured"] != ours["speedup_flops"]
+    assert len(ours["per_prompt"]["wall_s"]) == 2 and all(c == 6 for c in ours["per_prompt"]["calls"])
+    assert 0 < sum(ours["per_prompt"]["cached_calls"]) < 12
+    line = next(line for line in table.splitlines() if line.startswith("| F1B0_W2MC2_R0.45 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    flop_cell, measured_cell = cells[COLUMNS.index("SpeedUp(FLOPs)")], cells[COLUMNS.index("SpeedUp(measured)")]
+    assert flop_cell == f"{ours['speedup_flops']:.2f}x" and measured_cell == f"{ours['speedup_measured']:.2f}x"
+    assert "random weights" in table  # the quality columns say why they are n/a
+    for peer in ("cache-dit", "diffusers-fbcache"):
+        assert any(r["method"] == peer for r in data["rows"])
