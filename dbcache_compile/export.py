@@ -127,6 +127,7 @@ class LoadedCachedTransformer(torch.nn.Module):
         self.cache_config = DBCacheConfig.from_string(self.meta["cache"])
         self.num_blocks = self.meta["num_blocks"]
         self.quantized = None
+        self.attention = None
         self.mode = None
         self.branches = [BranchState(self.meta["terms"]) for _ in range(2)]
         self.separate_cfg = self.meta["separate_cfg"]

@@ -70,7 +70,8 @@ def _wrap_pipeline(pipe: Any, runtime: CachedTransformer) -> None:
 
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
              graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
-             quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None) -> Any:
+             quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None,
+             attention: Optional[str] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -84,6 +85,9 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             :func:`disable`.
         quantize_filter: ``(module, fqn) -> bool`` choosing the linears to quantize; default: attention and MLP
             linears of the blocks (no embedders, modulation or output projection).
+        attention: ``None`` (leave the transformer's attention backend alone), ``"auto"`` (cuDNN SDPA on Hopper and
+            newer, torch's flash SDPA on other CUDA GPUs, native elsewhere) or a diffusers attention backend name
+            (``transformer.set_attention_backend``); reported by :func:`summary` and reset by :func:`disable`.
         compile_options: extra ``torch.compile`` arguments (e.g. ``{"dynamic": True}``); with a ``backend`` the
             ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
 
@@ -102,6 +106,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     config = None if cache is None else DBCacheConfig.coerce(cache)
     if config is not None:
         config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
+    backend = _set_attention(transformer, attention)
     quantized = None
     if quantize is not None:
         ao_config = resolve_quantization(quantize, next(transformer.parameters()).device, mode)
@@ -120,6 +125,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
         runtime = CachedTransformer(transformer, adapter, config, lowering, mode, options)
     runtime.quantized = quantized
+    runtime.attention = backend
     setattr(transformer, _ATTR, runtime)
     transformer.forward = runtime.forward
     if pipeline is not None:
@@ -132,6 +138,8 @@ class UncachedRuntime:
     that cached runs are measured against."""
 
     lowering = "uncached"
+    attention: Optional[str] = None
+    quantized: Optional[str] = None
 
     def __init__(self, transformer: torch.nn.Module, mode: Optional[str], options: Optional[dict]) -> None:
         self.mode = mode
@@ -140,6 +148,25 @@ class UncachedRuntime:
 
     def reset(self, separate_cfg: Optional[bool] = None) -> None:
         """No cache state to reset."""
+
+
+def _set_attention(transformer: torch.nn.Module, attention: Optional[str]) -> Optional[str]:
+    """Apply the attention backend choice; returns the diffusers backend name set (None: untouched)."""
+    if attention is None:
+        return None
+    if attention == "auto":
+        device = next(transformer.parameters()).device
+        if device.type != "cuda":
+            attention = "native"
+        else:
+            attention = "_native_cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "_native_flash"
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    valid = [b.value for b in AttentionBackendName]
+    if attention not in valid:
+        raise ValueError(f"attention must be None, 'auto' or a diffusers attention backend ({', '.join(valid)}), "
+                         f"got {attention!r}")
+    transformer.set_attention_backend(attention)
+    return attention
 
 
 def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
@@ -164,7 +191,8 @@ def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
 def disable(pipe: Any) -> Any:
     """Undo :func:`optimize`: the original ``forward`` and pipeline class, no attribute left behind."""
     pipeline, transformer = _split(pipe)
-    _runtime(transformer)
+    if _runtime(transformer).attention is not None:
+        transformer.reset_attention_backend()
     if _has_subclass_weights(transformer):
         warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "
                       "for the original weights", stacklevel=2)
@@ -195,4 +223,4 @@ def summary(pipe_or_transformer: Any) -> CacheSummary:
         residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
         separate_cfg=rt.separate_cfg, lowering=rt.lowering, mode=rt.mode, num_blocks=rt.num_blocks,
         Fn=config.Fn_compute_blocks, Bn=config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status(),
-        quantized=rt.quantized)
+        quantized=rt.quantized, attention=rt.attention)

@@ -26,6 +26,7 @@ class CacheSummary:
         num_blocks / Fn / Bn: the block split.
         cudagraphs: CUDA-graph status of the compiled graphs.
         quantized: the torchao quantization applied (``None`` when none).
+        attention: the diffusers attention backend set by ``optimize(attention=...)`` (``None``: untouched).
     """
 
     config: str
@@ -42,6 +43,7 @@ class CacheSummary:
     Bn: int
     cudagraphs: Optional[str] = None
     quantized: Optional[str] = None
+    attention: Optional[str] = None
 
     @property
     def compute_steps(self) -> list[int]:
@@ -64,7 +66,8 @@ class CacheSummary:
             f"DBCache {self.config} on {self.num_blocks} blocks (Fn={self.Fn}, Bn={self.Bn}); "
             f"lowering={self.lowering}, mode={self.mode}"
             + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else "")
-            + (f", quantized={self.quantized}" if self.quantized else ""),
+            + (f", quantized={self.quantized}" if self.quantized else "")
+            + (f", attention={self.attention}" if self.attention else ""),
             f"  steps: {self.num_steps}, cached: {len(self.cached_steps)} {self.cached_steps}",
         ]
         if self.separate_cfg:

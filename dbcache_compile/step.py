@@ -79,6 +79,7 @@ class CachedTransformer:
         self.separate_cfg = bool(config.enable_separate_cfg)
         self.lowering = lowering
         self.quantized: Optional[str] = None
+        self.attention: Optional[str] = None
         self.mode = mode if lowering != "eager" else None
         self.calls = 0
         self.input_keys: list[Optional[tuple]] = [None, None]

@@ -174,3 +174,24 @@ def test_errors_are_clear(flux):
     finally:
         dbc.disable(flux)
     assert type(flux) is FluxPipeline
+
+
+def test_attention_backend_choice_is_applied_reported_and_reset(flux):
+    before = run(flux)
+    dbc.optimize(flux, cache=CONFIG, attention="auto")
+    try:
+        run(flux)
+        assert dbc.summary(flux).attention == "native"  # CPU
+    finally:
+        dbc.disable(flux)
+    dbc.optimize(flux, cache="F1B0_W0_R0", attention="_native_math")
+    processor = flux.transformer.transformer_blocks[0].attn.processor
+    try:
+        assert processor._attention_backend == "_native_math"
+        torch.testing.assert_close(run(flux), before, rtol=1e-5, atol=1e-5)
+        assert "attention=_native_math" in str(dbc.summary(flux))
+    finally:
+        dbc.disable(flux)
+    assert processor._attention_backend is None
+    with pytest.raises(ValueError, match="diffusers attention backend"):
+        dbc.optimize(flux, cache=CONFIG, attention="fastest")
