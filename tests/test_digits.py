@@ -12,6 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from dbcache_compile.digits import WEIGHTS_DIR, DigitsPipeline, load_digits_pipeline
 from dbcache_compile.digits import classifier
+from dbcache_compile.digits.demo import balanced_labels, generate_digits, mean_abs_diff, save_grid
 from dbcache_compile.digits.model import (
     build_conditioner,
     build_transformer,
@@ -155,3 +156,14 @@ def test_train_smoke(tmp_path) -> None:
     assert info["steps"] == 2
     pipe = DigitsPipeline.from_pretrained_embedded(tmp_path)
     assert pipe([4], num_inference_steps=1, progress=False).images.shape == (1, 16, 16)
+
+
+def test_demo_core(pipe: DigitsPipeline, samples_20: np.ndarray, tmp_path) -> None:
+    assert balanced_labels(2) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9]
+    samples = generate_digits(pipe, per_class=3, num_inference_steps=20, seed=0)
+    np.testing.assert_array_equal(samples.images, samples_20)  # same noise as the plain pipeline call
+    assert samples.labels.tolist() == LABELS and samples.seconds > 0
+    assert samples.accuracy == classifier.accuracy(samples_20, LABELS)
+    assert mean_abs_diff(samples, samples) == 0.0
+    grid = PIL.Image.open(save_grid(samples, tmp_path / "grid.png", scale=2))
+    assert grid.size == (2 + 3 * (32 + 2), 2 + 10 * (32 + 2)) and grid.mode == "RGB"
