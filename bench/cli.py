@@ -76,6 +76,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(bench/configs/qwen-image-lightning-scheduler.json for Lightning)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's); on a shared CPU, 1 avoids OpenMP oversubscription")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output directory (default: out/bench)")
     args = p.parse_args(argv)
 
@@ -101,8 +103,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             DBCacheConfig.from_string(config)
         except ValueError as err:
             p.error(f"--configs: {err}")
-    if args.num_prompts < 1 or args.steps < 1:
-        p.error("--num-prompts and --steps must be >= 1")
+    if args.num_prompts < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--num-prompts, --steps and --threads must be >= 1")
     if not args.prompts.is_file():
         p.error(f"--prompts {args.prompts}: no such file")
     if args.model not in (None, "tiny") and not Path(args.model).is_dir():
@@ -142,6 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmark; returns 0, 1 when one of our rows or a baseline failed (peers may fail or skip), 2 when the
     model cannot be loaded."""
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.getLogger("cache_dit").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()

@@ -5,7 +5,7 @@
 * ``ours``: ``dbcache_compile.optimize(pipe, cache=config, mode=..., graph=...)``.
 * ``cache-dit``: cache-dit's DBCache with the same config (``cache_dit.enable_cache``); in compiled modes the blocks
   are compiled with diffusers' regional compile, ``transformer.compile_repeated_blocks(fullgraph=True)`` (Inductor
-  default mode), as cache-dit's own benchmarks do.
+  default mode), with Dynamo's recompile limits raised to 96 / 2048 for the row, as cache-dit's own benchmarks do.
 * ``diffusers-fbcache``: diffusers' First Block Cache (``transformer.enable_cache(FirstBlockCacheConfig(threshold))``)
   with the config's residual threshold. Its decision is a ``@torch.compiler.disable`` function, so in compiled modes
   the regional compile runs with ``fullgraph=False``.
@@ -153,10 +153,11 @@ class CacheDit(Method):
         self.split = (self.config.Fn_compute_blocks, self.config.Bn_compute_blocks)
         self._target: Any = None
         self._state: Optional[_InstanceState] = None
+        self._limits: Optional[tuple[int, int]] = None
 
     def attach(self, pipe: Any) -> None:
         import cache_dit
-        from cache_dit import BlockAdapter, BlockAdapterRegister, ForwardPattern, TaylorSeerCalibratorConfig
+        from cache_dit import BlockAdapterRegister, TaylorSeerCalibratorConfig
         logging.getLogger("cache_dit").setLevel(logging.ERROR)
         cfg = self.config
         cache_config = cache_dit.DBCacheConfig(
@@ -169,20 +170,23 @@ class CacheDit(Method):
         self._state = _InstanceState(pipe)
         if BlockAdapterRegister.is_supported(pipe):
             self._target = pipe
-        else:  # e.g. the digits pipeline: same block lists as our adapter, cache-dit's Pattern_1 (returns e, h)
-            lists = adapter_for(pipe.transformer).block_lists
-            self._target = BlockAdapter(pipe=pipe, transformer=pipe.transformer,
-                                        blocks=[getattr(pipe.transformer, name) for name in lists],
-                                        forward_pattern=[ForwardPattern.Pattern_1] * len(lists),
-                                        check_forward_pattern=True)
+        else:  # e.g. the digits pipeline: cache-dit's own adapter for the transformer's family, on this pipeline
+            from cache_dit.caching.block_adapters.adapters import flux_adapter, qwenimage_adapter
+            family = flux_adapter if adapter_for(pipe.transformer).name == "flux" else qwenimage_adapter
+            self._target = family(pipe)
         cache_dit.enable_cache(self._target, cache_config=cache_config, calibrator_config=calibrator)
         if self.compiled:
+            dynamo = torch._dynamo.config
+            self._limits = (dynamo.recompile_limit, dynamo.accumulated_recompile_limit)
+            dynamo.recompile_limit, dynamo.accumulated_recompile_limit = 96, 2048
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
     def detach(self, pipe: Any) -> None:
         import cache_dit
         cache_dit.disable_cache(self._target)
         self._state.restore()
+        if self._limits is not None:
+            torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit = self._limits
 
     def cached_calls(self, pipe: Any) -> int:
         import cache_dit

@@ -1,4 +1,4 @@
-"""Image-quality metrics, from torchmetrics (PSNR, SSIM, LPIPS, CLIP Score) and ImageReward.
+"""Image-quality metrics, from torchmetrics (PSNR, SSIM, LPIPS), transformers' CLIP (CLIP Score) and ImageReward.
 
 Images are float tensors ``(N, C, H, W)`` with values in ``[0, 1]``. PSNR and SSIM compare a row's images with the
 uncached eager images of the same prompts and seeds (``data_range=1``); CLIP Score and ImageReward score an image
@@ -58,7 +58,7 @@ class Scorers:
         self.device = device
         self.unavailable: dict[str, str] = {}
         self._lpips: Optional[Any] = None
-        self._clip: Optional[Any] = None
+        self._clip: Optional[tuple[Any, Any]] = None
         self._reward: Optional[Any] = None
         if not images:
             for name in ("PSNR", "SSIM", "LPIPS", "Clip Score", "ImageReward"):
@@ -84,15 +84,16 @@ class Scorers:
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
         return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(self.device).eval()
 
-    def _load_clip(self) -> Optional[Any]:
+    def _load_clip(self) -> Optional[tuple[Any, Any]]:
         path = os.environ.get("CLIP_MODEL_DIR")
         if not path:
             self.unavailable["Clip Score"] = "CLIP_MODEL_DIR is not set (a local transformers CLIP model directory)"
             return None
         if not Path(path).is_dir():
             raise FileNotFoundError(f"CLIP_MODEL_DIR={path} is not a directory")
-        from torchmetrics.multimodal.clip_score import CLIPScore
-        return CLIPScore(model_name_or_path=path).to(self.device)
+        from transformers import CLIPModel, CLIPProcessor
+        return (CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval(),
+                CLIPProcessor.from_pretrained(path, local_files_only=True))
 
     def _load_image_reward(self) -> Optional[Any]:
         path = os.environ.get("IMAGEREWARD_MODEL_DIR")
@@ -118,13 +119,22 @@ class Scorers:
         self._lpips.reset()
         return float(value)
 
+    @torch.no_grad()
     def clip_score(self, images: torch.Tensor, prompts: list[str]) -> Optional[float]:
-        """Mean CLIP Score (100 · cosine similarity, clipped at 0) of each image with its prompt."""
+        """Mean CLIP Score, ``100 · max(cos(image, prompt), 0)`` (Hessel et al., 2021; torchmetrics' definition),
+        of each image with its prompt (prompts truncated to CLIP's 77 tokens).
+
+        Computed with transformers' ``CLIPModel`` directly: torchmetrics 1.9's ``CLIPScore`` accepts no local
+        directory and breaks on transformers 5 (``get_image_features`` returns a model output there)."""
         if self._clip is None:
             return None
-        value = self._clip(list(to_uint8(_three_channels(images))), prompts)
-        self._clip.reset()
-        return float(value)
+        model, processor = self._clip
+        inputs = processor(text=prompts, images=list(to_uint8(_three_channels(images))), return_tensors="pt",
+                           padding=True, truncation=True).to(self.device)
+        out = model(**inputs)
+        image = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+        text = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+        return float((100 * (image * text).sum(-1).clamp(min=0)).mean())
 
     def image_reward(self, images: torch.Tensor, prompts: list[str]) -> Optional[float]:
         """Mean ImageReward score of each image with its prompt."""

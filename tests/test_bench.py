@@ -19,7 +19,7 @@ from bench.cli import main, parse_args  # noqa: E402
 from bench.flops import (ForwardFlops, cached_forward_flops, count_attention, count_forward,  # noqa: E402
                          full_forward_flops, generation_flops)
 from bench.methods import CacheDit, FirstBlockCache, peer_unavailable  # noqa: E402
-from bench.metrics import psnr, ssim  # noqa: E402
+from bench.metrics import Scorers, psnr, ssim  # noqa: E402
 from bench.report import COLUMNS  # noqa: E402
 from bench.runner import RowSpec, plan_rows  # noqa: E402
 from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline  # noqa: E402
@@ -41,6 +41,38 @@ def test_psnr_of_known_noise_level():
     noisy = reference + 0.05 * sign
     assert psnr(noisy, reference).item() == pytest.approx(10 * math.log10(1 / 0.0025), abs=1e-3)
     assert ssim(noisy, reference).item() < 1.0
+
+
+def _tiny_local_clip(path: Path) -> None:
+    """A random 1-layer CLIP with a 58-token character vocabulary, saved as a transformers directory."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [".", ","]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    config = CLIPConfig(text_config={"vocab_size": len(tokens), "hidden_size": 16, "intermediate_size": 32,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+def test_clip_score_only_from_a_local_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLIP_MODEL_DIR", raising=False)
+    assert "CLIP_MODEL_DIR" in Scorers(torch.device("cpu"), prompt_inputs=True, images=True).unavailable["Clip Score"]
+    assert "not this model's input" in Scorers(torch.device("cpu"), False, True).unavailable["Clip Score"]
+    _tiny_local_clip(tmp_path / "clip")
+    monkeypatch.setenv("CLIP_MODEL_DIR", str(tmp_path / "clip"))
+    scorers = Scorers(torch.device("cpu"), prompt_inputs=True, images=True)
+    assert "Clip Score" not in scorers.unavailable
+    score = scorers.clip_score(torch.rand(2, 3, 40, 40), ["a red car.", "a dog."])
+    assert 0.0 <= score <= 100.0
 
 
 # --------------------------------------------------------------------------------------------------------- FLOPs
@@ -173,3 +205,20 @@ def test_end_to_end_tiny_flux_eager(tmp_path):
     assert "random weights" in table  # the quality columns say why they are n/a
     for peer in ("cache-dit", "diffusers-fbcache"):
         assert any(r["method"] == peer for r in data["rows"])
+
+
+def test_end_to_end_digits_model_has_quality_columns(tmp_path):
+    from dbcache_compile.digits import WEIGHTS_DIR
+    if not (WEIGHTS_DIR / "transformer").is_dir():
+        pytest.skip("the digits weights are not in this checkout")
+    out = tmp_path / "tiny"
+    assert main(["--model", "tiny", "--modes", "eager", "--configs", "F1B0_W2MC2_R0.3", "--steps", "8",
+                 "--num-prompts", "2", "--peers", "cache-dit", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["uncached"]["psnr_mean"] == "inf" and rows["uncached"]["ssim_mean"] == pytest.approx(1.0)
+    ours, peer = rows["F1B0_W2MC2_R0.3"], rows["F1B0_W2MC2_R0.3 [cache-dit]"]
+    assert 0 < ours["psnr_mean"] and 0 < ours["ssim_mean"] <= 1 and 0 <= ours["extra_mean"] <= 1
+    # cache-dit's DBCache makes the same decisions in eager (bit-exact parity), so the same images
+    assert peer["per_prompt"]["cached_calls"] == ours["per_prompt"]["cached_calls"]
+    assert peer["psnr_mean"] == ours["psnr_mean"]
+    assert "Digit acc" in (out / "results.md").read_text()
