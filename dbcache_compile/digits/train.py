@@ -10,8 +10,8 @@ The run is deterministic on CPU for a given torch build, CPU instruction set and
 one generator for data order / noise / sigmas, ``torch.use_deterministic_algorithms(True)``). It uses one thread
 by default: the bitwise result then does not depend on the machine's core count, and a single thread degrades
 gracefully on a shared CPU (two OpenMP threads competing with other processes slowed steps down ~20x). The
-shipped weights took 1500 steps of batch 64, ~13 min on one idle core (19 min on a busy 2-core machine), final
-smoothed loss 0.133. The saved weights are an exponential moving average of the trained ones, with the
+shipped weights took 1500 steps of batch 64 (~2 steps/s on an idle core, i.e. ~13 min; 19-20 min measured on a
+busy shared 2-core machine), final smoothed loss 0.133; a rerun reproduced them bit for bit (torch 2.13.0+cpu). The saved weights are an exponential moving average of the trained ones, with the
 adaLN-Zero initialisation of :func:`_adaln_zero_init`. Written files (2.9 MB in total)::
 
     OUT/transformer/{config.json, diffusion_pytorch_model.safetensors}
