@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import platform
@@ -112,6 +113,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                 f"Qwen-Image pipeline directory; weights are never downloaded)")
     if (args.lora or args.scheduler_config) and (args.model is None or args.model == "tiny"):
         p.error("--lora and --scheduler-config apply to --model PATH only")
+    if args.lora and importlib.util.find_spec("peft") is None:
+        p.error("--lora needs the peft package (pip install peft)")
     if args.scheduler_config and not Path(args.scheduler_config).is_file():
         p.error(f"--scheduler-config {args.scheduler_config}: no such file")
     return args
@@ -164,6 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = datetime.datetime.now().astimezone()
     results: list[RowResult] = run_rows(runner, rows)
 
+    unavailable = dict(runner.scorers.unavailable)
+    if runner.flops.error:
+        unavailable["TFLOPs"] = f"FLOP counting failed ({runner.flops.error})"
     resolution = "16x16" if args.model == "tiny" else f"{args.width}x{args.height}"
     meta: dict[str, Any] = {
         "model": model.name, "date": started.isoformat(timespec="seconds"), "device": _device_name(args.device),
@@ -171,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join(["python -m bench"] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
         "prompts": len(prompts), "steps": args.steps, "resolution": resolution, "seed": args.seed,
         "compile_mode": args.compile_mode, "graph": args.graph, "modes": args.modes, "configs": configs,
-        "peers": args.peers, "unavailable": runner.scorers.unavailable,
+        "peers": args.peers, "unavailable": unavailable,
         "flops_per_forward": {
             "note": "calflops 0.3.2 (linears, matmuls, norms, activations) + scaled_dot_product_attention "
                     "2*B*H*Lq*Lk*(D+Dv) counted by hand; cached forward = embeddings + Fn + Bn blocks + output",
@@ -180,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     extra = model.extra_metric[0] if model.extra_metric else None
-    write_markdown(args.out / "results.md", results, meta, runner.scorers.unavailable, extra)
+    write_markdown(args.out / "results.md", results, meta, unavailable, extra)
     write_json(args.out / "results.json", results, meta)
     write_plot(args.out / "speedup_vs_psnr.png", results, f"{model.name}, {resolution}, {args.steps} steps")
     print(f"wrote {args.out / 'results.md'}, results.json, speedup_vs_psnr.png")

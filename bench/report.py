@@ -99,7 +99,7 @@ def write_markdown(path: Path, results: list[RowResult], meta: dict[str, Any], u
     for r in results:
         lines.append("| " + " | ".join(_cells(r, ratios[r.spec], extra_name is not None)) + " |")
     notes = [f"- {name}: n/a, {reason}" for name, reason in unavailable.items()]
-    notes += [f"- {r.spec.label} ({r.spec.mode}): {r.status}, {r.reason}" for r in results if not r.ok]
+    notes += [f"- {r.spec.label} ({r.spec.mode}): {r.status}, {r.reason[:200]}" for r in results if not r.ok]
     if notes:
         lines += ["", "Notes:", ""] + notes
     path.write_text("\n".join(lines) + "\n")
@@ -155,7 +155,7 @@ def write_plot(path: Path, results: list[RowResult], title: str) -> None:
         value = _mean(r.psnr)
         if value is not None:
             left.scatter(measured, min(value, top), **style)
-            left.annotate(r.spec.config or "uncached", (measured, min(value, top)), fontsize=6,
+            left.annotate(r.spec.label, (measured, min(value, top)), fontsize=6,
                           xytext=(3, 3), textcoords="offset points")
         if flop is not None:
             right.scatter(flop, measured, **style)

@@ -60,7 +60,8 @@ class RowSpec:
 class RowResult:
     """Measurements of one row; per-prompt lists are in prompt order, times in seconds, FLOPs per image.
 
-    ``status`` is ``"ok"``, ``"skipped"`` or ``"failed"`` (then ``reason`` says why).
+    ``status`` is ``"ok"``, ``"skipped"`` or ``"failed"`` (then ``reason`` says why, on one line; the markdown shows
+    its first 200 characters, the JSON all of it).
     """
 
     spec: RowSpec
@@ -154,6 +155,7 @@ class _Counter:
         self.kwargs: Optional[dict[str, Any]] = None
         self.full: Optional[ForwardFlops] = None
         self.cached: dict[tuple[int, int], ForwardFlops] = {}
+        self.error: Optional[str] = None
 
     def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if self.kwargs is None:
@@ -162,9 +164,14 @@ class _Counter:
             self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
     def count(self, transformer: torch.nn.Module, splits: set[tuple[int, int]]) -> None:
-        self.full = full_forward_flops(transformer, self.kwargs)
-        for split in sorted(splits):
-            self.cached[split] = cached_forward_flops(transformer, self.kwargs, *split)
+        """Count once; a failure leaves the TFLOPs columns n/a (``error`` says why) instead of ending the run."""
+        try:
+            full = full_forward_flops(transformer, self.kwargs)
+            self.cached = {split: cached_forward_flops(transformer, self.kwargs, *split) for split in sorted(splits)}
+            self.full = full
+        except Exception as err:  # noqa: BLE001 - FLOPs are one column; the timings are the point
+            traceback.print_exc(file=sys.stderr)
+            self.error = f"{type(err).__name__}: {err}".splitlines()[0]
 
     def per_generation(self, method: Method, calls: int, cached_calls: int) -> float:
         cached = self.cached[method.split] if method.split is not None else self.full
@@ -217,8 +224,8 @@ class Runner:
             result = self._run(spec)
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             traceback.print_exc(file=sys.stderr)
-            return RowResult(spec, status="failed", reason=f"{type(err).__name__}: {err}".splitlines()[0])
-        if self.flops.full is None:
+            return RowResult(spec, status="failed", reason=" ".join(f"{type(err).__name__}: {err}".split())[:2000])
+        if spec == REFERENCE and self.flops.kwargs is not None:
             self.flops.count(self.model.pipe.transformer, splits)
         return result
 
