@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -44,7 +45,8 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Parse and validate the command line (errors exit with a message, as argparse does)."""
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark dbcache_compile against its uncached "
+                                "runs and its peers (cache-dit, diffusers' First Block Cache); see bench/README.md.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="'tiny' (the embedded digits model) or a local diffusers FLUX.1-dev / "
                                         "Qwen-Image pipeline directory (loaded with local_files_only=True)")
@@ -130,6 +132,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _git_revision() -> str:
+    """The repository commit the run used (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -173,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     resolution = "16x16" if args.model == "tiny" else f"{args.width}x{args.height}"
     meta: dict[str, Any] = {
         "model": model.name, "date": started.isoformat(timespec="seconds"), "device": _device_name(args.device),
-        "dtype": str(args.dtype).removeprefix("torch."), "versions": _versions(),
+        "dtype": str(args.dtype).removeprefix("torch."), "versions": _versions(), "git": _git_revision(),
         "command": " ".join(["python -m bench"] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
         "prompts": len(prompts), "steps": args.steps, "resolution": resolution, "seed": args.seed,
         "compile_mode": args.compile_mode, "graph": args.graph, "modes": args.modes, "configs": configs,

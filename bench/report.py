@@ -87,7 +87,7 @@ def write_markdown(path: Path, results: list[RowResult], meta: dict[str, Any], u
     lines = [f"# dbcache_compile benchmark: {meta['model']}", "",
              f"- Date: {meta['date']}", f"- Device: {meta['device']}",
              f"- Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-             f"- Command: `{meta['command']}`",
+             f"- Command: `{meta['command']}` (commit {meta['git']})",
              f"- {meta['prompts']} prompts, {meta['steps']} steps, {meta['resolution']}, seed {meta['seed']} "
              f"(prompt i uses seed + i); compile mode `{meta['compile_mode']}`, graph `{meta['graph']}`", "",
              "Wall s/img and Transformer s/img are medians over the prompts after one warm-up call; Compile s is the "

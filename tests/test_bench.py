@@ -190,6 +190,7 @@ def test_end_to_end_tiny_flux_eager(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["versions"]["torch"] == torch.__version__
     assert "CPU" in data["meta"]["device"] and data["meta"]["command"].startswith("python -m bench")
+    assert data["meta"]["git"] and data["meta"]["date"]
     rows = {r["label"]: r for r in data["rows"]}
     assert rows["uncached"]["speedup_flops"] == 1.0 and rows["uncached"]["speedup_measured"] == 1.0
     ours = rows["F1B0_W2MC2_R0.45"]
