@@ -12,6 +12,7 @@ the run continues.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import statistics
@@ -187,7 +188,7 @@ class Runner:
         self.compile_mode = compile_mode
         self.graph = graph
         self.scorers = Scorers(model.device, model.prompt_inputs, model.images)
-        self.reference: list[Optional[torch.Tensor]] = []
+        self.reference: list[torch.Tensor] = []
         self.flops = _Counter()
         self.quantized_mode: Optional[str] = None
         first = model.make_inputs(0, prompts[0])
@@ -240,7 +241,12 @@ class Runner:
         method = self.method(spec)
         result = RowResult(spec)
         memory = PeakMemory(device)
-        method.attach(pipe)
+        try:
+            method.attach(pipe)
+        except Exception:
+            with contextlib.suppress(Exception):  # undo a partial attach so later rows start clean
+                method.detach(pipe)
+            raise
         timer = TransformerTimer(pipe.transformer, device)
         capture = None
         if self.flops.kwargs is None:
