@@ -128,7 +128,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     runtime.attention = backend
     setattr(transformer, _ATTR, runtime)
     transformer.forward = runtime.forward
-    if pipeline is not None:
+    if pipeline is not None and config is not None:  # uncached: no per-call state to reset
         _wrap_pipeline(pipeline, runtime)
     return pipe
 

@@ -104,9 +104,11 @@ class BranchState:
                 and self.ladder_e[0].shape == encoder.shape and self.fn_residual.dtype == hidden.dtype
                 and self.fn_residual.device == hidden.device):
             return
-        self.fn_residual = torch.zeros_like(hidden)
-        self.ladder_h = [torch.zeros_like(hidden) for _ in range(self.terms)]
-        self.ladder_e = [torch.zeros_like(encoder) for _ in range(self.terms)]
+        self.fn_residual = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        self.ladder_h = [torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                         for _ in range(self.terms)]
+        self.ladder_e = [torch.zeros(encoder.shape, dtype=encoder.dtype, device=encoder.device)
+                         for _ in range(self.terms)]
 
     def record_hit(self, step: int) -> None:
         self.cached_steps.append(step)

@@ -243,7 +243,8 @@ class CachedTransformer:
 
         def miss_fn(h, e, coeffs, ladder_h, ladder_e):
             mid_h, mid_e = self.middle(h, e, kw)
-            return mid_h - h, mid_e - e
+            # both branches must return the same layout; block outputs can be strided slices (FLUX single blocks)
+            return (mid_h - h).contiguous(), (mid_e - e).contiguous()
 
         dh, de = torch.cond(pred, hit_fn, miss_fn, (hidden, encoder, coeffs, list(ladder_h), list(ladder_e)))
         out = self.tail((hidden + dh).contiguous(), (encoder + de).contiguous(), kw)

@@ -86,3 +86,35 @@ def test_segments_on_cuda_capture_cuda_graphs_with_one_sync_per_free_step():
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert dbc.summary(pipe).cudagraphs.startswith("captured")
     dbc.disable(pipe)
+
+
+@pytest.mark.parametrize("config", ["F4B0_W2M0MC2_T0O1_R0.45", "F3B1_W2M0MC2_T1O2_R0.45"])
+def test_cond_with_fn_ending_inside_single_blocks(config):
+    """FLUX single blocks return strided slices; both cond branches must still agree on layout (regression)."""
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    run = lambda: pipe(**flux_inputs(), num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images
+    dbc.optimize(pipe, cache=config)
+    eager, eager_steps = run(), dbc.summary(pipe).cached_steps
+    dbc.disable(pipe)
+    dbc.optimize(pipe, cache=config, mode="default", graph="cond", compile_options={"backend": "eager"})
+    try:
+        torch.testing.assert_close(run(), eager, rtol=1e-4, atol=1e-4)
+        assert dbc.summary(pipe).cached_steps == eager_steps and eager_steps
+    finally:
+        dbc.disable(pipe)
+
+
+def test_uncached_compiled_baseline_on_a_pipeline():
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    run = lambda: pipe(**flux_inputs(), num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    reference = run()
+    dbc.optimize(pipe, cache=None, mode="default", compile_options={"backend": "eager"})
+    torch.testing.assert_close(run(), reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cache=None"):
+        dbc.summary(pipe)
+    dbc.disable(pipe)
+    assert "forward" not in vars(pipe.transformer)
