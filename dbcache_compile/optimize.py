@@ -175,17 +175,14 @@ def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
 
 
 def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
-    """``auto``: ``segments`` on CUDA (CUDA graphs on every path) and for quantized weights; otherwise (CPU) ``cond``,
-    which measured faster on the tiny FLUX model (no host sync per step; see bench/results/README.md)."""
-    quantized = _has_subclass_weights(transformer)
-    if graph == "cond" and quantized:
+    """``auto`` is ``segments``: CUDA graphs on every path on CUDA, quantized weights work, and on CPU it runs as fast
+    as ``cond`` while its graphs hit Inductor's on-disk cache (warm first call 8 s vs 43 s for ``cond`` on the digits
+    model; bench/results/lowerings_cpu.md). ``cond`` is for no-host-sync and export."""
+    if graph == "cond" and _has_subclass_weights(transformer):
         raise NotImplementedError(
             "graph='cond' cannot run quantized (tensor-subclass) weights: torch.cond has no rule for tensor "
             "subclasses in torch 2.11-2.14 ('no rule registered for HOP cond and subclass'); use graph='segments'")
-    if graph != "auto":
-        return graph
-    device = next(transformer.parameters()).device
-    return "segments" if device.type == "cuda" or quantized else "cond"
+    return "segments" if graph == "auto" else graph
 
 
 def disable(pipe: Any) -> Any:
