@@ -188,7 +188,11 @@ def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
 def disable(pipe: Any) -> Any:
     """Undo :func:`optimize`: the original ``forward`` and pipeline class, no attribute left behind."""
     pipeline, transformer = _split(pipe)
-    if _runtime(transformer).attention is not None:
+    runtime = _runtime(transformer)
+    if runtime is transformer:
+        raise ValueError("this pipeline runs a package loaded with dbcache_compile.load(), which replaced "
+                         "pipe.transformer; assign your original transformer back to pipe.transformer instead")
+    if runtime.attention is not None:
         transformer.reset_attention_backend()
     if _has_subclass_weights(transformer):
         warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "

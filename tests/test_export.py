@@ -36,6 +36,8 @@ def test_loaded_package_reproduces_the_live_compiled_path(package, compiled_run)
         assert summary.residual_diffs.keys() == ref.residual_diffs.keys()
         torch.testing.assert_close(img, ref_img, rtol=1e-4, atol=1e-4)
     assert summaries[0].cached_steps, "the scenario must hit the cache"
+    with pytest.raises(ValueError, match="assign your original transformer back"):
+        dbc.disable(pipe)
 
 
 def test_export_errors(package):
