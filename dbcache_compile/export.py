@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,7 +24,7 @@ import torch
 from .adapters import adapter_for
 from .config import DBCacheConfig
 from .state import BranchState
-from .step import CachedTransformer
+from .step import CachedTransformer, fold_records, initial_counters
 
 __all__ = ["export", "load", "LoadedCachedTransformer", "capture_transformer_inputs", "euler_loop", "write_runner_inputs"]
 
@@ -81,7 +80,7 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
     state.ensure_buffers(hidden, encoder)
     device = hidden.device
     args = (kwargs["hidden_states"], kwargs["timestep"], torch.tensor(0, device=device),
-            runtime.initial_counters(device), state.fn_residual, *state.ladder_h, *state.ladder_e,
+            initial_counters(device), state.fn_residual, *state.ladder_h, *state.ladder_e,
             *(kwargs[k] for k in other_names))
     module = _ExportedStep(runtime, other_names, constants).eval()
     path = Path(path)
@@ -160,9 +159,8 @@ class LoadedCachedTransformer(torch.nn.Module):
 
     def _initial_state(self) -> list[torch.Tensor]:
         shapes, dtypes = self.meta["state_shapes"], self.meta["state_dtypes"]
-        state = [torch.zeros(s, dtype=getattr(torch, d), device=self.device) for s, d in zip(shapes, dtypes)]
-        state[0][3] = state[0][5] = -1  # counters: last compute / last cached step
-        return state
+        state = [torch.zeros(s, dtype=getattr(torch, d), device=self.device) for s, d in zip(shapes[1:], dtypes[1:])]
+        return [initial_counters(self.device), *state]
 
     def forward(self, return_dict: bool = True, **kwargs: Any) -> Any:
         step, branch = (self.calls // 2, self.calls % 2) if self.separate_cfg else (self.calls, 0)
@@ -180,13 +178,7 @@ class LoadedCachedTransformer(torch.nn.Module):
         return Transformer2DModelOutput(sample=out)
 
     def sync_records(self) -> None:
-        for branch, records in zip(self.branches, self._records):
-            for step, pred, diff in records:
-                if bool(pred):
-                    branch.cached_steps.append(step)
-                if not math.isnan(float(diff)):
-                    branch.diffs[step] = float(diff)
-            records.clear()
+        fold_records(self.branches, self._records)
 
     def cudagraph_status(self) -> str:
         return "off (AOTInductor package with torch.cond)"

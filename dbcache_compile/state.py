@@ -79,6 +79,7 @@ class BranchState:
         self.fn_residual: Optional[torch.Tensor] = None
         self.ladder_h: list[torch.Tensor] = []
         self.ladder_e: list[torch.Tensor] = []
+        self.key: Optional[tuple] = None  # input shapes the buffers were allocated for (set by the runtime)
         self.reset()
 
     def reset(self) -> None:

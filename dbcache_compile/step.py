@@ -27,12 +27,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .adapters import Adapter, Embedded
+from .adapters import Adapter
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
-__all__ = ["CachedTransformer", "LOWERINGS"]
+__all__ = ["CachedTransformer", "LOWERINGS", "fold_records", "initial_counters"]
 
 LOWERINGS = ("eager", "segments", "cond")
 # device counters of the cond lowering, one int64 vector per branch
@@ -50,6 +50,28 @@ def _input_key(args: tuple, kwargs: dict) -> tuple:
     """Shapes/dtypes of the tensor inputs: buffers and shape checks are keyed on it."""
     items = list(enumerate(args)) + sorted(kwargs.items())
     return tuple((k, tuple(v.shape), v.dtype) for k, v in items if isinstance(v, torch.Tensor))
+
+
+def initial_counters(device: torch.device) -> torch.Tensor:
+    """Device counters of a fresh generation (cond lowering and packages): nothing cached, no compute yet."""
+    init = [0] * 6
+    init[_LAST_COMPUTE] = init[_LAST_CACHED] = -1
+    return torch.tensor(init, dtype=torch.int64, device=device)
+
+
+def fold_records(branches: list[BranchState], records: list[list[tuple[int, torch.Tensor, torch.Tensor]]]) -> None:
+    """Move per-call device records ``(step, hit predicate, diff or NaN)`` into the branches' host lists, with one
+    device-to-host copy per branch, and clear them."""
+    for branch, branch_records in zip(branches, records):
+        if not branch_records:
+            continue
+        values = torch.stack([torch.stack([p.to(torch.float64), d.to(torch.float64)]) for _, p, d in branch_records])
+        for (step, _, _), (hit, diff) in zip(branch_records, values.tolist()):
+            if hit:
+                branch.cached_steps.append(step)
+            if not math.isnan(diff):
+                branch.diffs[step] = diff
+        branch_records.clear()
 
 
 class CachedTransformer:
@@ -119,7 +141,7 @@ class CachedTransformer:
             branch.reset()
         for counters in self.counters:
             if counters is not None:
-                counters.copy_(self.initial_counters(counters.device))
+                counters.copy_(initial_counters(counters.device))
 
     def _position(self) -> tuple[int, int]:
         """(denoising step, CFG branch) of the current call."""
@@ -146,7 +168,7 @@ class CachedTransformer:
         by running the eager head once per new input shape (the encoder stream can be broadcast by the first block,
         e.g. FLUX with ``prompt_embeds`` and ``num_images_per_prompt > 1``)."""
         key = _input_key(args, kwargs)
-        if getattr(state, "key", None) == key:
+        if state.key == key:
             return
         hidden, encoder, _, _, _ = self.head(None, *args, **kwargs)
         state.ensure_buffers(hidden, encoder)
@@ -219,11 +241,6 @@ class CachedTransformer:
         return out
 
     # ------------------------------------------------------------------------------------------------------ cond
-    def initial_counters(self, device: torch.device) -> torch.Tensor:
-        init = [0] * 6
-        init[_LAST_COMPUTE] = init[_LAST_CACHED] = -1
-        return torch.tensor(init, dtype=torch.int64, device=device)
-
     def cond_step_functional(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
                              ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
         """The whole cached forward as a pure function (the ``cond`` lowering; what :func:`dbcache_compile.export`
@@ -276,7 +293,7 @@ class CachedTransformer:
     def _device_step(self, step: int, branch: int, state: BranchState, args: tuple, kwargs: dict) -> torch.Tensor:
         device = state.fn_residual.device
         if self.counters[branch] is None or self.counters[branch].device != device:
-            self.counters[branch] = self.initial_counters(device)
+            self.counters[branch] = initial_counters(device)
             torch._dynamo.mark_static_address(self.counters[branch])
         step_t = torch.tensor(step, dtype=torch.int64, device=device)
         out, pred, diff = self._cond_step(step_t, self.counters[branch], state.fn_residual, state.ladder_h,
@@ -286,16 +303,7 @@ class CachedTransformer:
 
     def sync_records(self) -> None:
         """cond lowering: fold the device-side (predicate, diff) records into the host lists (one sync)."""
-        for branch, records in zip(self.branches, self.records):
-            if not records:
-                continue
-            values = torch.stack([torch.stack([p.to(torch.float64), d.to(torch.float64)]) for _, p, d in records])
-            for (step, _, _), (hit, diff) in zip(records, values.tolist()):
-                if hit:
-                    branch.cached_steps.append(step)
-                if not math.isnan(diff):
-                    branch.diffs[step] = diff
-            records.clear()
+        fold_records(self.branches, self.records)
 
     # --------------------------------------------------------------------------------------------------- forward
     def uses_cudagraphs(self) -> bool:

@@ -8,7 +8,7 @@ Blocks are called ``block(hidden_states=h, encoder_hidden_states=e, **block_kwar
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -86,9 +86,3 @@ def reject_unsupported(kwargs: dict[str, Any], names: tuple[str, ...], model: st
             raise NotImplementedError(f"{model}: the cached forward does not support `{name}` yet; "
                                       f"call dbcache_compile.disable() for this pipeline")
 
-
-def first_present(*values: Optional[Any]) -> Optional[Any]:
-    for v in values:
-        if v is not None:
-            return v
-    return None
