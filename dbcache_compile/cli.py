@@ -139,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--config", default=DEFAULT_CONFIG, help=f"cache config (default {DEFAULT_CONFIG})")
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     demo.add_argument("--mode", default="default", help="torch.compile mode of the compiled row (default 'default')")
-    demo.add_argument("--graph", default="auto", choices=("auto", "segments", "cond"), help="compiled lowering")
+    demo.add_argument("--graph", default="auto", choices=("auto", "regional", "segments", "cond"), help="compiled lowering")
     demo.add_argument("--per-class", type=int, default=4, help="digits per class (default 4)")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -127,6 +127,7 @@ class LoadedCachedTransformer(torch.nn.Module):
         self.num_blocks = self.meta["num_blocks"]
         self.quantized = None
         self.attention = None
+        self.fused_qkv = False
         self.mode = None
         self.branches = [BranchState(self.meta["terms"]) for _ in range(2)]
         self.separate_cfg = self.meta["separate_cfg"]

@@ -24,7 +24,7 @@ from .step import CachedTransformer
 __all__ = ["optimize", "disable", "reset", "summary", "COMPILE_MODES", "GRAPHS"]
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-GRAPHS = ("auto", "segments", "cond")
+GRAPHS = ("auto", "segments", "cond", "regional")
 _ATTR = "_dbcache_compile"
 
 
@@ -71,7 +71,7 @@ def _wrap_pipeline(pipe: Any, runtime: CachedTransformer) -> None:
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
              graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
              quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None,
-             attention: Optional[str] = None) -> Any:
+             attention: Optional[str] = None, fuse_qkv: bool = False) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -79,7 +79,12 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             With a bare transformer, call :func:`reset` before each new generation.
         cache: a :class:`DBCacheConfig`, its string form (``"F8B0_W8M0MC0_T0O1_R0.08"``) or ``None`` (no cache).
         mode: ``None`` for eager, or a ``torch.compile`` mode.
-        graph: ``"auto"``, ``"segments"`` or ``"cond"``: how the cached step is lowered when compiling.
+        graph: how the cached step is lowered when compiling: ``"regional"`` (each block compiled once per block
+            class, each segment captured by hand as a CUDA graph on CUDA with ``reduce-overhead``/``max-autotune``:
+            fast compile and graphs), ``"segments"`` (head/miss/hit compiled as whole graphs, CUDA-graphed by
+            cudagraph trees), ``"cond"`` (one graph with ``torch.cond``, no host sync, no CUDA graphs, exportable)
+            or ``"auto"`` (``regional`` on CUDA, ``segments`` elsewhere). The transformer must be on its device
+            before ``optimize`` for ``auto`` to see it.
         quantize: ``None``, ``"fp8"`` (dynamic per-row, needs SM >= 8.9 and a compile mode), ``"fp8-wo"``,
             ``"int8"`` (dynamic), ``"int8-wo"`` or a torchao config object. Quantization is not undone by
             :func:`disable`.
@@ -88,6 +93,10 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         attention: ``None`` (leave the transformer's attention backend alone), ``"auto"`` (cuDNN SDPA on Hopper and
             newer, torch's flash SDPA on other CUDA GPUs, native elsewhere) or a diffusers attention backend name
             (``transformer.set_attention_backend``); reported by :func:`summary` and reset by :func:`disable`.
+        fuse_qkv: fuse each attention's Q/K/V (and added Q/K/V) linears into one (diffusers
+            ``fuse_qkv_projections``; before quantization, so the fused linear is quantized). Off by default: it is
+            measured per model and card (``python -m bench.steps --fuse-qkv``), not assumed to help. Undone by
+            :func:`disable`.
         compile_options: extra ``torch.compile`` arguments (e.g. ``{"dynamic": True}``); with a ``backend`` the
             ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
 
@@ -107,6 +116,10 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     if config is not None:
         config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
     backend = _set_attention(transformer, attention)
+    if fuse_qkv:
+        if not hasattr(transformer, "fuse_qkv_projections"):
+            raise ValueError(f"fuse_qkv=True: {type(transformer).__name__} has no fuse_qkv_projections()")
+        transformer.fuse_qkv_projections()
     quantized = None
     if quantize is not None:
         ao_config = resolve_quantization(quantize, next(transformer.parameters()).device, mode)
@@ -126,6 +139,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         runtime = CachedTransformer(transformer, adapter, config, lowering, mode, options)
     runtime.quantized = quantized
     runtime.attention = backend
+    runtime.fused_qkv = fuse_qkv
     setattr(transformer, _ATTR, runtime)
     transformer.forward = runtime.forward
     if pipeline is not None and config is not None:  # uncached: no per-call state to reset
@@ -140,6 +154,7 @@ class UncachedRuntime:
     lowering = "uncached"
     attention: Optional[str] = None
     quantized: Optional[str] = None
+    fused_qkv = False
 
     def __init__(self, transformer: torch.nn.Module, mode: Optional[str], options: Optional[dict]) -> None:
         self.mode = mode
@@ -175,14 +190,19 @@ def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
 
 
 def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
-    """``auto`` is ``segments``: CUDA graphs on every path on CUDA, quantized weights work, and on CPU it runs as fast
-    as ``cond`` while its graphs hit Inductor's on-disk cache (warm first call 8 s vs 43 s for ``cond`` on the digits
-    model; bench/results/lowerings_cpu.md). ``cond`` is for no-host-sync and export."""
+    """``auto``: ``regional`` on CUDA (block regions compile in seconds where whole-segment graphs of the FLUX-size
+    model took 91-148 s on an H100, and the hand-captured segment graphs keep every step a CUDA-graph replay;
+    DESIGN.md §3), ``segments`` elsewhere (on CPU as fast as ``cond`` while its graphs hit Inductor's on-disk cache:
+    warm first call 8 s vs 43 s on the digits model, bench/results/lowerings_cpu.md). ``cond`` is for
+    no-host-sync and export."""
     if graph == "cond" and _has_subclass_weights(transformer):
         raise NotImplementedError(
             "graph='cond' cannot run quantized (tensor-subclass) weights: torch.cond has no rule for tensor "
-            "subclasses in torch 2.11-2.14 ('no rule registered for HOP cond and subclass'); use graph='segments'")
-    return "segments" if graph == "auto" else graph
+            "subclasses in torch 2.11-2.14 ('no rule registered for HOP cond and subclass'); use graph='regional' "
+            "or graph='segments'")
+    if graph == "auto":
+        return "regional" if next(transformer.parameters()).device.type == "cuda" else "segments"
+    return graph
 
 
 def disable(pipe: Any) -> Any:
@@ -194,6 +214,8 @@ def disable(pipe: Any) -> Any:
                          "pipe.transformer; assign your original transformer back to pipe.transformer instead")
     if runtime.attention is not None:
         transformer.reset_attention_backend()
+    if runtime.fused_qkv:
+        transformer.unfuse_qkv_projections()
     if _has_subclass_weights(transformer):
         warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "
                       "for the original weights", stacklevel=2)
@@ -224,4 +246,4 @@ def summary(pipe_or_transformer: Any) -> CacheSummary:
         residual_diffs=dict(cond.diffs), cfg_residual_diffs=dict(uncond.diffs) if rt.separate_cfg else {},
         separate_cfg=rt.separate_cfg, lowering=rt.lowering, mode=rt.mode, num_blocks=rt.num_blocks,
         Fn=config.Fn_compute_blocks, Bn=config.Bn_compute_blocks, cudagraphs=rt.cudagraph_status(),
-        quantized=rt.quantized, attention=rt.attention)
+        quantized=rt.quantized, attention=rt.attention, fused_qkv=rt.fused_qkv)

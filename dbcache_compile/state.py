@@ -71,7 +71,8 @@ class BranchState:
 
     Device buffers (kept across generations while the shape holds): ``fn_residual`` (hidden-stream residual of the
     first Fn blocks at the last compute), ``ladder_h`` / ``ladder_e`` (cached middle residual of the hidden and
-    encoder streams and, with TaylorSeer, their divided differences).
+    encoder streams and, with TaylorSeer, their divided differences), ``step_scalars`` (per-step numbers for
+    graphs).
     """
 
     def __init__(self, terms: int) -> None:
@@ -79,6 +80,7 @@ class BranchState:
         self.fn_residual: Optional[torch.Tensor] = None
         self.ladder_h: list[torch.Tensor] = []
         self.ladder_e: list[torch.Tensor] = []
+        self.step_scalars: tuple[torch.Tensor, ...] = ()
         self.key: Optional[tuple] = None  # input shapes the buffers were allocated for (set by the runtime)
         self.reset()
 
@@ -110,6 +112,24 @@ class BranchState:
                          for _ in range(self.terms)]
         self.ladder_e = [torch.zeros(encoder.shape, dtype=encoder.dtype, device=encoder.device)
                          for _ in range(self.terms)]
+        # per-step numbers handed to graphs as static tensors: TaylorSeer window, derivative count, coefficients
+        self.step_scalars = (torch.zeros((), dtype=torch.float32, device=hidden.device),
+                             torch.zeros((), dtype=torch.int64, device=hidden.device),
+                             torch.zeros(self.terms, dtype=torch.float32, device=hidden.device))
+
+    def fill_update_scalars(self, window: int, n_derivatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static (window, derivative count) tensors, filled in place (kernel launches, no host copy)."""
+        window_t, n_t, _ = self.step_scalars
+        window_t.fill_(float(window))
+        n_t.fill_(n_derivatives)
+        return window_t, n_t
+
+    def fill_coefficients(self, coeffs: Sequence[float]) -> torch.Tensor:
+        """The static forecast-coefficient tensor, filled in place."""
+        coeffs_t = self.step_scalars[2]
+        for i, c in enumerate(coeffs):
+            coeffs_t[i].fill_(c)
+        return coeffs_t
 
     def record_hit(self, step: int) -> None:
         self.cached_steps.append(step)

@@ -21,12 +21,13 @@ class CacheSummary:
             (``-1.0``: threshold >= 1, hit without a diff), as cache-dit records them.
         cfg_residual_diffs: same for the unconditional branch.
         separate_cfg: whether the last generation ran with separate CFG state.
-        lowering: ``"eager"``, ``"cond"`` or ``"segments"``.
+        lowering: ``"eager"``, ``"segments"``, ``"regional"`` or ``"cond"``.
         mode: the ``torch.compile`` mode, or ``None`` for eager.
         num_blocks / Fn / Bn: the block split.
         cudagraphs: CUDA-graph status of the compiled graphs.
         quantized: the torchao quantization applied (``None`` when none).
         attention: the diffusers attention backend set by ``optimize(attention=...)`` (``None``: untouched).
+        fused_qkv: whether ``optimize(fuse_qkv=True)`` fused the attention projections.
     """
 
     config: str
@@ -44,6 +45,7 @@ class CacheSummary:
     cudagraphs: Optional[str] = None
     quantized: Optional[str] = None
     attention: Optional[str] = None
+    fused_qkv: bool = False
 
     @property
     def compute_steps(self) -> list[int]:
@@ -67,7 +69,8 @@ class CacheSummary:
             f"lowering={self.lowering}, mode={self.mode}"
             + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else "")
             + (f", quantized={self.quantized}" if self.quantized else "")
-            + (f", attention={self.attention}" if self.attention else ""),
+            + (f", attention={self.attention}" if self.attention else "")
+            + (", fused QKV" if self.fused_qkv else ""),
             f"  steps: {self.num_steps}, cached: {len(self.cached_steps)} {self.cached_steps}",
         ]
         if self.separate_cfg:

@@ -18,6 +18,10 @@ Lowerings:
   device predicate, the counters live on the device, state is carried functionally and copied into the static
   buffers after the cond. No host sync per step, no graph break, exportable; Inductor disables CUDA graphs for any
   graph with a cond (torch 2.11–2.14), which :func:`dbcache_compile.summary` reports.
+* ``regional``: each transformer block is compiled (``fullgraph=True``; one graph per block class, reused by every
+  block of that class), the glue between blocks runs as plain PyTorch, and on CUDA with a CUDA-graph mode each
+  segment is captured by hand as one CUDA graph (:mod:`dbcache_compile.cudagraphs`). Same host logic as
+  ``segments``; compiles in seconds where whole-segment graphs of the FLUX-size model take minutes.
 """
 
 from __future__ import annotations
@@ -29,21 +33,41 @@ import torch
 
 from .adapters import Adapter
 from .config import DBCacheConfig
+from .cudagraphs import SegmentGraphs
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
-__all__ = ["CachedTransformer", "LOWERINGS", "fold_records", "initial_counters"]
+__all__ = ["CachedTransformer", "LOWERINGS", "CUDAGRAPH_MODES", "fold_records", "initial_counters"]
 
-LOWERINGS = ("eager", "segments", "cond")
+LOWERINGS = ("eager", "segments", "cond", "regional")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 # device counters of the cond lowering, one int64 vector per branch
 _CACHED, _CONSECUTIVE, _HAS_PREV, _LAST_COMPUTE, _VALID, _LAST_CACHED = range(6)
 
 
-def _run_blocks(blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: torch.Tensor,
+def _call_block(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
                 block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    for block in blocks:
-        encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, **block_kwargs)
-    return hidden, encoder
+    """One block, ``(encoder, hidden)`` out (ForwardPattern_1)."""
+    return block(hidden_states=hidden, encoder_hidden_states=encoder, **block_kwargs)
+
+
+def _call_block_contiguous(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
+                           block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled region of the ``regional`` lowering. FLUX single blocks return slices of one tensor (with batch 1
+    they even count as contiguous, but their batch stride differs and Dynamo guards on it); copying them into
+    standard-strided tensors inside the region (fused into the producing kernel) keeps the next block's input
+    strides equal to the first's, so one graph per block class serves every block without a recompile."""
+    encoder, hidden = _call_block(block, hidden, encoder, block_kwargs)
+    return encoder.clone(memory_format=torch.contiguous_format), hidden.clone(memory_format=torch.contiguous_format)
+
+
+def _regional_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile`` options of the block regions: CUDA graphs are captured around whole segments instead (by
+    hand), so the regions themselves are compiled without cudagraph trees."""
+    opts = dict(options)
+    if "backend" not in opts and opts.get("mode") in CUDAGRAPH_MODES:
+        opts["mode"] = "max-autotune-no-cudagraphs" if opts["mode"] == "max-autotune" else "default"
+    return opts
 
 
 def _input_key(args: tuple, kwargs: dict) -> tuple:
@@ -102,16 +126,20 @@ class CachedTransformer:
         self.lowering = lowering
         self.quantized: Optional[str] = None
         self.attention: Optional[str] = None
+        self.fused_qkv = False
         self.mode = mode if lowering != "eager" else None
         self.calls = 0
         self.input_keys: list[Optional[tuple]] = [None, None]
         # cond lowering: per-branch device counters and per-call (pred, diff) records read lazily by summary()
         self.counters: list[Optional[torch.Tensor]] = [None, None]
         self.records: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[], []]
+        self._block: Callable = _call_block
         self._head: Callable = self.head
         self._miss: Callable = self.miss
         self._hit: Callable = self.hit
         self._cond_step: Callable = self.cond_step
+        # regional lowering: hand-captured CUDA graphs of the segments (created at the first CUDA forward)
+        self.graphs: Optional[SegmentGraphs] = None
         if lowering != "eager":
             opts = dict(compile_options or {})
             opts.setdefault("fullgraph", True)
@@ -119,6 +147,8 @@ class CachedTransformer:
                 self._head = torch.compile(self.head, **opts)
                 self._miss = torch.compile(self.miss, **opts)
                 self._hit = torch.compile(self.hit, **opts)
+            elif lowering == "regional":
+                self._block = torch.compile(_call_block_contiguous, **_regional_options(opts))
             else:
                 self._cond_step = torch.compile(self.cond_step, **opts)
 
@@ -172,27 +202,54 @@ class CachedTransformer:
             return
         hidden, encoder, _, _, _ = self.head(None, *args, **kwargs)
         state.ensure_buffers(hidden, encoder)
-        if self.lowering != "eager":
-            for buf in [state.fn_residual, *state.ladder_h, *state.ladder_e]:
+        static = [state.fn_residual, *state.ladder_h, *state.ladder_e, *state.step_scalars]
+        if self.lowering == "segments":
+            for buf in static:
                 torch._dynamo.mark_static_address(buf)
+        if self.lowering == "regional" and self.graphs is None and self.uses_cudagraphs():
+            self.graphs = SegmentGraphs()
+        if self.graphs is not None:
+            self.graphs.mark_static(static)
         state.key = key
+
+    def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
+        """``regional``: run the segments as hand-captured CUDA graphs (done automatically on CUDA with a CUDA-graph
+        mode). ``emulate=True`` runs the same capture/replay bookkeeping without CUDA (tests)."""
+        if self.lowering != "regional":
+            raise ValueError(f"segment graphs belong to the regional lowering, not {self.lowering!r}")
+        if self.graphs is None or self.graphs.emulate != emulate:
+            self.graphs = SegmentGraphs(emulate=emulate)
+            for state in self.branches:
+                state.key = None  # re-register the buffers with the new graphs at the next forward
+        return self.graphs
+
+    def _run_blocks(self, blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: torch.Tensor,
+                    block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lowering == "regional" and blocks:
+            # a view (e.g. a batch-1 linear's output) makes Dynamo guard on its base, which a later non-view input
+            # fails: a recompile. Hand the regions plain tensors (one copy per segment, only when needed)
+            hidden = hidden if hidden._base is None else hidden.clone()
+            encoder = encoder if encoder._base is None else encoder.clone()
+        for block in blocks:
+            encoder, hidden = self._block(block, hidden, encoder, block_kwargs)
+        return hidden, encoder
 
     # -------------------------------------------------------------------------------------------------- segments
     def head(self, fn_residual: Optional[torch.Tensor], *args: Any, **kwargs: Any):
         """Embeddings + Fn blocks → (hidden, encoder, Fn residual, diff to ``fn_residual`` or None, Embedded)."""
         emb = self.adapter.embed(self.transformer, *args, **kwargs)
-        hidden, encoder = _run_blocks(self.fn_blocks, emb.hidden, emb.encoder, emb.block_kwargs)
+        hidden, encoder = self._run_blocks(self.fn_blocks, emb.hidden, emb.encoder, emb.block_kwargs)
         residual = hidden - emb.hidden
         diff = None if fn_residual is None else relative_l1(fn_residual, residual)
         return hidden, encoder, residual, diff, (emb.block_kwargs, emb.out_kwargs)
 
     def tail(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]) -> torch.Tensor:
         """Bn blocks and the output projection."""
-        hidden, encoder = _run_blocks(self.bn_blocks, hidden, encoder, kw[0])
+        hidden, encoder = self._run_blocks(self.bn_blocks, hidden, encoder, kw[0])
         return self.adapter.project(self.transformer, hidden, kw[1])
 
     def middle(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]):
-        mid_h, mid_e = _run_blocks(self.mid_blocks, hidden, encoder, kw[0])
+        mid_h, mid_e = self._run_blocks(self.mid_blocks, hidden, encoder, kw[0])
         return mid_h.contiguous(), mid_e.contiguous()
 
     def miss(self, fn_residual: torch.Tensor, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor],
@@ -216,27 +273,38 @@ class CachedTransformer:
 
     # ------------------------------------------------------------------------------------- eager and segments
     def _host_step(self, step: int, state: BranchState, args: tuple, kwargs: dict) -> torch.Tensor:
-        """One step with host counters; reads the device at most once (only when the gates allow a hit)."""
-        compiled = self.lowering == "segments"
-        hidden, encoder, residual, diff, kw = self._head(state.fn_residual, *args, **kwargs)
+        """One step with host counters; reads the device at most once (only when the gates allow a hit).
+
+        Graphs (compiled segments, segment CUDA graphs) take the per-step numbers (TaylorSeer window, derivative
+        count, forecast coefficients) in the branch's static scalar tensors, filled by kernel launches: no
+        host-to-device copy (a stream sync) and no recompile or recapture per value."""
+        graphs = self.graphs
+        scalars_on_device = self.lowering == "segments" or graphs is not None
+        if graphs is not None:
+            hidden, encoder, residual, diff, kw = graphs("head", self.head, (state.fn_residual, *args), kwargs)
+        else:
+            hidden, encoder, residual, diff, kw = self._head(state.fn_residual, *args, **kwargs)
         use_cache = False
         if cache_allowed(self.config, step, len(state.cached_steps), state.consecutive, state.has_prev):
             use_cache, diff_value = read_decision_sync(hit_predicate(self.config, True, diff), diff)
             state.diffs[step] = DIFF_ALWAYS_HIT if self.config.residual_diff_threshold >= 1.0 else diff_value
         if use_cache:
             state.record_hit(step)
-            coeffs = state.forecast_coefficients(step)
-            if compiled and state.terms > 1:
-                coeffs = torch.tensor(coeffs, dtype=torch.float32, device=hidden.device)
-            return self._hit(state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs)
+            coeffs: Any = state.forecast_coefficients(step)
+            if scalars_on_device:
+                coeffs = state.fill_coefficients(coeffs)
+            hit_args = (state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs)
+            return graphs("hit", self.hit, hit_args) if graphs is not None else self._hit(*hit_args)
         n = state.derivatives_for_update(step)
         window: Any = step - state.last_compute
         n_arg: Any = n
-        if compiled:
-            window = torch.tensor(float(window), device=hidden.device)
-            n_arg = torch.tensor(n, device=hidden.device)
-        out = self._miss(state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw,
-                         window, n_arg)
+        if scalars_on_device:
+            window, n_arg = state.fill_update_scalars(window, n)
+        miss_args = (state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw, window, n_arg)
+        if graphs is not None:
+            out = graphs("miss", self.miss, miss_args, mutated=[state.fn_residual, *state.ladder_h, *state.ladder_e])
+        else:
+            out = self._miss(*miss_args)
         state.record_compute(step, n)
         return out
 
@@ -307,22 +375,30 @@ class CachedTransformer:
 
     # --------------------------------------------------------------------------------------------------- forward
     def uses_cudagraphs(self) -> bool:
-        """Whether this runtime's compiled graphs are meant to be CUDA graphs (segments, a cudagraph mode, CUDA)."""
+        """Whether this runtime's steps are CUDA-graph replays (segments or regional, a cudagraph mode, CUDA), or
+        emulated ones (tests)."""
+        if self.graphs is not None:
+            return True
         device = next(self.transformer.parameters()).device
-        return (self.lowering == "segments" and device.type == "cuda"
-                and self.mode in ("reduce-overhead", "max-autotune"))
+        return self.lowering in ("segments", "regional") and device.type == "cuda" and self.mode in CUDAGRAPH_MODES
 
     def cudagraph_status(self) -> str:
         """Human-readable CUDA-graph status for :func:`dbcache_compile.summary`."""
         device = next(self.transformer.parameters()).device
         if self.lowering == "eager":
             return "off (eager)"
+        if self.graphs is not None:
+            kind = "emulated" if self.graphs.emulate else "captured"
+            return (f"{kind} by hand: one CUDA graph per segment and input shape ({self.graphs.captures} captured, "
+                    f"{self.graphs.replays} replays)")
         if device.type != "cuda":
             return f"n/a ({device.type})"
-        if self.mode not in ("reduce-overhead", "max-autotune"):
+        if self.mode not in CUDAGRAPH_MODES:
             return f"off (mode={self.mode})"
         if self.lowering == "cond":
             return "skipped: Inductor disables CUDA graphs for graphs with torch.cond (torch 2.11-2.14)"
+        if self.lowering == "regional":
+            return "not captured yet (each segment is captured at its first use)"
         from torch._dynamo.utils import counters
         skips = counters["inductor"]["cudagraph_skips"]
         return "captured (cudagraph trees, 0 skips)" if skips == 0 else f"skipped for {skips} graph(s): see logs"
@@ -337,7 +413,7 @@ class CachedTransformer:
             out = self._device_step(step, branch, state, args, kwargs)
         else:
             state.begin_step(step)
-            if self.uses_cudagraphs():
+            if self.lowering == "segments" and self.uses_cudagraphs():
                 torch.compiler.cudagraph_mark_step_begin()
             out = self._host_step(step, state, args, kwargs)
             if self.uses_cudagraphs():

@@ -195,3 +195,19 @@ def test_attention_backend_choice_is_applied_reported_and_reset(flux):
     assert processor._attention_backend is None
     with pytest.raises(ValueError, match="diffusers attention backend"):
         dbc.optimize(flux, cache=CONFIG, attention="fastest")
+
+
+def test_fuse_qkv_gives_the_same_images_and_decisions_and_is_undone(flux):
+    dbc.optimize(flux, cache=CONFIG)
+    reference, ref_steps = run(flux), dbc.summary(flux).cached_steps
+    dbc.disable(flux)
+    dbc.optimize(flux, cache=CONFIG, fuse_qkv=True)
+    try:
+        attn = flux.transformer.transformer_blocks[0].attn
+        assert attn.fused_projections and hasattr(attn, "to_qkv") and hasattr(attn, "to_added_qkv")
+        torch.testing.assert_close(run(flux), reference, rtol=1e-5, atol=1e-5)
+        summary = dbc.summary(flux)
+        assert summary.cached_steps == ref_steps and summary.fused_qkv and "fused QKV" in str(summary)
+    finally:
+        dbc.disable(flux)
+    assert not attn.fused_projections and not hasattr(attn, "to_qkv")

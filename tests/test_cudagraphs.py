@@ -1,0 +1,140 @@
+"""Hand-captured segment graphs (dbcache_compile.cudagraphs): the capture/replay bookkeeping on CPU with the
+emulated graph, the same checks with real CUDA graphs when CUDA exists, and the regional lowering on CUDA (graphs
+captured, one device-to-host sync per step whose gates allow a hit, images equal to eager)."""
+
+import warnings
+
+import pytest
+import torch
+
+import dbcache_compile as dbc
+from dbcache_compile.cudagraphs import SegmentGraphs
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu-emulated"] + (["cuda"] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="real CUDA graphs need a CUDA device (none here)")
+
+
+def _setup(device_name):
+    device = "cuda" if device_name == "cuda" else "cpu"
+    return SegmentGraphs(emulate=device == "cpu"), device
+
+
+def _step(state, x):  # a "miss": updates the static state in place, returns a new tensor
+    state.add_(x)
+    return state * 2
+
+
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_warmup_leaves_no_trace_and_outputs_are_static(device_name):
+    graphs, device = _setup(device_name)
+    state = torch.zeros(4, device=device)
+    graphs.mark_static([state])
+    out = graphs("step", _step, (state, torch.ones(4, device=device)), mutated=[state])
+    # two warm-up calls ran (and an emulated capture): only the replay may have updated the state
+    assert state.tolist() == [1.0] * 4 and out.tolist() == [2.0] * 4
+    out2 = graphs("step", _step, (state, torch.full((4,), 3.0, device=device)), mutated=[state])
+    assert out2 is out, "a replay writes into the captured output; callers must copy what they keep"
+    assert state.tolist() == [4.0] * 4 and out.tolist() == [8.0] * 4
+    assert graphs.captures == 1 and graphs.replays == 2
+
+
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_static_tensors_are_read_in_place_and_dynamic_inputs_copied(device_name):
+    graphs, device = _setup(device_name)
+    state = torch.zeros(4, device=device)
+    graphs.mark_static([state])
+    head = graphs("head", lambda x: x + 1, (torch.ones(4, device=device),))
+    # a captured output is static for the next segment: no copy, the same storage
+    graphs("miss", _step, (state, head), mutated=[state])
+    entry = next(e for key, e in graphs.entries.items() if key[0] == "miss")
+    assert entry.dynamic == [] and entry.inputs[1] is head
+    # a new input tensor is copied into the graph-owned one: the graph sees its values
+    graphs("head", lambda x: x + 1, (torch.full((4,), 5.0, device=device),))
+    assert head.tolist() == [6.0] * 4
+    graphs("miss", _step, (state, head), mutated=[state])
+    assert state.tolist() == [2.0 + 6.0] * 4
+
+
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_new_shape_or_constant_captures_a_new_graph(device_name):
+    graphs, device = _setup(device_name)
+    fn = lambda x, scale: x * scale  # noqa: E731
+    graphs("f", fn, (torch.ones(4, device=device), 2.0))
+    graphs("f", fn, (torch.ones(4, device=device), 2.0))
+    assert graphs.captures == 1
+    graphs("f", fn, (torch.ones(8, device=device), 2.0))
+    graphs("f", fn, (torch.ones(4, device=device), 3.0))
+    assert graphs.captures == 3
+
+
+@needs_cuda
+def test_a_host_sync_inside_a_segment_fails_capture_with_a_clear_error():
+    graphs = SegmentGraphs()
+    with pytest.raises(RuntimeError, match="capturing the 'bad' segment"):
+        graphs("bad", lambda x: x * float(x.sum().item()), (torch.ones(4, device="cuda"),))
+
+
+def _count_syncs(fn):
+    """Run ``fn`` with torch's CUDA sync debug mode on; return (result, number of synchronizing calls)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph", ["regional", "segments"])
+def test_cuda_graphs_on_cuda_with_one_sync_per_free_step(graph):
+    """On CUDA with max-autotune: every step is a CUDA-graph replay (regional: hand-captured, 3 graphs; segments:
+    cudagraph trees with 0 skips), a step whose gates allow a hit reads the device exactly once, a forced step never,
+    and the cached steps and images equal the eager runtime's."""
+    from torch._dynamo.utils import counters
+
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    config = "F1B0_W2M0MC2_T1O1_R0.35"
+    steps = 10
+    pipe = tiny_flux_pipeline().to("cuda")
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
+    run = lambda: pipe(**inputs, num_inference_steps=steps,  # noqa: E731
+                       generator=torch.Generator("cuda").manual_seed(0)).images
+    dbc.optimize(pipe, cache=config)
+    reference, ref_summary = run(), dbc.summary(pipe)
+    dbc.disable(pipe)
+
+    torch._dynamo.reset()
+    counters.clear()
+    dbc.optimize(pipe, cache=config, mode="max-autotune", graph=graph)
+    try:
+        run()  # compile and capture
+        transformer = pipe.transformer
+        runtime = transformer._dbcache_compile
+        forward = transformer.forward
+        syncs = []
+
+        def counting_forward(*args, **kwargs):
+            out, n = _count_syncs(lambda: forward(*args, **kwargs))
+            syncs.append(n)
+            return out
+
+        transformer.forward = counting_forward
+        with torch.compiler.set_stance("fail_on_recompile"):
+            images = run()
+        transformer.forward = forward
+        summary = dbc.summary(pipe)
+        assert summary.cached_steps == ref_summary.cached_steps and summary.cached_steps
+        torch.testing.assert_close(images, reference, rtol=2e-3, atol=2e-3)
+        free_steps = sorted(ref_summary.residual_diffs)  # the steps whose gates allowed a hit (a diff was read)
+        assert syncs == [1 if step in free_steps else 0 for step in range(steps)], syncs
+        if graph == "regional":
+            assert summary.cudagraphs.startswith("captured by hand") and runtime.graphs.captures == 3
+        else:
+            assert counters["inductor"]["cudagraph_skips"] == 0
+            assert summary.cudagraphs.startswith("captured (cudagraph trees")
+    finally:
+        dbc.disable(pipe)
