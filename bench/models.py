@@ -32,8 +32,8 @@ FLUX_DEV_CONFIG: dict[str, Any] = {
 FLUX_DEV_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
     "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
-#: T5 tokens per prompt in FluxPipeline (``max_sequence_length=512``) and the embedding widths.
-FLUX_TEXT_TOKENS, FLUX_TEXT_DIM, FLUX_POOLED_DIM = 512, 4096, 768
+#: T5 tokens per prompt in FluxPipeline (``max_sequence_length=512``); the embedding widths come from the config.
+FLUX_TEXT_TOKENS = 512
 
 #: ``QwenImageTransformer2DModel`` config of Qwen/Qwen-Image (60 dual-stream blocks, 20.4 B params).
 QWEN_IMAGE_CONFIG: dict[str, Any] = {
@@ -50,7 +50,13 @@ QWEN_IMAGE_SCHEDULER: dict[str, Any] = {
 #: are what this benchmark counts with 27 tokens (68.37 TFLOPs per forward at 16 tokens, 69.32 at 64).
 QWEN_TEXT_TOKENS, QWEN_TEXT_DIM = 27, 3584
 
-RANDOM_WEIGHTS = ("flux", "qwen-image", "flux-tiny")
+#: FLUX.1-dev's depth (19 double + 38 single blocks) at a tiny width: compile-time studies on a CPU (compile time
+#: grows with the number of blocks a graph holds; the width barely matters to it).
+FLUX_NARROW_CONFIG: dict[str, Any] = dict(FLUX_DEV_CONFIG, in_channels=16, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                          axes_dims_rope=(4, 6, 6))
+
+RANDOM_WEIGHTS = ("flux", "qwen-image", "flux-tiny", "flux-narrow")
 FAMILIES = {FluxTransformer2DModel: "flux", QwenImageTransformer2DModel: "qwen-image"}
 
 
@@ -137,9 +143,12 @@ def _random_weights(kind: str, device: torch.device, dtype: torch.dtype, steps: 
         return BenchModel("tiny FLUX (random weights, dbcache_compile.testing)", "flux", pipe, device, False, False,
                           make_inputs, lambda: tiny_flux_pipeline(seed).transformer.to(dtype))
 
-    if kind == "flux":
+    if kind in ("flux", "flux-narrow"):
+        config = FLUX_DEV_CONFIG if kind == "flux" else FLUX_NARROW_CONFIG
+        text_dim, pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]
+
         def make_transformer() -> torch.nn.Module:
-            return _random_transformer(FluxTransformer2DModel, FLUX_DEV_CONFIG, device, dtype, seed)
+            return _random_transformer(FluxTransformer2DModel, config, device, dtype, seed)
 
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=None,
                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -147,12 +156,13 @@ def _random_weights(kind: str, device: torch.device, dtype: torch.dtype, steps: 
 
         def make_inputs(i: int, prompt: str) -> dict[str, Any]:
             g = _generator(seed + i)
-            return {"prompt_embeds": torch.randn(1, FLUX_TEXT_TOKENS, FLUX_TEXT_DIM, generator=g).to(device, dtype),
-                    "pooled_prompt_embeds": torch.randn(1, FLUX_POOLED_DIM, generator=g).to(device, dtype),
+            return {"prompt_embeds": torch.randn(1, FLUX_TEXT_TOKENS, text_dim, generator=g).to(device, dtype),
+                    "pooled_prompt_embeds": torch.randn(1, pooled_dim, generator=g).to(device, dtype),
                     "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": 3.5,
                     "output_type": "latent", "generator": g}
 
-        name = "FLUX.1-dev architecture (random weights)"
+        name = ("FLUX.1-dev architecture (random weights)" if kind == "flux"
+                else "FLUX.1-dev depth at a tiny width (random weights, bench.models.FLUX_NARROW_CONFIG)")
     else:
         def make_transformer() -> torch.nn.Module:
             return _random_transformer(QwenImageTransformer2DModel, QWEN_IMAGE_CONFIG, device, dtype, seed)

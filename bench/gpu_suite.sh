@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of the compiled graph (#3) and quantization (#6) issues, split into device calls of < 10 minutes
+# each (30 device-minutes per session). The lent box has torch 2.11 but no diffusers / torchao / cache-dit /
+# calflops and no internet: fetch their wheels here first (bench/fetch_wheels.sh), then call the device tool with
+# carry [".whl"] and, from the repository root there:
+#
+#   bash bench/gpu_suite.sh tests        # CUDA tests: hand-captured and cudagraph-tree graphs, syncs, fp8 (~3 min)
+#   bash bench/gpu_suite.sh steps-1024   # FLUX.1-dev size 1024²: regional bf16 / fp8 cold compile + step times
+#   bash bench/gpu_suite.sh steps-512    # 512²: regional bf16 with and without fused QKV: compile + step times
+#   bash bench/gpu_suite.sh segments-512 # 512²: whole-segment graphs (cudagraph trees): compile + step times
+#   bash bench/gpu_suite.sh e2e-1024     # 1024², 50 steps, F1B0_W4MC6 forced: ours vs cache-dit (+compile, +fp8)
+#
+# Results land in $OUT (the device tool brings them back); copy them into bench/results/ and commit them with the
+# card, torch version and date they carry.
+set -euo pipefail
+part=${1:?"usage: bash bench/gpu_suite.sh tests|steps-1024|steps-512|segments-512|e2e-1024"}
+OUT=${OUT:-/tmp/gpu_suite_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'torchao', torchao.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v "Failed to load" | tee "$OUT/versions.txt"
+
+case "$part" in
+tests)
+    python3 -m pytest -q -rs -p no:cacheprovider tests/test_cudagraphs.py tests/test_quantize.py \
+        "tests/test_compiled.py::test_summary_reports_lowering_and_cudagraph_status" 2>&1 | tee "$OUT/tests.log"
+    ;;
+steps-1024)
+    python3 -m bench.steps --random-weights flux --height 1024 --width 1024 --steps 50 --graphs regional \
+        --quantize none,fp8 --mode max-autotune --repeats 2 --timeout 280 --out "$OUT" 2>&1 | tee "$OUT/steps-1024.log"
+    ;;
+steps-512)
+    python3 -m bench.steps --random-weights flux --height 512 --width 512 --steps 50 --graphs regional \
+        --quantize none --fuse-qkv off,on --mode max-autotune --repeats 2 --timeout 280 --out "$OUT" \
+        2>&1 | tee "$OUT/steps-512.log"
+    ;;
+segments-512)
+    python3 -m bench.steps --random-weights flux --height 512 --width 512 --steps 50 --graphs segments \
+        --quantize none --mode max-autotune --repeats 2 --timeout 500 --tag flux-512-segments --out "$OUT" \
+        2>&1 | tee "$OUT/segments-512.log"
+    ;;
+e2e-1024)
+    python3 -m bench --random-weights flux --height 1024 --width 1024 --steps 50 --num-prompts 3 \
+        --modes compile+fp8 --peers cache-dit --configs F1B0_W4MC6_R1.0 --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
+    ;;
+*)
+    echo "unknown part $part" >&2; exit 2 ;;
+esac
