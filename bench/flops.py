@@ -10,21 +10,19 @@ the reference row):
 
 calflops 0.3.2 patches ``F.linear``, ``torch.matmul``, norms and activations but not
 ``F.scaled_dot_product_attention``, which the diffusers attention processors call. The attention matmuls are added
-here by hand while calflops runs: ``2·B·H·Lq·Lk·(D + Dv)`` FLOPs per call (``Q·Kᵀ`` and ``P·V``; softmax and
-scaling not counted). Both parts are kept apart in :class:`ForwardFlops`.
+by hand while calflops runs (:func:`dbcache_compile.flops.count_attention`: ``2·B·H·Lq·Lk·(D + Dv)`` FLOPs per call,
+``Q·Kᵀ`` and ``P·V``; softmax and scaling not counted). Both parts are kept apart in :class:`ForwardFlops`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from dbcache_compile.adapters import adapter_for
+from dbcache_compile.flops import count_attention
 
 __all__ = ["ForwardFlops", "count_attention", "count_forward", "full_forward_flops", "cached_forward_flops",
            "generation_flops"]
@@ -46,29 +44,6 @@ class ForwardFlops:
     def total(self) -> int:
         """calflops + attention, in FLOPs."""
         return self.calflops + self.attention
-
-
-@contextlib.contextmanager
-def count_attention() -> Iterator[list[int]]:
-    """Count the FLOPs of every ``torch.nn.functional.scaled_dot_product_attention`` call in the block.
-
-    Yields a one-element list holding the running total: ``2·B·H·Lq·Lk·(D + Dv)`` per call, with ``B·H`` the
-    product of the query's leading dimensions.
-    """
-    total = [0]
-    original = F.scaled_dot_product_attention
-
-    def counting(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        batch_heads = math.prod(query.shape[:-2])
-        lq, d = query.shape[-2:]
-        total[0] += 2 * batch_heads * lq * key.shape[-2] * (d + value.shape[-1])
-        return original(query, key, value, *args, **kwargs)
-
-    F.scaled_dot_product_attention = counting
-    try:
-        yield total
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 class _BoundCall(torch.nn.Module):
