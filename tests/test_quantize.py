@@ -45,6 +45,7 @@ def test_int8_eager_cache_stays_close_to_full_precision(name):
 
 
 def test_int8_compiles_with_cache_without_graph_breaks_and_matches_eager_quantized():
+    """segments and regional (cond cannot take tensor-subclass weights: a clear error)."""
     from torch._dynamo.utils import counters
 
     pipe = tiny_flux_pipeline()
@@ -68,6 +69,19 @@ def test_int8_compiles_with_cache_without_graph_breaks_and_matches_eager_quantiz
     assert torch.equal(compiled, again)
     with pytest.warns(UserWarning):
         dbc.disable(pipe)
+    # regional: int8 blocks as regions, segment graphs emulated (as captured by hand on CUDA)
+    torch._dynamo.reset()
+    counters.clear()
+    dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional")
+    pipe.transformer._dbcache_compile.use_segment_graphs(emulate=True)
+    regional = run(pipe)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(run(pipe), regional)
+    assert dbc.summary(pipe).cached_steps == eager_steps
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(regional, eager, atol=2e-3, rtol=0)
+    with pytest.warns(UserWarning):
+        dbc.disable(pipe)
 
 
 def test_quantize_errors_are_clear():
@@ -85,11 +99,14 @@ def test_quantize_errors_are_clear():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="fp8 needs a CUDA GPU with compute capability >= 8.9 (none here)")
-def test_fp8_segments_on_gpu():
+@pytest.mark.parametrize("graph", ["regional", "segments"])
+def test_fp8_compiled_on_gpu(graph):
     pipe = tiny_flux_pipeline().to("cuda", torch.bfloat16)
     with pytest.raises(ValueError, match="without torch.compile"):
         dbc.optimize(pipe, cache=CONFIG, quantize="fp8")
-    dbc.optimize(pipe, cache=CONFIG, mode="max-autotune", quantize="fp8")
+    dbc.optimize(pipe, cache=CONFIG, mode="max-autotune", quantize="fp8", graph=graph)
     inputs = {k: v.to("cuda", torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
     out = pipe(**inputs, num_inference_steps=10, generator=torch.Generator("cuda").manual_seed(0)).images
-    assert torch.isfinite(out).all() and dbc.summary(pipe).cached_steps
+    summary = dbc.summary(pipe)
+    assert torch.isfinite(out).all() and summary.cached_steps and summary.lowering == graph
+    assert summary.cudagraphs.startswith("captured"), summary.cudagraphs
