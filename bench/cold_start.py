@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "eager (no compile)": (_PRELUDE + f"dbc.optimize(pipe, cache={CONFIG!r})\n", "none"),
         "package (AOTInductor)": (_PRELUDE + f"dbc.load({str(package)!r}, pipe=pipe)\n", "none"),
     }
-    for graph in ("cond", "segments"):
+    for graph in ("cond", "segments", "regional"):
         code = _PRELUDE + f"dbc.optimize(pipe, cache={CONFIG!r}, mode={args.mode!r}, graph={graph!r})\n"
         rows[f"compile-cold (mode={args.mode}, {graph})"] = (code, graph)
         rows[f"compile-warm (mode={args.mode}, {graph})"] = (code, graph)

@@ -1,8 +1,9 @@
-"""cond vs segments on the embedded digits model, same process, interleaved runs: compile time and steady time.
+"""cond vs segments vs regional on the embedded digits model, same process, interleaved runs: compile time and
+steady time.
 
     python -m bench.lowerings --out bench/results [--repeats 7]
 
-Both lowerings are compiled (mode "default") on their own pipeline, then timed alternately so that machine noise
+All lowerings are compiled (mode "default") on their own pipeline, then timed alternately so that machine noise
 hits both alike. Run it twice to see the warm-Inductor-cache compile times. Writes ``lowerings_<device>.md``/``.json``.
 """
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - start
 
     pipes, compile_s = {}, {}
-    for lowering in ("cond", "segments"):
+    for lowering in ("cond", "segments", "regional"):
         pipes[lowering] = dbc.optimize(load_digits_pipeline(), cache=CONFIG, mode="default", graph=lowering)
         compile_s[lowering] = call(pipes[lowering])
     times: dict[str, list[float]] = {k: [] for k in pipes}
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
               "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lowerings_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# cond vs segments (CPU)", "", f"{report['date']}, torch {report['torch']}, {report['device']}, "
+    lines = ["# cond vs segments vs regional (CPU)", "", f"{report['date']}, torch {report['torch']}, {report['device']}, "
              f"{report['model']}, config {CONFIG}. Command: `{report['command']}`.", "",
              "| lowering | first call (compile) s | steady median s | all runs s |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {report['first_call_s'][k]} | {report['median_s'][k]} | {report['all_s'][k]} |"

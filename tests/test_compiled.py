@@ -42,7 +42,7 @@ def test_compiled_decisions_and_images_match_eager(compiled_run, eager_run, adap
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
-def test_new_resolution_costs_at_most_one_recompile(lowering):
+def test_new_resolution_or_batch_costs_at_most_one_recompile(lowering):
     from torch._dynamo.utils import counters
 
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
@@ -59,6 +59,10 @@ def test_new_resolution_costs_at_most_one_recompile(lowering):
         assert out.shape[-1] == 48
         per_step_graphs = {"cond": 1, "segments": 3, "regional": 2}[lowering]  # regional: one per block class
         assert added <= per_step_graphs, f"{added} new graphs for one new resolution"
+        before = counters["stats"]["unique_graphs"]
+        out = pipe(**flux_inputs(batch=2), num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+        added = counters["stats"]["unique_graphs"] - before
+        assert out.shape[0] == 2 and added <= per_step_graphs, f"{added} new graphs for one new batch size"
         with torch.compiler.set_stance("fail_on_recompile"):  # back to the first shape: already compiled
             pipe(**flux_inputs(), num_inference_steps=4, generator=torch.Generator().manual_seed(0))
     finally:
