@@ -118,17 +118,20 @@ class BranchState:
                              torch.zeros(self.terms, dtype=torch.float32, device=hidden.device))
 
     def fill_update_scalars(self, window: int, n_derivatives: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The static (window, derivative count) tensors, filled in place (kernel launches, no host copy)."""
+        """The static (window, derivative count) tensors, filled in place (kernel launches, no host copy). Without
+        TaylorSeer (one term) nothing reads them and nothing is launched."""
         window_t, n_t, _ = self.step_scalars
-        window_t.fill_(float(window))
-        n_t.fill_(n_derivatives)
+        if self.terms > 1:
+            window_t.fill_(float(window))
+            n_t.fill_(n_derivatives)
         return window_t, n_t
 
     def fill_coefficients(self, coeffs: Sequence[float]) -> torch.Tensor:
-        """The static forecast-coefficient tensor, filled in place."""
+        """The static forecast-coefficient tensor, filled in place (unused, and not filled, with one term)."""
         coeffs_t = self.step_scalars[2]
-        for i, c in enumerate(coeffs):
-            coeffs_t[i].fill_(c)
+        if self.terms > 1:
+            for i, c in enumerate(coeffs):
+                coeffs_t[i].fill_(c)
         return coeffs_t
 
     def record_hit(self, step: int) -> None:

@@ -206,6 +206,8 @@ class CachedTransformer:
         if self.lowering == "segments":
             for buf in static:
                 torch._dynamo.mark_static_address(buf)
+        if self.graphs is not None and not self.graphs.emulate and hidden.device.type != "cuda":
+            self.graphs = None  # the transformer moved off CUDA: no graphs there
         if self.lowering == "regional" and self.graphs is None and self.uses_cudagraphs():
             self.graphs = SegmentGraphs()
         if self.graphs is not None:
