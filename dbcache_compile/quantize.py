@@ -15,13 +15,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["QUANTIZE_NAMES", "resolve_quantization", "quantize_transformer", "default_filter"]
+__all__ = ["QUANTIZE_NAMES", "named_config", "resolve_quantization", "quantize_transformer", "default_filter"]
 
 QUANTIZE_NAMES = ("fp8", "fp8-wo", "int8", "int8-wo")
 _FP8_NAMES = ("fp8", "fp8-wo")
 
 
-def _named_config(name: str) -> Any:
+def named_config(name: str) -> Any:
+    """The torchao config of a quantization name (``set_inductor_config=False``), without device checks."""
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
                                       Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
     if name == "fp8":
@@ -59,7 +60,7 @@ def resolve_quantization(quantize: Any, device: torch.device, mode: Optional[str
             raise ValueError("quantize='fp8' without torch.compile runs ~5x slower than bf16 (measured 298 ms vs "
                              "57.8 ms per FLUX forward at 512² on an H100); pass a compile mode, e.g. "
                              "mode='max-autotune'")
-    return _named_config(quantize)
+    return named_config(quantize)
 
 
 def default_filter(block_list_names: tuple[str, ...]) -> Callable[[torch.nn.Module, str], bool]:
