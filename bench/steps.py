@@ -192,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cols = ["graph", "quantize", "fuse_qkv", "first_call_s", "compile_s", "steady_call_s", "miss_ms", "hit_ms", "miss_gpu_ms",
             "hit_gpu_ms", "graph_ms", "cached_calls", "graph_breaks", "cudagraph_skips", "cudagraphs"]
     lines = [f"# Compile and step times: {meta['model']} {meta['resolution']}, {args.steps} steps ({meta['device']})",
-             "", f"{meta['date']}, torch {meta['torch']}, mode {args.mode}, {args.dtype}, config {args.config}. "
+             "", f"Finished {meta['date']} (UTC), torch {meta['torch']}, mode {args.mode}, {args.dtype}, config {args.config}. "
              f"Command: `{meta['command']}`. Each row is a fresh process with an empty Inductor cache.", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for row in rows:
