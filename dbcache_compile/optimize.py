@@ -17,7 +17,7 @@ import torch
 
 from .adapters import adapter_for
 from .config import DBCacheConfig
-from .quantize import default_filter, quantize_transformer, resolve_quantization
+from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .stats import CacheSummary
 from .step import CachedTransformer
 
@@ -115,17 +115,28 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     config = None if cache is None else DBCacheConfig.coerce(cache)
     if config is not None:
         config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
+    # validate everything before touching the transformer, so that a bad argument leaves it as it was
+    ao_config = None if quantize is None else resolve_quantization(quantize, next(transformer.parameters()).device,
+                                                                   mode)
+    quant_filter = quantize_filter or default_filter(adapter.block_lists)
+    if quantize is not None and not fuse_qkv:  # with fusion the filter may select the fused linears only
+        count_selected(transformer, quant_filter)
+    if fuse_qkv and not hasattr(transformer, "fuse_qkv_projections"):
+        raise ValueError(f"fuse_qkv=True: {type(transformer).__name__} has no fuse_qkv_projections()")
     backend = _set_attention(transformer, attention)
-    if fuse_qkv:
-        if not hasattr(transformer, "fuse_qkv_projections"):
-            raise ValueError(f"fuse_qkv=True: {type(transformer).__name__} has no fuse_qkv_projections()")
-        transformer.fuse_qkv_projections()
     quantized = None
-    if quantize is not None:
-        ao_config = resolve_quantization(quantize, next(transformer.parameters()).device, mode)
-        count = quantize_transformer(transformer, ao_config,
-                                     quantize_filter or default_filter(adapter.block_lists))
-        quantized = f"{quantize if isinstance(quantize, str) else type(quantize).__name__} ({count} linears)"
+    try:
+        if fuse_qkv:
+            transformer.fuse_qkv_projections()
+        if quantize is not None:
+            count = quantize_transformer(transformer, ao_config, quant_filter)
+            quantized = f"{quantize if isinstance(quantize, str) else type(quantize).__name__} ({count} linears)"
+    except Exception:
+        if fuse_qkv:
+            transformer.unfuse_qkv_projections()
+        if backend is not None:
+            transformer.reset_attention_backend()
+        raise
     options = None
     if mode is not None:
         options = dict(compile_options or {})
@@ -192,9 +203,9 @@ def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
 def _resolve_graph(graph: str, transformer: torch.nn.Module) -> str:
     """``auto``: ``regional`` on CUDA (block regions compile in seconds where whole-segment graphs of the FLUX-size
     model took 91-148 s on an H100, and the hand-captured segment graphs keep every step a CUDA-graph replay;
-    DESIGN.md §3), ``segments`` elsewhere (on CPU as fast as ``cond`` while its graphs hit Inductor's on-disk cache:
-    warm first call 8 s vs 43 s on the digits model, bench/results/lowerings_cpu.md). ``cond`` is for
-    no-host-sync and export."""
+    DESIGN.md §3), ``segments`` elsewhere (on CPU as fast as ``cond`` and faster than ``regional``, while its
+    graphs hit Inductor's on-disk cache: warm first call 6 s vs 33 s for ``cond`` on the digits model,
+    bench/results/lowerings_cpu.md). ``cond`` is for no-host-sync and export."""
     if graph == "cond" and _has_subclass_weights(transformer):
         raise NotImplementedError(
             "graph='cond' cannot run quantized (tensor-subclass) weights: torch.cond has no rule for tensor "

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["QUANTIZE_NAMES", "named_config", "resolve_quantization", "quantize_transformer", "default_filter"]
+__all__ = ["QUANTIZE_NAMES", "named_config", "resolve_quantization", "quantize_transformer", "count_selected",
+           "default_filter"]
 
 QUANTIZE_NAMES = ("fp8", "fp8-wo", "int8", "int8-wo")
 _FP8_NAMES = ("fp8", "fp8-wo")
@@ -79,8 +80,14 @@ def quantize_transformer(transformer: torch.nn.Module, config: Any,
                          filter_fn: Callable[[torch.nn.Module, str], bool]) -> int:
     """Apply ``torchao.quantization.quantize_`` in place; returns the number of linears converted."""
     from torchao.quantization import quantize_
+    selected = count_selected(transformer, filter_fn)
+    quantize_(transformer, config, filter_fn=filter_fn)
+    return selected
+
+
+def count_selected(transformer: torch.nn.Module, filter_fn: Callable[[torch.nn.Module, str], bool]) -> int:
+    """How many modules ``filter_fn`` selects; a ``ValueError`` when none."""
     selected = sum(1 for name, m in transformer.named_modules() if filter_fn(m, name))
     if selected == 0:
         raise ValueError("the quantization filter selected no linear layer of the transformer")
-    quantize_(transformer, config, filter_fn=filter_fn)
     return selected

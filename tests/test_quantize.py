@@ -110,3 +110,16 @@ def test_fp8_compiled_on_gpu(graph):
     summary = dbc.summary(pipe)
     assert torch.isfinite(out).all() and summary.cached_steps and summary.lowering == graph
     assert summary.cudagraphs.startswith("captured"), summary.cudagraphs
+
+
+def test_a_rejected_optimize_leaves_the_transformer_untouched():
+    pipe = tiny_flux_pipeline()
+    attn = pipe.transformer.transformer_blocks[0].attn
+    with pytest.raises(ValueError, match="selected no linear"):
+        dbc.optimize(pipe, cache=CONFIG, quantize="int8", quantize_filter=lambda m, n: False, attention="native")
+    with pytest.raises(ValueError, match="selected no linear"):
+        dbc.optimize(pipe, cache=CONFIG, quantize="int8", quantize_filter=lambda m, n: False, fuse_qkv=True)
+    assert not getattr(attn, "fused_projections", False) and not hasattr(attn, "to_qkv")
+    assert "forward" not in vars(pipe.transformer)
+    dbc.optimize(pipe, cache=CONFIG)  # and it can still be optimized
+    dbc.disable(pipe)
