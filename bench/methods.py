@@ -92,27 +92,35 @@ class Method:
 
 
 class Uncached(Method):
-    """No cache: eager (``compile_mode=None``) or our fullgraph-compiled forward.
+    """No cache: eager (``compile_mode=None``) or ``dbcache_compile.optimize(cache=None, graph=...)``, compiled the
+    way our cached rows are (``auto``: block regions + one hand-captured CUDA graph of the forward on CUDA; a
+    fullgraph compile of the whole forward elsewhere).
 
     The compiled baseline is applied to the bare transformer: with ``cache=None`` there is no per-generation state
     for a pipeline wrapper to reset."""
 
     name = "uncached"
 
-    def __init__(self, compile_mode: Optional[str]) -> None:
+    def __init__(self, compile_mode: Optional[str], graph: str = "auto") -> None:
         self.compile_mode = compile_mode
+        self.graph = "segments" if graph == "cond" else graph  # cond needs a cache: whole-forward compile
 
     def attach(self, pipe: Any) -> None:
         if self.compile_mode is not None:
-            dbc.optimize(pipe.transformer, cache=None, mode=self.compile_mode)
+            dbc.optimize(pipe.transformer, cache=None, mode=self.compile_mode, graph=self.graph)
 
     def detach(self, pipe: Any) -> None:
         if self.compile_mode is not None:
             dbc.disable(pipe.transformer)
 
     def details(self, pipe: Any) -> dict[str, Any]:
-        return {"compile": f"torch.compile(forward, mode={self.compile_mode}, fullgraph=True)"
-                if self.compile_mode else "eager"}
+        if self.compile_mode is None:
+            return {"compile": "eager"}
+        runtime = pipe.transformer._dbcache_compile
+        if runtime.regional_blocks:
+            graphs = "one hand-captured CUDA graph per shape" if runtime.graphs is not None else "no CUDA graphs"
+            return {"compile": f"regional (blocks, mode={self.compile_mode}), {graphs}"}
+        return {"compile": f"torch.compile(forward, mode={self.compile_mode}, fullgraph=True)"}
 
 
 class Ours(Method):

@@ -197,7 +197,7 @@ class Runner:
     def method(self, spec: RowSpec) -> Method:
         mode = None if spec.mode == "eager" else self.compile_mode
         if spec.method == "uncached":
-            return Uncached(mode)
+            return Uncached(mode, self.graph)
         if spec.method == "ours":
             return Ours(spec.config, mode, self.graph)
         if spec.method == "cache-dit":

@@ -19,7 +19,8 @@ from .adapters import adapter_for
 from .config import DBCacheConfig
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .stats import CacheSummary
-from .step import CachedTransformer
+from .cudagraphs import SegmentGraphs
+from .step import CUDAGRAPH_MODES, CachedTransformer, no_views, regional_options, standard_strides
 
 __all__ = ["optimize", "disable", "reset", "summary", "COMPILE_MODES", "GRAPHS"]
 
@@ -77,7 +78,9 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     Args:
         pipe: a pipeline with a ``.transformer`` (FluxPipeline, QwenImagePipeline, ...) or the transformer itself.
             With a bare transformer, call :func:`reset` before each new generation.
-        cache: a :class:`DBCacheConfig`, its string form (``"F8B0_W8M0MC0_T0O1_R0.08"``) or ``None`` (no cache).
+        cache: a :class:`DBCacheConfig`, its string form (``"F8B0_W8M0MC0_T0O1_R0.08"``) or ``None`` (no cache: the
+            original forward, compiled per ``graph`` — ``regional`` blocks, captured whole as one CUDA graph on CUDA
+            with a CUDA-graph mode, or one fullgraph compile — the baseline to measure cached runs against).
         mode: ``None`` for eager, or a ``torch.compile`` mode.
         graph: how the cached step is lowered when compiling: ``"regional"`` (each block compiled once per block
             class, each segment captured by hand as a CUDA graph on CUDA with ``reduce-overhead``/``max-autotune``:
@@ -143,10 +146,13 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         if "backend" not in options:
             options["mode"] = mode
         options["fullgraph"] = True
+    lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
     if config is None:
-        runtime: Any = UncachedRuntime(transformer, mode, options)
+        if lowering == "cond":
+            raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
+                             "graph='regional' or 'segments' (a whole-forward compile)")
+        runtime: Any = UncachedRuntime(transformer, adapter.blocks(transformer), mode, options, lowering)
     else:
-        lowering = "eager" if mode is None else _resolve_graph(graph, transformer)
         runtime = CachedTransformer(transformer, adapter, config, lowering, mode, options)
     runtime.quantized = quantized
     runtime.attention = backend
@@ -158,19 +164,74 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     return pipe
 
 
-class UncachedRuntime:
-    """``optimize(cache=None, ...)``: the original forward, compiled (fullgraph) and/or quantized; the baseline
-    that cached runs are measured against."""
+def _block_region(forward: Callable, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The compiled region of an uncached ``regional`` forward: the block class's ``forward``, standard-strided
+    outputs."""
+    return standard_strides(forward(block, *args, **kwargs))
 
-    lowering = "uncached"
+
+def _regional_block_forward(region: Callable, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Installed as a block instance's ``forward``: plain (non-view) tensors into the compiled region."""
+    return region(type(block).forward, block, *[no_views(a) for a in args],
+                  **{k: no_views(v) for k, v in kwargs.items()})
+
+
+class UncachedRuntime:
+    """``optimize(cache=None, ...)``: the original forward, compiled and/or quantized; the baseline that cached runs
+    are measured against, built like them: ``graph="regional"`` (``auto`` on CUDA) compiles each block as a region
+    (the block instances' ``forward`` is replaced until :func:`disable`) and, on CUDA with a CUDA-graph mode,
+    captures the whole forward as one CUDA graph by hand; otherwise the whole forward is one fullgraph compile."""
+
     attention: Optional[str] = None
     quantized: Optional[str] = None
     fused_qkv = False
 
-    def __init__(self, transformer: torch.nn.Module, mode: Optional[str], options: Optional[dict]) -> None:
+    def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
+                 options: Optional[dict], graph: str) -> None:
         self.mode = mode
+        self.transformer = transformer
+        self.graphs: Optional[SegmentGraphs] = None
+        self.regional_blocks: list[torch.nn.Module] = []
         original = type(transformer).forward.__get__(transformer)
-        self.forward = original if mode is None else torch.compile(original, **options)
+        self.lowering = "uncached"
+        if mode is None:
+            self._forward = original
+        elif graph == "regional":
+            region = torch.compile(_block_region, **regional_options(options or {}))
+            for block in blocks:
+                block.forward = functools.partial(_regional_block_forward, region, block)
+                self.regional_blocks.append(block)
+            self._forward = original
+        else:
+            self._forward = torch.compile(original, **options)
+
+    def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
+        """``regional``: run the forward as a hand-captured CUDA graph (automatic on CUDA with a CUDA-graph mode);
+        ``emulate=True`` runs the same bookkeeping without CUDA (tests)."""
+        if not self.regional_blocks:
+            raise ValueError("segment graphs belong to the regional lowering (optimize(..., graph='regional'))")
+        if self.graphs is None or self.graphs.emulate != emulate:
+            self.graphs = SegmentGraphs(emulate=emulate)
+        return self.graphs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.graphs is None and self.regional_blocks and self.mode in CUDAGRAPH_MODES:
+            if next(self.transformer.parameters()).device.type == "cuda":
+                self.graphs = SegmentGraphs()
+        if self.graphs is None:
+            return self._forward(*args, **kwargs)
+        return_dict = kwargs.pop("return_dict", True)
+        out = self.graphs("forward", self._forward, args, dict(kwargs, return_dict=False))[0].clone()
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=out)
+
+    def undo(self) -> None:
+        """Give the blocks their own ``forward`` back."""
+        for block in self.regional_blocks:
+            del block.forward
+        self.regional_blocks = []
 
     def reset(self, separate_cfg: Optional[bool] = None) -> None:
         """No cache state to reset."""
@@ -230,6 +291,8 @@ def disable(pipe: Any) -> Any:
     if _has_subclass_weights(transformer):
         warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "
                       "for the original weights", stacklevel=2)
+    if isinstance(runtime, UncachedRuntime):
+        runtime.undo()
     del transformer.forward
     delattr(transformer, _ATTR)
     if pipeline is not None and hasattr(type(pipeline), "_dbcache_original_class"):

@@ -37,7 +37,8 @@ from .cudagraphs import SegmentGraphs
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
-__all__ = ["CachedTransformer", "LOWERINGS", "CUDAGRAPH_MODES", "fold_records", "initial_counters"]
+__all__ = ["CachedTransformer", "LOWERINGS", "CUDAGRAPH_MODES", "fold_records", "initial_counters", "no_views",
+           "regional_options", "standard_strides"]
 
 LOWERINGS = ("eager", "segments", "cond", "regional")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -51,17 +52,29 @@ def _call_block(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Ten
     return block(hidden_states=hidden, encoder_hidden_states=encoder, **block_kwargs)
 
 
+def standard_strides(out: Any) -> Any:
+    """A region's outputs copied into standard-strided tensors (inside the compiled region, so fused into the
+    producing kernel). FLUX single blocks return slices of one tensor (with batch 1 they even count as contiguous,
+    but their batch stride differs and Dynamo guards on it); without the copy the next block of the class would
+    recompile. With this, one graph per block class serves every block."""
+    if isinstance(out, tuple):
+        return tuple(standard_strides(t) for t in out)
+    return out.clone(memory_format=torch.contiguous_format) if isinstance(out, torch.Tensor) else out
+
+
+def no_views(t: Any) -> Any:
+    """A view (e.g. a batch-1 linear's output) makes Dynamo guard on its base, which a later non-view input fails (a
+    recompile): regions get plain tensors (one copy, only when needed)."""
+    return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
+
+
 def _call_block_contiguous(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
                            block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled region of the ``regional`` lowering. FLUX single blocks return slices of one tensor (with batch 1
-    they even count as contiguous, but their batch stride differs and Dynamo guards on it); copying them into
-    standard-strided tensors inside the region (fused into the producing kernel) keeps the next block's input
-    strides equal to the first's, so one graph per block class serves every block without a recompile."""
-    encoder, hidden = _call_block(block, hidden, encoder, block_kwargs)
-    return encoder.clone(memory_format=torch.contiguous_format), hidden.clone(memory_format=torch.contiguous_format)
+    """The compiled region of the ``regional`` lowering: one block, standard-strided outputs."""
+    return standard_strides(_call_block(block, hidden, encoder, block_kwargs))
 
 
-def _regional_options(options: dict[str, Any]) -> dict[str, Any]:
+def regional_options(options: dict[str, Any]) -> dict[str, Any]:
     """``torch.compile`` options of the block regions: CUDA graphs are captured around whole segments instead (by
     hand), so the regions themselves are compiled without cudagraph trees."""
     opts = dict(options)
@@ -148,7 +161,7 @@ class CachedTransformer:
                 self._miss = torch.compile(self.miss, **opts)
                 self._hit = torch.compile(self.hit, **opts)
             elif lowering == "regional":
-                self._block = torch.compile(_call_block_contiguous, **_regional_options(opts))
+                self._block = torch.compile(_call_block_contiguous, **regional_options(opts))
             else:
                 self._cond_step = torch.compile(self.cond_step, **opts)
 
@@ -227,11 +240,8 @@ class CachedTransformer:
 
     def _run_blocks(self, blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: torch.Tensor,
                     block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.lowering == "regional" and blocks:
-            # a view (e.g. a batch-1 linear's output) makes Dynamo guard on its base, which a later non-view input
-            # fails: a recompile. Hand the regions plain tensors (one copy per segment, only when needed)
-            hidden = hidden if hidden._base is None else hidden.clone()
-            encoder = encoder if encoder._base is None else encoder.clone()
+        if self.lowering == "regional":
+            hidden, encoder = no_views(hidden), no_views(encoder)
         for block in blocks:
             encoder, hidden = self._block(block, hidden, encoder, block_kwargs)
         return hidden, encoder

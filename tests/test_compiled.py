@@ -108,3 +108,31 @@ def test_uncached_compiled_baseline_on_a_pipeline():
         dbc.summary(pipe)
     dbc.disable(pipe)
     assert "forward" not in vars(pipe.transformer)
+
+
+def test_uncached_regional_baseline_compiles_two_regions_and_replays_one_graph():
+    """optimize(cache=None, graph="regional"): the baseline built like the cached runs (block regions + one
+    hand-captured graph of the whole forward, emulated here); disable gives the blocks their forward back."""
+    from torch._dynamo.utils import counters
+
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    run = lambda: pipe(**flux_inputs(), num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+    reference = run()
+    torch._dynamo.reset()
+    counters.clear()
+    dbc.optimize(pipe, cache=None, mode="default", graph="regional")
+    graphs = pipe.transformer._dbcache_compile.use_segment_graphs(emulate=True)
+    try:
+        torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-4)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] == 2 and sum(counters["graph_break"].values()) == 0
+        assert graphs.captures == 1 and graphs.replays == 8
+        with pytest.raises(ValueError, match="needs a cache"):
+            dbc.optimize(tiny_flux_pipeline(), cache=None, mode="default", graph="cond")
+    finally:
+        dbc.disable(pipe)
+    assert all("forward" not in vars(b) for b in pipe.transformer.single_transformer_blocks)
+    assert torch.equal(run(), reference)

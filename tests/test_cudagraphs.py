@@ -138,3 +138,24 @@ def test_cuda_graphs_on_cuda_with_one_sync_per_free_step(graph):
             assert summary.cudagraphs.startswith("captured (cudagraph trees")
     finally:
         dbc.disable(pipe)
+
+
+@needs_cuda
+def test_uncached_baseline_on_cuda_is_one_hand_captured_graph():
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline().to("cuda")
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
+    run = lambda: pipe(**inputs, num_inference_steps=6,  # noqa: E731
+                       generator=torch.Generator("cuda").manual_seed(0)).images
+    reference = run()
+    torch._dynamo.reset()
+    dbc.optimize(pipe, cache=None, mode="max-autotune")  # auto: regional on CUDA
+    try:
+        run()
+        images = run()
+        runtime = pipe.transformer._dbcache_compile
+        assert runtime.regional_blocks and runtime.graphs.captures == 1 and not runtime.graphs.emulate
+        torch.testing.assert_close(images, reference, rtol=2e-3, atol=2e-3)
+    finally:
+        dbc.disable(pipe)
