@@ -124,8 +124,9 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     quant_filter = quantize_filter or default_filter(adapter.block_lists)
     if quantize is not None and not fuse_qkv:  # with fusion the filter may select the fused linears only
         count_selected(transformer, quant_filter)
-    if fuse_qkv and not hasattr(transformer, "fuse_qkv_projections"):
-        raise ValueError(f"fuse_qkv=True: {type(transformer).__name__} has no fuse_qkv_projections()")
+    if fuse_qkv and not (adapter.fused_qkv and hasattr(transformer, "fuse_qkv_projections")):
+        raise ValueError(f"fuse_qkv=True: {type(transformer).__name__}'s attention processors do not use fused QKV "
+                         f"projections in this diffusers version (fusing would only cost memory); leave it off")
     backend = _set_attention(transformer, attention)
     quantized = None
     try:

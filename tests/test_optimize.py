@@ -211,3 +211,10 @@ def test_fuse_qkv_gives_the_same_images_and_decisions_and_is_undone(flux):
     finally:
         dbc.disable(flux)
     assert not attn.fused_projections and not hasattr(attn, "to_qkv")
+
+
+def test_fuse_qkv_is_refused_where_the_processor_ignores_it():
+    pipe = tiny_qwen_pipeline()
+    with pytest.raises(ValueError, match="do not use fused QKV"):
+        dbc.optimize(pipe, cache=CONFIG, fuse_qkv=True)
+    assert not hasattr(pipe.transformer.transformer_blocks[0].attn, "to_qkv")

@@ -34,6 +34,8 @@ class Adapter:
     name: str = "base"
     #: attribute names of the transformer's block ModuleLists, in execution order; they form ONE cached chain.
     block_lists: tuple[str, ...] = ()
+    #: whether the model's attention processors use diffusers' fused QKV projections once fused
+    fused_qkv: bool = False
 
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         out: list[torch.nn.Module] = []

@@ -18,6 +18,7 @@ _SIGNATURE = ("hidden_states", "encoder_hidden_states", "pooled_projections", "t
 class FluxAdapter(Adapter):
     name = "flux"
     block_lists = ("transformer_blocks", "single_transformer_blocks")
+    fused_qkv = True  # FluxAttnProcessor reads attn.to_qkv / to_added_qkv when attn.fused_projections
 
     def embed(self, transformer: FluxTransformer2DModel, *args: Any, **kwargs: Any) -> Embedded:
         kwargs.update(zip(_SIGNATURE, args))

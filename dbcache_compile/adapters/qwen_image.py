@@ -19,6 +19,7 @@ _SIGNATURE = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_m
 class QwenImageAdapter(Adapter):
     name = "qwen-image"
     block_lists = ("transformer_blocks",)
+    fused_qkv = False  # QwenDoubleStreamAttnProcessor2_0 (diffusers 0.42) always calls to_q/to_k/to_v
 
     def embed(self, transformer: QwenImageTransformer2DModel, *args: Any, **kwargs: Any) -> Embedded:
         kwargs.update(zip(_SIGNATURE, args))
