@@ -4,7 +4,8 @@ Regional compile (each transformer block compiled once per block class) compiles
 graphs take minutes on the FLUX-size model (DESIGN.md §3), but leaves the glue between the blocks (embeddings,
 residuals, the decision, the output projection) to eager launches. :class:`SegmentGraphs` captures each segment
 (``head`` / ``miss`` / ``hit``) as one ``torch.cuda.CUDAGraph`` instead, so a step is two graph replays and one
-host read of the predicate, whatever runs inside.
+host read of the predicate, whatever runs inside. The uncached ``regional`` baseline captures its whole forward
+the same way.
 
 How a segment is captured, per input signature (shapes, dtypes, non-tensor values, and which static tensors):
 
@@ -16,8 +17,9 @@ How a segment is captured, per input signature (shapes, dtypes, non-tensor value
    trace in the cache state.
 3. ``torch.cuda.graph`` captures the call into one memory pool shared by the runtime's graphs. Sharing is safe
    because the segments never run concurrently and every output is consumed (``miss``/``hit`` read the ``head``
-   outputs in the same step) or copied (the runtime clones the step's output) before a replay that could
-   overwrite it.
+   outputs in the same step, and those outputs stay referenced, so no later capture reuses their memory) or
+   copied (the runtime clones the step's output) before a replay that could overwrite it. (PyTorch's docs say the
+   same since pytorch/pytorch#166975: graphs that never run concurrently may share a pool in any replay order.)
 4. The first replay produces the call's result (capturing executes nothing).
 
 ``emulate=True`` runs the same bookkeeping on any device with a stand-in for ``torch.cuda.CUDAGraph`` that re-runs
