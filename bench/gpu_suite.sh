@@ -6,7 +6,8 @@
 # and, from the repository root there:
 #
 #   bash bench/gpu_suite.sh tests        # CUDA tests: hand-captured and cudagraph-tree graphs, one sync per free step
-#   bash bench/gpu_suite.sh tests-fp8    # fp8 with regional and segments (max-autotune) on the tiny FLUX
+#   bash bench/gpu_suite.sh tests-fp8    # fp8 with regional and segments (max-autotune) on the tiny FLUX; fp8
+#                                        # threshold shift (bench.threshold_shift, tiny FLUX, bf16)
 #   bash bench/gpu_suite.sh steps-1024   # FLUX.1-dev size 1024²: regional bf16 / fp8 cold compile + step times
 #   bash bench/gpu_suite.sh steps-512    # 512²: regional bf16 with and without fused QKV: compile + step times
 #   bash bench/gpu_suite.sh segments-512 # 512²: whole-segment graphs (cudagraph trees): compile + step times
@@ -34,6 +35,9 @@ tests)
     ;;
 tests-fp8)
     python3 -m pytest -q -rs -p no:cacheprovider tests/test_quantize.py 2>&1 | tee "$OUT/tests-fp8.log"
+    # how fp8 dynamic quantization shifts the residual diffs (the README's threshold advice)
+    python3 -m bench.threshold_shift --model flux-tiny --quantize fp8 --device cuda --dtype bf16 --out "$OUT" \
+        2>&1 | tail -12
     ;;
 steps-1024)
     python3 -m bench.steps --random-weights flux --height 1024 --width 1024 --steps 50 --graphs regional \
