@@ -46,7 +46,8 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
 
     from .models import load_model
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = load_model(None, args.random_weights, device, dtype, args.steps, args.height, args.width, seed=0)
