@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             done = subprocess.run([sys.executable, "-m", "bench.steps", *child_args, "--one",
                                    f"{graph}:{quantize}:{fuse}"], env=env, capture_output=True, text=True,
-                                  timeout=args.timeout)
+                                  timeout=args.timeout, cwd=Path(__file__).resolve().parent.parent)
             result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
                           None)
             if result is None:

@@ -223,3 +223,20 @@ def test_end_to_end_digits_model_has_quality_columns(tmp_path):
     assert peer["per_prompt"]["cached_calls"] == ours["per_prompt"]["cached_calls"]
     assert peer["psnr_mean"] == ours["psnr_mean"]
     assert "Digit acc" in (out / "results.md").read_text()
+
+
+def test_bench_steps_runs_a_variant_in_a_fresh_process(tmp_path):
+    """``python -m bench.steps`` end to end on the tiny FLUX (regional, Inductor default mode, CPU): a fresh process
+    with an empty Inductor cache, hits and misses timed, 0 graph breaks, results written."""
+    from bench.steps import main as steps_main
+
+    rc = steps_main(["--random-weights", "flux-tiny", "--height", "32", "--width", "32", "--steps", "8",
+                     "--graphs", "regional", "--mode", "default", "--dtype", "fp32", "--threads", "1",
+                     "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--tag", "t"])
+    report = json.loads((tmp_path / "steps_t.json").read_text())
+    row = report["rows"][0]
+    assert rc == 0, row.get("error")
+    assert row["graph"] == "regional" and row["graph_breaks"] == 0 and row["unique_graphs"] == 2
+    assert row["cached_calls"] == 4 and row["calls"] == 8  # F1B0_W4MC6_R1.0: warm-up 4, then every step a hit
+    assert row["compile_s"] > 0 and row["hit_ms"] < row["miss_ms"]
+    assert (tmp_path / "steps_t.md").read_text().count("| regional |") == 1
