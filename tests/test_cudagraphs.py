@@ -1,6 +1,7 @@
 """Hand-captured segment graphs (dbcache_compile.cudagraphs): the capture/replay bookkeeping on CPU with the
-emulated graph, the same checks with real CUDA graphs when CUDA exists, and the regional lowering on CUDA (graphs
-captured, one device-to-host sync per step whose gates allow a hit, images equal to eager)."""
+emulated graph, the same checks with real CUDA graphs when CUDA exists, the regional lowering on CUDA (graphs
+captured, one device-to-host sync per step whose gates allow a hit, images equal to eager), and the host side of
+that sync rule on CPU (one decision read per free step, none on forced steps)."""
 
 import warnings
 
@@ -160,3 +161,40 @@ def test_a_host_sync_inside_a_segment_fails_capture_with_a_clear_error():
     graphs = SegmentGraphs()
     with pytest.raises(RuntimeError, match="capturing the 'bad' segment"):
         graphs("bad", lambda x: x * float(x.sum().item()), (torch.ones(4, device="cuda"),))
+
+
+@pytest.mark.parametrize("graph", ["eager", "regional"])
+def test_one_decision_read_per_free_step_and_none_when_forced(monkeypatch, graph):
+    """The host side of the sync rule, on CPU: one device read per step whose gates allow a hit, none on steps the
+    warm-up (W2) or the MC2 limit force to compute. (The CUDA test above counts the real syncs.)"""
+    import dbcache_compile.step as step_module
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    reads = []
+    real_read = step_module.read_decision_sync
+    monkeypatch.setattr(step_module, "read_decision_sync", lambda p, d: reads.append(1) or real_read(p, d))
+    pipe = tiny_flux_pipeline()
+    if graph == "eager":
+        dbc.optimize(pipe, cache="F1B0_W2M0MC2_T1O1_R0.45")
+    else:
+        dbc.optimize(pipe, cache="F1B0_W2M0MC2_T1O1_R0.45", mode="default", graph="regional",
+                     compile_options={"backend": "eager"})
+        pipe.transformer._dbcache_compile.use_segment_graphs(emulate=True)
+    forward, per_call = pipe.transformer.forward, []
+
+    def counting_forward(*args, **kwargs):
+        before = len(reads)
+        out = forward(*args, **kwargs)
+        per_call.append(len(reads) - before)
+        return out
+
+    pipe.transformer.forward = counting_forward
+    try:
+        pipe(**flux_inputs(), num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+        cached = set(dbc.summary(pipe).cached_steps)
+    finally:
+        pipe.transformer.forward = forward
+        dbc.disable(pipe)
+    forced = [s < 2 or (s - 1 in cached and s - 2 in cached) for s in range(10)]
+    assert any(forced[2:]), "the scenario must hit the MC2 limit"
+    assert per_call == [0 if f else 1 for f in forced]
