@@ -70,6 +70,7 @@ class SegmentGraphs:
         # tensors whose storage the graphs may read in place; strong references keep their ids unique
         self._static: dict[int, torch.Tensor] = {}
         self._pool: Optional[Any] = None
+        self._recent: dict[tuple, tuple[tuple, _Entry]] = {}
         self.captures = 0
         self.replays = 0
 
@@ -93,15 +94,26 @@ class SegmentGraphs:
                  mutated: Sequence[torch.Tensor] = ()) -> Any:
         """``fn(*args, **kwargs)`` as a replay of its graph for this input signature (captured on first use).
         ``mutated``: static tensors ``fn`` updates in place (restored after the warm-up calls)."""
-        leaves, spec = tree_flatten((args, kwargs or {}))
-        key = (name, str(spec), tuple(self._describe(leaf) for leaf in leaves))
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self._capture(name, fn, leaves, spec, mutated)
+        # fast path (miss / hit: every argument is the same static object as last time, e.g. the head's outputs
+        # and the state lists): no flattening, no key, no copies; the GPU waits for this host work after the
+        # decision read, so it is kept short
+        recent_key = (name, id(args[0]) if args else None)
+        recent = self._recent.get(recent_key)
+        if (recent is not None and not kwargs and len(args) == len(recent[0])
+                and all(a is b for a, b in zip(args, recent[0]))):
+            entry = recent[1]
         else:
-            for i in entry.dynamic:
-                if leaves[i] is not entry.inputs[i]:
-                    entry.inputs[i].copy_(leaves[i])
+            leaves, spec = tree_flatten((args, kwargs or {}))
+            key = (name, str(spec), tuple(self._describe(leaf) for leaf in leaves))
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = self.entries[key] = self._capture(name, fn, leaves, spec, mutated)
+            else:
+                for i in entry.dynamic:
+                    if leaves[i] is not entry.inputs[i]:
+                        entry.inputs[i].copy_(leaves[i])
+            if not entry.dynamic and not kwargs:
+                self._recent[recent_key] = (args, entry)  # holding args keeps the ids in the key unique
         entry.graph.replay()
         self.replays += 1
         return entry.outputs
