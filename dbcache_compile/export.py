@@ -24,7 +24,7 @@ import torch
 from .adapters import adapter_for
 from .config import DBCacheConfig
 from .state import BranchState
-from .step import CachedTransformer, fold_records, initial_counters
+from .step import CachedTransformer, fold_records, initial_counters, transformer_output
 
 __all__ = ["export", "load", "LoadedCachedTransformer", "capture_transformer_inputs", "euler_loop", "write_runner_inputs"]
 
@@ -173,10 +173,7 @@ class LoadedCachedTransformer(torch.nn.Module):
         self._state[branch] = state
         self._records[branch].append((step, pred, diff))
         self.calls += 1
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        return Transformer2DModelOutput(sample=out)
+        return transformer_output(out, return_dict)
 
     def sync_records(self) -> None:
         fold_records(self.branches, self._records)

@@ -20,7 +20,8 @@ from .config import DBCacheConfig
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .stats import CacheSummary
 from .cudagraphs import SegmentGraphs
-from .step import CUDAGRAPH_MODES, CachedTransformer, no_views, regional_options, standard_strides
+from .step import (CUDAGRAPH_MODES, CachedTransformer, no_views, regional_options, standard_strides,
+                   transformer_output)
 
 __all__ = ["optimize", "disable", "reset", "summary", "COMPILE_MODES", "GRAPHS"]
 
@@ -183,6 +184,7 @@ class UncachedRuntime:
     (the block instances' ``forward`` is replaced until :func:`disable`) and, on CUDA with a CUDA-graph mode,
     captures the whole forward as one CUDA graph by hand; otherwise the whole forward is one fullgraph compile."""
 
+    lowering = "uncached"
     attention: Optional[str] = None
     quantized: Optional[str] = None
     fused_qkv = False
@@ -194,7 +196,6 @@ class UncachedRuntime:
         self.graphs: Optional[SegmentGraphs] = None
         self.regional_blocks: list[torch.nn.Module] = []
         original = type(transformer).forward.__get__(transformer)
-        self.lowering = "uncached"
         if mode is None:
             self._forward = original
         elif graph == "regional":
@@ -223,10 +224,7 @@ class UncachedRuntime:
             return self._forward(*args, **kwargs)
         return_dict = kwargs.pop("return_dict", True)
         out = self.graphs("forward", self._forward, args, dict(kwargs, return_dict=False))[0].clone()
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        return Transformer2DModelOutput(sample=out)
+        return transformer_output(out, return_dict)
 
     def undo(self) -> None:
         """Give the blocks their own ``forward`` back."""

@@ -38,7 +38,7 @@ from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decisi
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
 __all__ = ["CachedTransformer", "LOWERINGS", "CUDAGRAPH_MODES", "fold_records", "initial_counters", "no_views",
-           "regional_options", "standard_strides"]
+           "regional_options", "standard_strides", "transformer_output"]
 
 LOWERINGS = ("eager", "segments", "cond", "regional")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -87,6 +87,14 @@ def _input_key(args: tuple, kwargs: dict) -> tuple:
     """Shapes/dtypes of the tensor inputs: buffers and shape checks are keyed on it."""
     items = list(enumerate(args)) + sorted(kwargs.items())
     return tuple((k, tuple(v.shape), v.dtype) for k, v in items if isinstance(v, torch.Tensor))
+
+
+def transformer_output(sample: torch.Tensor, return_dict: bool) -> Any:
+    """What a diffusers transformer's forward returns: ``Transformer2DModelOutput`` or the ``(sample,)`` tuple."""
+    if not return_dict:
+        return (sample,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    return Transformer2DModelOutput(sample=sample)
 
 
 def initial_counters(device: torch.device) -> torch.Tensor:
@@ -433,7 +441,4 @@ class CachedTransformer:
                 # unconditional call of the same step): hand the pipeline its own copy
                 out = out.clone()
         self.calls += 1
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        return Transformer2DModelOutput(sample=out)
+        return transformer_output(out, return_dict)
