@@ -24,7 +24,7 @@ from dbcache_compile.quantize import QUANTIZE_NAMES, check_fp8_supported
 from .methods import PEERS
 from .models import RANDOM_WEIGHTS, load_model
 from .report import write_json, write_markdown, write_plot
-from .runner import RowResult, Runner, plan_rows, quantization_of, run_rows
+from .runner import METHODS, RowResult, Runner, explicit_rows, plan_rows, quantization_of, run_rows
 
 __all__ = ["main", "parse_args", "FLUX_CONFIGS", "QWEN_LIGHTNING_CONFIGS", "PROMPTS"]
 
@@ -58,6 +58,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--modes", type=_csv, default=None,
                    help=f"comma-separated, from {', '.join(MODES)} "
                         "(default: eager,compile,compile+fp8 on CUDA, eager,compile on CPU)")
+    p.add_argument("--rows", type=_csv, default=None,
+                   help=f"comma-separated METHOD:MODE rows to run in this order instead of the --modes grid (METHOD "
+                        f"from {', '.join(METHODS)}; ours and peers: one row per config), e.g. "
+                        "'ours:compile+fp8,cache-dit:compile+fp8,uncached:compile'. The uncached eager reference row "
+                        "runs first only when the model returns images to compare")
     p.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m],
                    help="torch.compile mode of the compiled modes (default: max-autotune on CUDA, default on CPU)")
     p.add_argument("--graph", default="auto", choices=GRAPHS, help="our lowering of the cached step when compiled")
@@ -90,6 +95,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.modes = args.modes or (["eager", "compile", "compile+fp8"] if cuda else ["eager", "compile"])
     args.compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
     args.peers = [] if args.peers == ["none"] else args.peers
+    if args.rows is not None:
+        for item in args.rows:
+            method, _, mode = item.partition(":")
+            if method not in METHODS or mode not in MODES:
+                p.error(f"--rows: {item!r} is not METHOD:MODE (METHOD from {', '.join(METHODS)}, MODE from "
+                        f"{', '.join(MODES)})")
+        args.modes = list(dict.fromkeys(item.partition(":")[2] for item in args.rows))
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -177,11 +189,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"python -m bench: error: {err}", file=sys.stderr)
         return 2
     configs = args.configs or list(QWEN_LIGHTNING_CONFIGS if model.family == "qwen-image" else FLUX_CONFIGS)
-    rows = plan_rows(args.modes, configs, args.peers)
+    if args.rows is not None:
+        rows = explicit_rows(args.rows, configs, reference=model.images)
+    else:
+        rows = plan_rows(args.modes, configs, args.peers)
     runner = Runner(model, prompts, args.compile_mode, args.graph)
     started = datetime.datetime.now().astimezone()
-    results: list[RowResult] = run_rows(runner, rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[RowResult] = run_rows(
+        runner, rows, after_row=lambda done: _write(args, argv, model, runner, configs, started, done, plot=False))
+    _write(args, argv, model, runner, configs, started, results, plot=True)
+    print(f"wrote {args.out / 'results.md'}, results.json, speedup_vs_psnr.png")
+    ours_failed = [r for r in results if r.spec.method in ("uncached", "ours") and not r.ok]
+    return 1 if ours_failed else 0
 
+
+def _write(args: argparse.Namespace, argv: Optional[list[str]], model: Any, runner: Runner, configs: list[str],
+           started: datetime.datetime, results: list[RowResult], plot: bool) -> None:
+    """Write results.md / results.json for the rows so far (and the plot at the end)."""
     unavailable = dict(runner.scorers.unavailable)
     if runner.flops.error:
         unavailable["TFLOPs"] = f"FLOP counting failed ({runner.flops.error})"
@@ -190,20 +215,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         "model": model.name, "date": started.isoformat(timespec="seconds"), "device": _device_name(args.device),
         "dtype": str(args.dtype).removeprefix("torch."), "versions": _versions(), "git": _git_revision(),
         "command": " ".join(["python -m bench"] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
-        "prompts": len(prompts), "steps": args.steps, "resolution": resolution, "seed": args.seed,
+        "prompts": len(runner.prompts), "steps": args.steps, "resolution": resolution, "seed": args.seed,
         "compile_mode": args.compile_mode, "graph": args.graph, "modes": args.modes, "configs": configs,
-        "peers": args.peers, "unavailable": unavailable,
+        "peers": args.peers, "rows": args.rows, "unavailable": unavailable,
         "flops_per_forward": {
             "note": "calflops 0.3.2 (linears, matmuls, norms, activations) + scaled_dot_product_attention "
                     "2*B*H*Lq*Lk*(D+Dv) counted by hand; cached forward = embeddings + Fn + Bn blocks + output",
             "full": runner.flops.full and vars(runner.flops.full),
             "cached": {f"F{fn}B{bn}": vars(f) for (fn, bn), f in runner.flops.cached.items()}},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     extra = model.extra_metric[0] if model.extra_metric else None
     write_markdown(args.out / "results.md", results, meta, unavailable, extra)
     write_json(args.out / "results.json", results, meta)
-    write_plot(args.out / "speedup_vs_psnr.png", results, f"{model.name}, {resolution}, {args.steps} steps")
-    print(f"wrote {args.out / 'results.md'}, results.json, speedup_vs_psnr.png")
-    ours_failed = [r for r in results if r.spec.method in ("uncached", "ours") and not r.ok]
-    return 1 if ours_failed else 0
+    if plot:
+        write_plot(args.out / "speedup_vs_psnr.png", results, f"{model.name}, {resolution}, {args.steps} steps")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of the compiled graph (#3) and quantization (#6) issues, split into device calls of < 10 minutes
-# each (30 device-minutes per session: run them in this order, several parts per call where they fit, and stop
-# when the budget runs out). The lent box has torch 2.11 but no diffusers / torchao / cache-dit / calflops and no
+# The GPU checks. `quick` is the whole proof in ONE call of <= 9 minutes (bench/gpu.py: CUDA tests, ours vs
+# cache-dit at 1024² and 512², extras if time is left; writes summary.md). The other parts are longer studies, each
+# one device call of < 10 minutes, for sessions with more device time. The lent box has torch 2.11 but no diffusers / torchao / cache-dit / calflops and no
 # internet: fetch their wheels here first (bench/fetch_wheels.sh), then call the device tool with carry [".whl"]
 # and, from the repository root there:
 #
+#   bash bench/gpu_suite.sh quick        # everything that matters in <= 9 minutes (python -m bench.gpu)
 #   bash bench/gpu_suite.sh tests        # CUDA tests: hand-captured and cudagraph-tree graphs, one sync per free step
 #   bash bench/gpu_suite.sh tests-fp8    # fp8 with regional and segments (max-autotune) on the tiny FLUX; fp8
 #                                        # threshold shift (bench.threshold_shift, tiny FLUX, bf16)
@@ -16,7 +17,7 @@
 # Results land in $OUT (the device tool brings them back); copy them into bench/results/ and commit them with the
 # card, torch version and date they carry.
 set -euo pipefail
-part=${1:?"usage: bash bench/gpu_suite.sh tests|tests-fp8|steps-1024|steps-512|segments-512|e2e-1024"}
+part=${1:?"usage: bash bench/gpu_suite.sh quick|tests|tests-fp8|steps-1024|steps-512|segments-512|e2e-1024"}
 OUT=${OUT:-/tmp/gpu_suite_out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -30,6 +31,10 @@ python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 
 'torchao', torchao.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v "Failed to load" | tee "$OUT/versions.txt"
 
 case "$part" in
+quick)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/versions.txt" 2>&1 || true
+    python3 -m bench.gpu --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/gpu.log"
+    ;;
 tests)
     python3 -m pytest -q -rs -p no:cacheprovider tests/test_cudagraphs.py 2>&1 | tee "$OUT/tests.log"
     ;;

@@ -6,7 +6,9 @@ a fresh, unquantized transformer (quantization with torchao is done in place and
 
 Random weights: the transformer is the real diffusers class with the published config and seeded random weights,
 built directly on the device in the benchmark dtype. The pipeline around it has no text encoders (prompt
-embeddings of the right shape are drawn from the prompt's seed) and no VAE (``output_type="latent"``): latency only.
+embeddings of the right shape are drawn from the prompt's seed). FLUX pipelines keep a VAE with random weights (the
+FLUX.1 VAE architecture for ``flux``) and decode every call (``output_type="pt"``), so the timed call is the whole
+pipeline after the text encoders; Qwen-Image returns latents. Latency only: the images say nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from diffusers import (DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        QwenImagePipeline, QwenImageTransformer2DModel)
 
 __all__ = ["BenchModel", "RANDOM_WEIGHTS", "FLUX_DEV_CONFIG", "QWEN_IMAGE_CONFIG", "load_model"]
@@ -28,6 +30,15 @@ FLUX_DEV_CONFIG: dict[str, Any] = {
     "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
     "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+#: ``AutoencoderKL`` config of FLUX.1-dev's VAE (16 latent channels, 8x downsampling, 83.8 M params).
+FLUX_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+    "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.3611,
+    "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
+#: A small VAE with the same 8x downsampling for ``flux-narrow`` (its 16 input channels are 4 latent channels).
+NARROW_VAE_CONFIG: dict[str, Any] = dict(FLUX_VAE_CONFIG, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                                         latent_channels=4)
 #: FLUX.1-dev's scheduler config.
 FLUX_DEV_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
@@ -112,8 +123,8 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def _random_transformer(cls: type, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                        seed: int) -> torch.nn.Module:
+def _random_module(cls: type, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                   seed: int) -> torch.nn.Module:
     """``cls(**config)`` with seeded random weights, created directly on ``device`` in ``dtype``."""
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -136,7 +147,7 @@ def _random_weights(kind: str, device: torch.device, dtype: torch.dtype, steps: 
             kwargs = flux_inputs(seed=seed + i)
             kwargs.update(prompt_embeds=kwargs["prompt_embeds"].to(device, dtype),
                           pooled_prompt_embeds=kwargs["pooled_prompt_embeds"].to(device, dtype),
-                          height=height, width=width, output_type="latent", num_inference_steps=steps,
+                          height=height, width=width, output_type="pt", num_inference_steps=steps,
                           generator=_generator(seed + i))
             return kwargs
 
@@ -148,9 +159,11 @@ def _random_weights(kind: str, device: torch.device, dtype: torch.dtype, steps: 
         text_dim, pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]
 
         def make_transformer() -> torch.nn.Module:
-            return _random_transformer(FluxTransformer2DModel, config, device, dtype, seed)
+            return _random_module(FluxTransformer2DModel, config, device, dtype, seed)
 
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=None,
+        vae = _random_module(AutoencoderKL, FLUX_VAE_CONFIG if kind == "flux" else NARROW_VAE_CONFIG, device,
+                             dtype, seed + 1)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae,
                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                             transformer=make_transformer())
 
@@ -159,13 +172,13 @@ def _random_weights(kind: str, device: torch.device, dtype: torch.dtype, steps: 
             return {"prompt_embeds": torch.randn(1, FLUX_TEXT_TOKENS, text_dim, generator=g).to(device, dtype),
                     "pooled_prompt_embeds": torch.randn(1, pooled_dim, generator=g).to(device, dtype),
                     "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": 3.5,
-                    "output_type": "latent", "generator": g}
+                    "output_type": "pt", "generator": g}
 
         name = ("FLUX.1-dev architecture (random weights)" if kind == "flux"
                 else "FLUX.1-dev depth at a tiny width (random weights, bench.models.FLUX_NARROW_CONFIG)")
     else:
         def make_transformer() -> torch.nn.Module:
-            return _random_transformer(QwenImageTransformer2DModel, QWEN_IMAGE_CONFIG, device, dtype, seed)
+            return _random_module(QwenImageTransformer2DModel, QWEN_IMAGE_CONFIG, device, dtype, seed)
 
         pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=None,
                                  text_encoder=None, tokenizer=None, transformer=make_transformer())

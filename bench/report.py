@@ -1,8 +1,9 @@
 """Write a run's results: ``results.md`` (the seed's columns, then ours), ``results.json`` (everything, per prompt)
 and ``speedup_vs_psnr.png``.
 
-Speedups are against the uncached row of the same mode: ``SpeedUp(FLOPs)`` = its TFLOPs / the row's TFLOPs,
-``SpeedUp(measured)`` = its median wall time / the row's. The two are separate columns on purpose: a cache that
+Speedups are against the uncached row of the same mode (for a quantized mode without one, e.g. ``--rows`` runs,
+the uncached row of the unquantized mode: ``compile+fp8`` against ``compile``): ``SpeedUp(FLOPs)`` = its TFLOPs /
+the row's TFLOPs, ``SpeedUp(measured)`` = its median wall time / the row's. The two are separate columns on purpose: a cache that
 skips FLOPs but not time (launch-bound steps, host syncs) shows up as the gap between them.
 """
 
@@ -16,19 +17,25 @@ from typing import Any, Optional
 
 from .runner import RowResult, RowSpec
 
-__all__ = ["COLUMNS", "speedups", "write_markdown", "write_json", "write_plot"]
+__all__ = ["COLUMNS", "baseline_of", "speedups", "write_markdown", "write_json", "write_plot"]
 
 #: The seed's columns first (Config, Clip Score, ImageReward, PSNR, TFLOPs, SpeedUp(FLOPs)), then ours.
 COLUMNS = ("Config", "Clip Score", "ImageReward", "PSNR", "TFLOPs", "SpeedUp(FLOPs)", "Mode", "Wall s/img",
            "SpeedUp(measured)", "Compile s", "Peak mem", "Cached steps", "SSIM", "LPIPS", "Transformer s/img")
 
 
-def speedups(results: list[RowResult]) -> dict[RowSpec, tuple[Optional[float], Optional[float]]]:
-    """``spec -> (FLOP ratio, measured wall-clock speedup)`` against the uncached row of the same mode."""
+def baseline_of(results: list[RowResult], mode: str) -> Optional[RowResult]:
+    """The uncached row a row of ``mode`` is compared with: the same mode's, else (quantized modes) the unquantized
+    mode's; ``None`` when neither ran."""
     base = {r.spec.mode: r for r in results if r.spec.method == "uncached" and r.ok}
+    return base.get(mode) or base.get(mode.split("+", 1)[0])
+
+
+def speedups(results: list[RowResult]) -> dict[RowSpec, tuple[Optional[float], Optional[float]]]:
+    """``spec -> (FLOP ratio, measured wall-clock speedup)`` against :func:`baseline_of` the row's mode."""
     out: dict[RowSpec, tuple[Optional[float], Optional[float]]] = {}
     for r in results:
-        b = base.get(r.spec.mode)
+        b = baseline_of(results, r.spec.mode)
         if not r.ok or b is None:
             out[r.spec] = (None, None)
             continue
@@ -92,7 +99,8 @@ def write_markdown(path: Path, results: list[RowResult], meta: dict[str, Any], u
              f"(prompt i uses seed + i); compile mode `{meta['compile_mode']}`, graph `{meta['graph']}`", "",
              "Wall s/img and Transformer s/img are medians over the prompts after one warm-up call; Compile s is the "
              "warm-up call minus that median. SpeedUp(FLOPs) and SpeedUp(measured) are both against the `uncached` "
-             "row of the same mode. TFLOPs: transformer forwards per image (calflops + attention matmuls by hand). "
+             "row of the same mode (a quantized mode without one: the unquantized mode's). TFLOPs: transformer "
+             "forwards per image (calflops + attention matmuls by hand). "
              "PSNR/SSIM/LPIPS are against the uncached eager images. Cached steps: cached / total transformer calls "
              "per image.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

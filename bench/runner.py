@@ -1,8 +1,11 @@
 """Run the benchmark rows and collect per-prompt measurements.
 
-Order: the uncached eager row first (its images are the PSNR/SSIM/LPIPS reference and its first transformer call
-is captured for the FLOP count), then per mode the uncached row of that mode, our configs, and the peers. Quantized
-modes run last, each on a freshly built transformer quantized in place before its first row.
+Order (``plan_rows``): the uncached eager row first (its images are the PSNR/SSIM/LPIPS reference), then per mode
+the uncached row of that mode, our configs, and the peers. Quantized modes run last. ``explicit_rows`` runs the rows
+``--rows`` names in the order given instead (the eager reference first only when the model returns images to
+compare). A quantized mode runs on a freshly built transformer quantized in place before its first row; an
+unquantized row after a quantized one gets a fresh unquantized transformer. The first transformer call of the first
+row is captured for the FLOP count, which runs after the first row that succeeds.
 
 Per row: ``torch._dynamo.reset()`` (every row compiles from scratch; Inductor's on-disk caches stay on, as a user's
 would be), attach, one warm-up call (prompt 0, excluded from the medians; compile time = warm-up wall minus the
@@ -18,7 +21,7 @@ import gc
 import statistics
 import sys
 import traceback
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +36,11 @@ from .methods import CacheDit, FirstBlockCache, Method, Ours, Uncached, peer_una
 from .metrics import Scorers, psnr, ssim
 from .models import BenchModel
 
-__all__ = ["REFERENCE", "RowSpec", "RowResult", "Runner", "plan_rows", "run_rows", "quantization_of"]
+__all__ = ["REFERENCE", "RowSpec", "RowResult", "Runner", "plan_rows", "explicit_rows", "run_rows",
+           "quantization_of", "METHODS"]
+
+#: Row methods: the baseline, ours, and the peers (bench.methods.PEERS).
+METHODS = ("uncached", "ours", "cache-dit", "diffusers-fbcache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +155,32 @@ def plan_rows(modes: list[str], configs: list[str], peers: list[str]) -> list[Ro
     return rows
 
 
+def explicit_rows(rows: list[str], configs: list[str], reference: bool) -> list[RowSpec]:
+    """``--rows``: ``method:mode`` items in the order given; ``ours`` and ``cache-dit`` get one row per config,
+    ``diffusers-fbcache`` one per distinct threshold. ``reference``: put the uncached eager row first (the PSNR
+    reference) unless it is already named first."""
+    specs: list[RowSpec] = []
+    for item in rows:
+        method, _, mode = item.partition(":")
+        if method not in METHODS or not mode:
+            raise ValueError(f"--rows: {item!r} is not METHOD:MODE with METHOD one of {', '.join(METHODS)}")
+        if method == "uncached":
+            specs.append(RowSpec("uncached", mode))
+        elif method == "diffusers-fbcache":
+            seen: set[float] = set()
+            for c in configs:
+                if _threshold(c) not in seen:
+                    seen.add(_threshold(c))
+                    specs.append(RowSpec(method, mode, c))
+        else:
+            specs.extend(RowSpec(method, mode, c) for c in configs)
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"--rows: a row is named twice ({', '.join(rows)})")
+    if reference and (not specs or specs[0] != REFERENCE):
+        specs = [REFERENCE] + [s for s in specs if s != REFERENCE]
+    return specs
+
+
 class _Counter:
     """FLOPs of the forwards a generation runs: one full forward and one cached forward per ``(Fn, Bn)``,
     counted on the transformer inputs captured from the reference row."""
@@ -205,9 +238,15 @@ class Runner:
         return FirstBlockCache(_threshold(spec.config), mode is not None)
 
     def _prepare_mode(self, mode: str) -> None:
-        """Quantized modes: a fresh transformer, quantized in place (once per mode)."""
+        """Quantized modes: a fresh transformer, quantized in place (once per mode); an unquantized mode after a
+        quantized one: a fresh unquantized transformer."""
         quantize = quantization_of(mode)
-        if quantize is None or self.quantized_mode == mode:
+        if quantize is None:
+            if self.quantized_mode is not None:
+                self.model.replace_transformer()
+                self.quantized_mode = None
+            return
+        if self.quantized_mode == mode:
             return
         self.model.replace_transformer()
         transformer = self.model.pipe.transformer
@@ -226,8 +265,8 @@ class Runner:
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             traceback.print_exc(file=sys.stderr)
             return RowResult(spec, status="failed", reason=" ".join(f"{type(err).__name__}: {err}".split())[:2000])
-        if spec == REFERENCE and self.flops.kwargs is not None:
-            self.flops.count(self.model.pipe.transformer, splits)
+        if self.flops.kwargs is not None and self.flops.full is None and self.flops.error is None:
+            self.flops.count(self.model.pipe.transformer, splits)  # once, after the first row that ran
         return result
 
     def _run(self, spec: RowSpec) -> RowResult:
@@ -295,8 +334,11 @@ class Runner:
             result.extra.append(self.model.extra_metric[1](i, images))
 
 
-def run_rows(runner: Runner, rows: list[RowSpec]) -> list[RowResult]:
-    """Run ``rows`` in order with a progress bar; fill in the FLOPs once the reference row has been counted."""
+def run_rows(runner: Runner, rows: list[RowSpec],
+             after_row: Optional[Callable[[list[RowResult]], None]] = None) -> list[RowResult]:
+    """Run ``rows`` in order with a progress bar; fill in the FLOPs once they are counted. ``after_row(results so
+    far)`` runs after each row (the CLI writes the results files there, so a run killed at a time limit keeps the
+    rows it finished)."""
     splits = {_split(r.config) for r in rows if r.method in ("ours", "cache-dit")} | {FirstBlockCache.split}
     results: list[RowResult] = []
     with tqdm(total=len(rows), desc="rows", unit="row") as bar:
@@ -312,4 +354,6 @@ def run_rows(runner: Runner, rows: list[RowSpec]) -> list[RowResult]:
                                 for n, c in zip(result.calls, result.cached_calls)]
             results.append(result)
             bar.update()
+            if after_row is not None:
+                after_row(results)
     return results
