@@ -52,7 +52,8 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = load_model(None, args.random_weights, device, dtype, args.steps, args.height, args.width, seed=0)
     pipe = model.pipe
-    dbc.optimize(pipe, cache=args.config, mode=args.mode, graph=graph, quantize=quantize, fuse_qkv=fuse_qkv)
+    dbc.optimize(pipe, cache=args.config, mode=args.mode, graph=graph, quantize=quantize, fuse_qkv=fuse_qkv,
+                 attention=args.attention)
     transformer = pipe.transformer
     runtime = transformer._dbcache_compile
     cuda = device.type == "cuda"
@@ -135,6 +136,9 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--quantize", default="none", help="comma-separated: none, fp8, int8, ...")
     parser.add_argument("--fuse-qkv", default="off", help="comma-separated: off, on (diffusers fuse_qkv_projections)")
     parser.add_argument("--mode", default="max-autotune")
+    parser.add_argument("--attention", default=None,
+                        help="optimize(attention=...): 'auto' (cuDNN SDPA on Hopper) or a diffusers backend name "
+                             "(default: leave the model's)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=2, help="steady generations after the first")
@@ -184,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "date": time.strftime("%F %H:%M"), "torch": torch.__version__,
         "device": props.name if props else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "model": args.random_weights, "resolution": f"{args.height}x{args.width}", "steps": args.steps,
-        "config": args.config, "mode": args.mode, "dtype": args.dtype,
+        "config": args.config, "mode": args.mode, "dtype": args.dtype, "attention": args.attention,
         "command": "python -m bench.steps " + " ".join(child_args), "rows": rows,
     }
     tag = args.tag or f"{args.random_weights}-{args.height}-{device}"

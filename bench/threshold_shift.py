@@ -42,8 +42,9 @@ def _model(name: str, device: str, dtype: torch.dtype):
         return (lambda: load_digits_pipeline(device=device, torch_dtype=dtype),
                 lambda p: p(labels, num_inference_steps=20, generator=torch.Generator().manual_seed(0), progress=False))
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+    inputs = {k: v.to(device, dtype) if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
     return (lambda: tiny_flux_pipeline().to(device, dtype),
-            lambda p: p(**flux_inputs(), num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
+            lambda p: p(**inputs, num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
 
 
 def main(argv: list[str] | None = None) -> int:

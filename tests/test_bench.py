@@ -20,8 +20,8 @@ from bench.flops import (ForwardFlops, cached_forward_flops, count_attention, co
                          full_forward_flops, generation_flops)
 from bench.methods import CacheDit, FirstBlockCache, peer_unavailable  # noqa: E402
 from bench.metrics import Scorers, psnr, ssim  # noqa: E402
-from bench.report import COLUMNS  # noqa: E402
-from bench.runner import RowSpec, plan_rows  # noqa: E402
+from bench.report import COLUMNS, baseline_of, speedups  # noqa: E402
+from bench.runner import REFERENCE, RowResult, RowSpec, explicit_rows, plan_rows  # noqa: E402
 from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline  # noqa: E402
 
 HIDDEN, HEADS, HEAD_DIM = 32, 2, 16
@@ -165,6 +165,34 @@ def test_plan_rows_reference_first_quantized_last_fbcache_per_threshold():
     assert sum(r.method == "ours" for r in rows) == 9
 
 
+def test_explicit_rows_keep_their_order_and_add_the_reference_only_for_images():
+    """``--rows``: the comparison that matters can run first (the GPU proof runs ours + fp8 and cache-dit + fp8
+    before the slow uncached row); the eager reference row is only needed when there are images to compare."""
+    rows = explicit_rows(["ours:compile+fp8", "cache-dit:compile+fp8", "uncached:compile"], ["F1B0_W4MC6_R1.0"],
+                         reference=False)
+    assert rows == [RowSpec("ours", "compile+fp8", "F1B0_W4MC6_R1.0"),
+                    RowSpec("cache-dit", "compile+fp8", "F1B0_W4MC6_R1.0"), RowSpec("uncached", "compile")]
+    with_images = explicit_rows(["ours:eager", "uncached:eager"], ["F1B0_W2_R0.2", "F2B0_W2_R0.2"], reference=True)
+    assert with_images[0] == REFERENCE and len(with_images) == 3  # the named uncached eager row is the reference
+    with pytest.raises(ValueError, match="METHOD:MODE"):
+        explicit_rows(["fastest:compile"], ["F1B0_W2_R0.2"], reference=False)
+    with pytest.raises(ValueError, match="twice"):
+        explicit_rows(["ours:eager", "ours:eager"], ["F1B0_W2_R0.2"], reference=False)
+
+
+def test_a_quantized_row_without_its_own_baseline_is_compared_with_the_unquantized_one():
+    def row(method, mode, wall):
+        return RowResult(RowSpec(method, mode, None if method == "uncached" else "F1B0_W2_R0.2"), wall_s=[wall])
+
+    base, fp8, bf16 = row("uncached", "compile", 6.0), row("ours", "compile+fp8", 1.5), row("ours", "compile", 2.0)
+    assert baseline_of([fp8, bf16, base], "compile+fp8") is base
+    ratios = speedups([fp8, bf16, base])
+    assert ratios[fp8.spec][1] == pytest.approx(4.0) and ratios[bf16.spec][1] == pytest.approx(3.0)
+    own = row("uncached", "compile+fp8", 3.0)  # a quantized mode's own baseline wins when it ran
+    assert speedups([fp8, own, base])[fp8.spec][1] == pytest.approx(2.0)
+    assert speedups([fp8])[fp8.spec] == (None, None)
+
+
 def test_cli_rejects_missing_model_dir_and_bad_modes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", str(tmp_path / "nope"), "--device", "cpu"])
@@ -174,6 +202,12 @@ def test_cli_rejects_missing_model_dir_and_bad_modes(tmp_path, capsys):
     assert "int8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--random-weights", "flux-tiny", "--configs", "F1X0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--random-weights", "flux-tiny", "--rows", "ours:turbo", "--device", "cpu"])
+    assert "METHOD:MODE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # fp8 named in --rows is checked like --modes
+        parse_args(["--random-weights", "flux-tiny", "--rows", "ours:compile+fp8", "--device", "cpu"])
+    assert "int8" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -240,3 +274,28 @@ def test_bench_steps_runs_a_variant_in_a_fresh_process(tmp_path):
     assert row["cached_calls"] == 4 and row["calls"] == 8  # F1B0_W4MC6_R1.0: warm-up 4, then every step a hit
     assert row["compile_s"] > 0 and row["hit_ms"] < row["miss_ms"]
     assert (tmp_path / "steps_t.md").read_text().count("| regional |") == 1
+
+
+def test_gpu_proof_dry_run_writes_the_summary_of_every_part(tmp_path):
+    """``python -m bench.gpu --dry-run``: the one-call GPU proof on a CPU (tiny FLUX, int8 for fp8, TorchDynamo off
+    in the children), the same parts, child processes and files as on the GPU, so the script cannot rot between GPU
+    sessions: every required part passes, each e2e table has the four rows in the order that puts ours vs cache-dit
+    first, all with the forced schedule, and the ratio of ours vs cache-dit is computed from those rows."""
+    from bench.gpu import main as gpu_main
+
+    rc = gpu_main(["--dry-run", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    parts = {p["name"]: p["status"] for p in summary["parts"]}
+    assert rc == 0, parts
+    assert parts == {"tests": "pass", "e2e-1024": "pass", "e2e-512": "pass", "fp8-shift": "pass"}
+    assert "skipped" in (tmp_path / "tests.log").read_text()  # the CUDA tests were collected and skipped here
+    for name in ("e2e-1024", "e2e-512"):
+        rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
+        assert [(r["method"], r["mode"]) for r in rows] == [
+            ("ours", "compile+int8"), ("cache-dit", "compile+int8"), ("ours", "compile"), ("uncached", "compile")]
+        assert all(r["status"] == "ok" for r in rows)
+        assert [r["per_prompt"]["cached_calls"] for r in rows] == [[4], [4], [4], [0]]  # W4 of 8 steps, then hits
+        ratio = summary["ratios"][name]
+        assert ratio["ratio"] == pytest.approx(ratio["cache_dit_s"] / ratio["ours_s"])
+        assert ratio["met"] is None  # a dry run never claims a target
+    assert "| tests | pass |" in (tmp_path / "summary.md").read_text()
