@@ -2,8 +2,9 @@
 
 from .config import DBCacheConfig
 from .export import LoadedCachedTransformer, export, load
-from .optimize import disable, optimize, reset, summary
+from .optimize import disable, optimize, reset, runtime_of, summary
 from .stats import CacheSummary
 
-__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "export", "load", "LoadedCachedTransformer"]
+__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "runtime_of", "export", "load",
+           "LoadedCachedTransformer"]
 __version__ = "0.1.0"

@@ -91,20 +91,22 @@ class SegmentGraphs:
             return ("const", type(leaf), repr(leaf))
 
     def __call__(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: Optional[dict] = None,
-                 mutated: Sequence[torch.Tensor] = ()) -> Any:
+                 mutated: Sequence[torch.Tensor] = (), variant: Any = None) -> Any:
         """``fn(*args, **kwargs)`` as a replay of its graph for this input signature (captured on first use).
-        ``mutated``: static tensors ``fn`` updates in place (restored after the warm-up calls)."""
+        ``mutated``: static tensors ``fn`` updates in place (restored after the warm-up calls). ``variant``: a
+        hashable value that changes what ``fn`` computes without being one of its arguments (e.g. a LoRA scale the
+        model reads from its modules): another value is another graph."""
         # fast path (miss / hit: every argument is the same static object as last time, e.g. the head's outputs
         # and the state lists): no flattening, no key, no copies; the GPU waits for this host work after the
         # decision read, so it is kept short
-        recent_key = (name, id(args[0]) if args else None)
+        recent_key = (name, variant, id(args[0]) if args else None)
         recent = self._recent.get(recent_key)
         if (recent is not None and not kwargs and len(args) == len(recent[0])
                 and all(a is b for a, b in zip(args, recent[0]))):
             entry = recent[1]
         else:
             leaves, spec = tree_flatten((args, kwargs or {}))
-            key = (name, str(spec), tuple(self._describe(leaf) for leaf in leaves))
+            key = (name, variant, str(spec), tuple(self._describe(leaf) for leaf in leaves))
             entry = self.entries.get(key)
             if entry is None:
                 entry = self.entries[key] = self._capture(name, fn, leaves, spec, mutated)

@@ -21,10 +21,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .adapters import adapter_for
+from .adapters import adapter_for, adapter_named
 from .config import DBCacheConfig
+from .runtime import Applied, BranchedRuntime, Branches, refuse_while_compiling
 from .state import BranchState
-from .step import CachedTransformer, fold_records, initial_counters, transformer_output
+from .step import CacheStep, fold_records, initial_counters, transformer_output
 
 __all__ = ["export", "load", "LoadedCachedTransformer", "capture_transformer_inputs", "euler_loop", "write_runner_inputs"]
 
@@ -32,22 +33,22 @@ _LEADING = ("hidden_states", "timestep")
 
 
 class _ExportedStep(torch.nn.Module):
-    """``CachedTransformer.cond_step_functional`` as a module with a flat tensor signature."""
+    """``CacheStep.cond_step_functional`` as a module with a flat tensor signature."""
 
-    def __init__(self, runtime: CachedTransformer, other_names: list[str], constants: dict[str, Any]) -> None:
+    def __init__(self, step: CacheStep, other_names: list[str], constants: dict[str, Any]) -> None:
         super().__init__()
-        self.transformer = runtime.transformer
-        self._runtime = [runtime]  # not a submodule: the transformer is registered once, above
+        self.transformer = step.transformer
+        self._step = [step]  # not a submodule: the transformer is registered once, above
         self.other_names = other_names
         self.constants = constants
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, step: torch.Tensor,
                 counters: torch.Tensor, fn_residual: torch.Tensor, *rest: torch.Tensor):
-        runtime = self._runtime[0]
-        terms = runtime.config.taylorseer_terms
+        step_fns = self._step[0]
+        terms = step_fns.config.taylorseer_terms
         ladder_h, ladder_e, others = list(rest[:terms]), list(rest[terms:2 * terms]), rest[2 * terms:]
         kwargs = dict(self.constants, **dict(zip(self.other_names, others)))
-        out, pred, diff, counters, fn_residual, ladder_h, ladder_e = runtime.cond_step_functional(
+        out, pred, diff, counters, fn_residual, ladder_h, ladder_e = step_fns.cond_step_functional(
             step, counters, fn_residual, ladder_h, ladder_e, hidden_states=hidden_states, timestep=timestep, **kwargs)
         return (out, pred, diff, counters, fn_residual, *ladder_h, *ladder_e)
 
@@ -63,26 +64,28 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
         raise NotImplementedError("export(quantize=...) is not supported: torch.cond has no rule for torchao "
                                   "tensor-subclass weights in torch 2.11-2.14; export unquantized")
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    if getattr(transformer, "_dbcache_compile", None) is not None:
+    from .optimize import _hook
+    if _hook(transformer) is not None:
         raise ValueError("export() takes an un-optimized transformer; call dbcache_compile.disable() first")
     missing = [k for k in _LEADING if not isinstance(example_inputs.get(k), torch.Tensor)]
     if missing:
         raise ValueError(f"example_inputs needs tensors for {missing}")
     config = DBCacheConfig.coerce(cache)
     adapter = adapter_for(transformer)
-    runtime = CachedTransformer(transformer, adapter, config)
+    config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
+    step_fns = CacheStep(transformer, adapter, config)
     kwargs = {k: v for k, v in example_inputs.items() if k != "return_dict"}
     other_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LEADING]
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     state = BranchState(config.taylorseer_terms)
-    with torch.no_grad():
-        hidden, encoder, _, _, _ = runtime.head(None, **kwargs)
-    state.ensure_buffers(hidden, encoder)
+    with torch.no_grad():  # the state's shapes: one run of the head on the example inputs
+        hidden, encoder, _, _ = step_fns.head(**kwargs)
+    state.allocate(hidden, encoder)
     device = hidden.device
     args = (kwargs["hidden_states"], kwargs["timestep"], torch.tensor(0, device=device),
             initial_counters(device), state.fn_residual, *state.ladder_h, *state.ladder_e,
             *(kwargs[k] for k in other_names))
-    module = _ExportedStep(runtime, other_names, constants).eval()
+    module = _ExportedStep(step_fns, other_names, constants).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -90,14 +93,14 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
         program = torch.export.export(module, args, strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     meta = {
-        "format": 1, "cache": str(config), "adapter": adapter.name, "terms": config.taylorseer_terms,
-        "num_blocks": runtime.num_blocks, "input_order": [*_LEADING, "step", "counters", "fn_residual",
+        "format": 2, "cache": str(config), "adapter": adapter.name, "terms": config.taylorseer_terms,
+        "num_blocks": step_fns.num_blocks, "input_order": [*_LEADING, "step", "counters", "fn_residual",
                                                           *[f"ladder_h.{i}" for i in range(config.taylorseer_terms)],
                                                           *[f"ladder_e.{i}" for i in range(config.taylorseer_terms)],
                                                           *other_names],
         "other_inputs": other_names, "state_shapes": [list(t.shape) for t in args[3:3 + 2 + 2 * state.terms]],
         "state_dtypes": [str(t.dtype).removeprefix("torch.") for t in args[3:3 + 2 + 2 * state.terms]],
-        "separate_cfg": bool(config.enable_separate_cfg), "device": device.type,
+        "enable_separate_cfg": config.enable_separate_cfg, "device": device.type,
         "transformer_config": dict(transformer.config), "dtype": str(hidden.dtype).removeprefix("torch."),
         "export_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
     }
@@ -105,12 +108,15 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
     return path
 
 
-class LoadedCachedTransformer(torch.nn.Module):
+class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
     """An AOTInductor package in place of the transformer: same call signature (keyword arguments), same cached-step
-    decisions as the live ``cond`` lowering, no compilation. Call :meth:`reset` per generation (pipelines passed to
-    :func:`load` do it per call)."""
+    decisions as the live ``cond`` lowering, no compilation. Like an optimized transformer it keeps one state per
+    cache context the pipeline enters (``cache_context``) and ends a generation at the pipeline's end-of-call reset
+    (``_reset_stateful_cache``); a bare caller calls :meth:`reset` between generations. It is its own runtime
+    (:func:`dbcache_compile.runtime_of`)."""
 
     lowering = "aoti"
+    adapter = ""
 
     def __init__(self, path: Union[str, Path]) -> None:
         super().__init__()
@@ -121,22 +127,19 @@ class LoadedCachedTransformer(torch.nn.Module):
             raise FileNotFoundError(f"no dbcache_compile package at {path} (expected {path} and {meta_path}; "
                                     f"create them with dbcache_compile.export)")
         self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != 2:
+            raise ValueError(f"{path}: package format {self.meta.get('format')} is not this version's (2); export it "
+                             f"again with this dbcache_compile")
         self.runner = torch._inductor.aoti_load_package(str(path))
         self.config = FrozenDict(self.meta["transformer_config"])
         self.cache_config = DBCacheConfig.from_string(self.meta["cache"])
         self.num_blocks = self.meta["num_blocks"]
-        self.quantized = None
-        self.attention = None
-        self.fused_qkv = False
-        self.mode = None
-        self.branches = [BranchState(self.meta["terms"]) for _ in range(2)]
-        self.separate_cfg = self.meta["separate_cfg"]
-        self._state: list[Optional[list[torch.Tensor]]] = [None, None]
-        self._records: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[], []]
-        self.calls = 0
-        from .adapters import _load_builtin, _REGISTRY
-        _load_builtin()
-        self.adapter = next(a for _, a in _REGISTRY if a.name == self.meta["adapter"])
+        self.applied = Applied()
+        self.adapter = adapter_named(self.meta["adapter"]).name
+        self.branches = Branches(self.meta["terms"], self.meta["enable_separate_cfg"])
+        self.watch = None
+        self._generation = 0
+        self._flat: dict[int, list[torch.Tensor]] = {}  # per branch state (id): the package's state tensors
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,49 +150,56 @@ class LoadedCachedTransformer(torch.nn.Module):
         return torch.device(self.meta["device"])
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """diffusers pipelines wrap each call in ``transformer.cache_context(...)``; nothing to do here."""
-        yield
+    def cache_context(self, name: str, **kwargs: Any):
+        """diffusers pipelines wrap each transformer call in ``transformer.cache_context("cond" / "uncond")``: the
+        context picks the branch state, as for an optimized transformer."""
+        from diffusers.hooks.hooks import CacheContext
+        self.branches.set_context(CacheContext(name, **kwargs))
+        try:
+            yield
+        finally:
+            self.branches.set_context(None)
 
-    def reset(self, separate_cfg: Optional[bool] = None) -> None:
-        self.calls = 0
-        self._state = [None, None]
-        self._records = [[], []]
-        for branch in self.branches:
-            branch.reset()
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """diffusers' end-of-call reset (``maybe_free_model_hooks``): the generation is over."""
+        self.finish()
 
     def _initial_state(self) -> list[torch.Tensor]:
         shapes, dtypes = self.meta["state_shapes"], self.meta["state_dtypes"]
         state = [torch.zeros(s, dtype=getattr(torch, d), device=self.device) for s, d in zip(shapes[1:], dtypes[1:])]
         return [initial_counters(self.device), *state]
 
+    def _on_new_generation(self, state: BranchState) -> None:
+        self._flat.pop(id(state), None)
+
     def forward(self, return_dict: bool = True, **kwargs: Any) -> Any:
-        step, branch = (self.calls // 2, self.calls % 2) if self.separate_cfg else (self.calls, 0)
-        if self._state[branch] is None:
-            self._state[branch] = self._initial_state()
-        inputs = _flat_inputs(self.meta, kwargs, self._state[branch])
+        refuse_while_compiling()
+        state, step, key = self._begin((), kwargs)
+        flat = self._flat.get(id(state))
+        if flat is None:
+            flat = self._initial_state()
+        inputs = _flat_inputs(self.meta, kwargs, flat)
         inputs[2] = torch.tensor(step, device=self.device)
-        out, pred, diff, *state = self.runner(*inputs)
-        self._state[branch] = state
-        self._records[branch].append((step, pred, diff))
-        self.calls += 1
+        out, pred, diff, *new_state = self.runner(*inputs)
+        self._flat[id(state)] = new_state
+        state.records.append((step, pred, diff))
+        self._end(state, key)
         return transformer_output(out, return_dict)
 
-    def sync_records(self) -> None:
-        fold_records(self.branches, self._records)
+    def _fold(self) -> None:
+        fold_records(list(self.branches.states.values()))
 
     def cudagraph_status(self) -> str:
         return "off (AOTInductor package with torch.cond)"
 
 
 def load(path: Union[str, Path], pipe: Any = None) -> LoadedCachedTransformer:
-    """Load a package made by :func:`export`. With ``pipe``, it replaces ``pipe.transformer`` and the pipeline
-    resets the cache state at every call (:func:`dbcache_compile.summary` works on it)."""
+    """Load a package made by :func:`export`. With ``pipe``, it replaces ``pipe.transformer`` (the pipeline's class
+    is untouched: the package follows the pipeline's cache contexts and end-of-call reset, so
+    :func:`dbcache_compile.summary` works on it)."""
     module = LoadedCachedTransformer(path)
     if pipe is not None:
-        from .optimize import _wrap_pipeline
         pipe.transformer = module
-        _wrap_pipeline(pipe, module)
     return module
 
 
@@ -210,8 +220,7 @@ def euler_loop(module: LoadedCachedTransformer, kwargs: dict[str, Any], sigmas: 
         step_kwargs = dict(kwargs, hidden_states=x, timestep=torch.full_like(kwargs["timestep"], float(sigmas[i])))
         v = module(return_dict=False, **step_kwargs)[0]
         x = (x.to(torch.float32) + float(sigmas[i + 1] - sigmas[i]) * v.to(torch.float32)).to(x.dtype)
-    module.sync_records()
-    cached = set(module.branches[0].cached_steps)
+    cached = set(module.summary().cached_steps)
     return x, [i in cached for i in range(len(sigmas) - 1)]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .optimize import disable, optimize, summary
+from .optimize import disable, optimize, runtime_of, summary
 from .stats import CacheSummary
 
 __all__ = ["SCENARIOS", "GraphRun", "measure", "record_path", "main"]
@@ -84,7 +84,7 @@ def measure(adapter: str, lowering: str) -> GraphRun:
     pipe, inputs = SCENARIOS[adapter]()
     optimize(pipe, cache=SCENARIO_CONFIG, mode="default", graph=lowering,
              compile_options={"backend": recording_inductor})
-    runtime = pipe.transformer._dbcache_compile
+    runtime = runtime_of(pipe)
     if lowering == "regional":  # the CUDA-graph capture/replay bookkeeping, emulated on CPU
         runtime.use_segment_graphs(emulate=True)
     try:

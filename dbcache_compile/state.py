@@ -63,16 +63,19 @@ def taylor_coefficients_tensor(elapsed: torch.Tensor, valid: torch.Tensor, terms
 
 
 class BranchState:
-    """Counters and buffers of one CFG branch of one cached transformer.
+    """Counters and buffers of one CFG branch (one cache context) of one cached transformer.
 
-    Host counters (reset every generation): ``cached_steps`` (step indices), ``diffs`` (step -> diff, only steps
-    whose gates allowed a diff), ``consecutive`` (cached steps in a row), ``has_prev`` (an Fn residual is stored),
-    ``last_compute`` / ``valid`` (TaylorSeer: step of the last compute, number of valid ladder entries).
+    Host counters (reset every generation): ``calls`` (forwards of this branch so far: the denoising step index of
+    the next one), ``cached_steps`` (step indices), ``diffs`` (step -> diff, only steps whose gates allowed a diff),
+    ``consecutive`` (cached steps in a row), ``has_prev`` (an Fn residual is stored), ``last_compute`` / ``valid``
+    (TaylorSeer: step of the last compute, number of valid ladder entries).
 
-    Device buffers (kept across generations while the shape holds): ``fn_residual`` (hidden-stream residual of the
-    first Fn blocks at the last compute), ``ladder_h`` / ``ladder_e`` (cached middle residual of the hidden and
-    encoder streams and, with TaylorSeer, their divided differences), ``step_scalars`` (per-step numbers for
-    graphs).
+    Device buffers (kept across generations while the input signature ``key`` holds, so compiled graphs and CUDA
+    graphs keep their static addresses): ``fn_residual`` (hidden-stream residual of the first Fn blocks at the last
+    compute), ``ladder_h`` / ``ladder_e`` (cached middle residual of the hidden and encoder streams and, with
+    TaylorSeer, their divided differences), ``step_scalars`` (per-step numbers for graphs). The ``cond`` lowering and
+    loaded packages keep their counters on the device (``device_counters``) and their per-step (predicate, diff)
+    records in ``records`` until :func:`~dbcache_compile.step.fold_records` reads them.
     """
 
     def __init__(self, terms: int) -> None:
@@ -81,41 +84,48 @@ class BranchState:
         self.ladder_h: list[torch.Tensor] = []
         self.ladder_e: list[torch.Tensor] = []
         self.step_scalars: tuple[torch.Tensor, ...] = ()
-        self.key: Optional[tuple] = None  # input shapes the buffers were allocated for (set by the runtime)
+        self.key: Optional[tuple] = None  # input signature the buffers were allocated for (set by the runtime)
+        self.device_counters: Optional[torch.Tensor] = None
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.reset()
 
     def reset(self) -> None:
+        """Start a new generation: host counters and records cleared, buffers kept."""
+        self.calls = 0
         self.cached_steps: list[int] = []
         self.diffs: dict[int, float] = {}
         self.consecutive = 0
         self.has_prev = False
         self.last_compute = -1
         self.valid = 0
+        self.records = []
 
     def begin_step(self, step: int) -> None:
         """cache-dit's ``mark_step_begin``: a step whose previous step computed breaks the cached streak."""
         if not self.cached_steps or self.cached_steps[-1] != step - 1:
             self.consecutive = 0
 
-    def ensure_buffers(self, hidden: torch.Tensor, encoder: torch.Tensor) -> None:
-        """Allocate the buffers for the streams leaving the Fn blocks (no-op when they already match).
+    def allocate(self, hidden: torch.Tensor, encoder: torch.Tensor) -> None:
+        """Allocate zeroed buffers shaped like these streams leaving the Fn blocks (the encoder stream can enter the
+        blocks with a smaller batch than the hidden stream and be broadcast by the first block, e.g. FLUX with
+        ``prompt_embeds`` and ``num_images_per_prompt > 1``: pass the Fn outputs, not the inputs)."""
+        self.allocate_shapes(hidden.shape, hidden.dtype, encoder.shape, encoder.dtype, hidden.device)
 
-        The encoder stream can enter the blocks with a smaller batch than the hidden stream and be broadcast by the
-        first block (FLUX with ``prompt_embeds`` and ``num_images_per_prompt > 1``), so callers pass the Fn outputs.
-        """
-        if (self.fn_residual is not None and self.fn_residual.shape == hidden.shape
-                and self.ladder_e[0].shape == encoder.shape and self.fn_residual.dtype == hidden.dtype
-                and self.fn_residual.device == hidden.device):
-            return
-        self.fn_residual = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        self.ladder_h = [torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-                         for _ in range(self.terms)]
-        self.ladder_e = [torch.zeros(encoder.shape, dtype=encoder.dtype, device=encoder.device)
-                         for _ in range(self.terms)]
+    def allocate_shapes(self, hidden_shape: Sequence[int], hidden_dtype: torch.dtype, encoder_shape: Sequence[int],
+                        encoder_dtype: torch.dtype, device: torch.device) -> None:
+        """:meth:`allocate` from shapes (an adapter's ``stream_shapes``)."""
+        self.fn_residual = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device)
+        self.ladder_h = [torch.zeros(hidden_shape, dtype=hidden_dtype, device=device) for _ in range(self.terms)]
+        self.ladder_e = [torch.zeros(encoder_shape, dtype=encoder_dtype, device=device) for _ in range(self.terms)]
         # per-step numbers handed to graphs as static tensors: TaylorSeer window, derivative count, coefficients
-        self.step_scalars = (torch.zeros((), dtype=torch.float32, device=hidden.device),
-                             torch.zeros((), dtype=torch.int64, device=hidden.device),
-                             torch.zeros(self.terms, dtype=torch.float32, device=hidden.device))
+        self.step_scalars = (torch.zeros((), dtype=torch.float32, device=device),
+                             torch.zeros((), dtype=torch.int64, device=device),
+                             torch.zeros(self.terms, dtype=torch.float32, device=device))
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Every device buffer a graph may read or update in place."""
+        return [self.fn_residual, *self.ladder_h, *self.ladder_e, *self.step_scalars]
 
     def fill_update_scalars(self, window: int, n_derivatives: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The static (window, derivative count) tensors, filled in place (kernel launches, no host copy). Without

@@ -28,6 +28,11 @@ class CacheSummary:
         quantized: the torchao quantization applied (``None`` when none).
         attention: the diffusers attention backend set by ``optimize(attention=...)`` (``None``: untouched).
         fused_qkv: whether ``optimize(fuse_qkv=True)`` fused the attention projections.
+        adapter: the model adapter's name (``"flux"``, ``"qwen-image"``, ``"generic"``).
+        branches: per cache context the pipeline entered (``"cond"``, ``"uncond"``, ``"cond_uncond"``, ...), in
+            first-use order: ``{"calls": n, "cached_steps": [...]}``.
+        compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
+            reached (empty when all is compiled).
     """
 
     config: str
@@ -46,6 +51,9 @@ class CacheSummary:
     quantized: Optional[str] = None
     attention: Optional[str] = None
     fused_qkv: bool = False
+    adapter: str = ""
+    branches: dict[str, dict] = dataclasses.field(default_factory=dict)
+    compile_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def compute_steps(self) -> list[int]:
@@ -57,9 +65,13 @@ class CacheSummary:
         """Transformer blocks of an uncached run divided by blocks executed (both branches); >= 1.
 
         Blocks dominate a DiT's FLOPs; ``bench`` measures the exact FLOP ratio with calflops."""
-        branches = 2 if self.separate_cfg else 1
-        full = self.num_steps * branches * self.num_blocks
-        cached = len(self.cached_steps) + len(self.cfg_cached_steps)
+        if self.branches:
+            calls = sum(b["calls"] for b in self.branches.values())
+            cached = sum(len(b["cached_steps"]) for b in self.branches.values())
+        else:
+            calls = self.num_steps * (2 if self.separate_cfg else 1)
+            cached = len(self.cached_steps) + len(self.cfg_cached_steps)
+        full = calls * self.num_blocks
         executed = full - cached * (self.num_blocks - self.Fn - self.Bn)
         return full / executed if executed else float("nan")
 
@@ -75,8 +87,13 @@ class CacheSummary:
         ]
         if self.separate_cfg:
             lines.append(f"  uncond branch cached: {len(self.cfg_cached_steps)} {self.cfg_cached_steps}")
+        for name, branch in list(self.branches.items())[2:]:
+            lines.append(f"  {name} branch: {branch['calls']} calls, cached {len(branch['cached_steps'])} "
+                         f"{branch['cached_steps']}")
         if self.residual_diffs:
             diffs = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(self.residual_diffs.items()))
             lines.append(f"  residual diffs: {diffs}")
         lines.append(f"  block ratio (uncached / executed): {self.block_ratio:.2f}x")
+        if self.compile_fallbacks:
+            lines.append(f"  recompile limit reached, calls run uncompiled: {self.compile_fallbacks}")
         return "\n".join(lines)

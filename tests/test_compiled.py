@@ -123,7 +123,7 @@ def test_uncached_regional_baseline_compiles_two_regions_and_replays_one_graph()
     torch._dynamo.reset()
     counters.clear()
     dbc.optimize(pipe, cache=None, mode="default", graph="regional")
-    graphs = pipe.transformer._dbcache_compile.use_segment_graphs(emulate=True)
+    graphs = dbc.runtime_of(pipe).use_segment_graphs(emulate=True)
     try:
         torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-4)
         with torch.compiler.set_stance("fail_on_recompile"):

@@ -109,7 +109,7 @@ def test_cuda_graphs_on_cuda_with_one_sync_per_free_step(graph):
     try:
         run()  # compile and capture
         transformer = pipe.transformer
-        runtime = transformer._dbcache_compile
+        runtime = dbc.runtime_of(transformer)
         forward = transformer.forward
         syncs = []
 
@@ -150,7 +150,7 @@ def test_uncached_baseline_on_cuda_is_one_hand_captured_graph():
     try:
         run()
         images = run()
-        runtime = pipe.transformer._dbcache_compile
+        runtime = dbc.runtime_of(pipe)
         assert runtime.regional_blocks and runtime.graphs.captures == 1 and not runtime.graphs.emulate
         torch.testing.assert_close(images, reference, rtol=2e-3, atol=2e-3)
     finally:
@@ -169,7 +169,7 @@ def test_a_host_sync_inside_a_segment_fails_capture_with_a_clear_error():
 def test_one_decision_read_per_free_step_and_none_when_forced(monkeypatch, graph):
     """The host side of the sync rule, on CPU: one device read per step whose gates allow a hit, none on steps the
     warm-up (W2) or the MC2 limit force to compute. (The CUDA test above counts the real syncs.)"""
-    import dbcache_compile.step as step_module
+    import dbcache_compile.lowerings as step_module
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
     reads = []
@@ -181,7 +181,7 @@ def test_one_decision_read_per_free_step_and_none_when_forced(monkeypatch, graph
     else:
         dbc.optimize(pipe, cache="F1B0_W2M0MC2_T1O1_R0.45", mode="default", graph="regional",
                      compile_options={"backend": "eager"})
-        pipe.transformer._dbcache_compile.use_segment_graphs(emulate=True)
+        dbc.runtime_of(pipe).use_segment_graphs(emulate=True)
     forward, per_call = pipe.transformer.forward, []
 
     def counting_forward(*args, **kwargs):

@@ -11,6 +11,7 @@ import torch
 import dbcache_compile as dbc
 from dbcache_compile.export import capture_transformer_inputs, euler_loop, write_runner_inputs
 from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, STEPS, run_scenario
+from dbcache_compile.testing import flux_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,28 @@ def test_loaded_package_reproduces_the_live_compiled_path(package, compiled_run)
     assert summaries[0].cached_steps, "the scenario must hit the cache"
     with pytest.raises(ValueError, match="assign your original transformer back"):
         dbc.disable(pipe)
+
+
+def test_loaded_package_keeps_one_state_per_cache_context(package):
+    """A package in a pipeline that runs true CFG (two transformer calls per step, in the "cond" and "uncond"
+    contexts) keeps a state per context: the step count and both branches' decisions equal the live runtime's (it
+    used to count 20 steps for 10 and mix the branches)."""
+    path, _ = package
+    pipe, inputs = SCENARIOS["flux"]()
+    negative = flux_inputs(seed=7)
+    kwargs = dict(inputs, negative_prompt_embeds=negative["prompt_embeds"],
+                  negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"], true_cfg_scale=4.0,
+                  num_inference_steps=STEPS)
+    dbc.optimize(pipe, cache=SCENARIO_CONFIG)
+    live, live_summary = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, dbc.summary(pipe)
+    dbc.disable(pipe)
+    dbc.load(path, pipe=pipe)
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    summary = dbc.summary(pipe)
+    assert summary.num_steps == STEPS and summary.separate_cfg and summary.cfg_cached_steps
+    assert summary.cached_steps == live_summary.cached_steps
+    assert summary.cfg_cached_steps == live_summary.cfg_cached_steps
+    torch.testing.assert_close(images, live, rtol=1e-4, atol=1e-4)
 
 
 def test_export_errors(package):

@@ -85,29 +85,31 @@ def test_two_pipelines_keep_separate_state():
     assert torch.equal(run(a, steps=8), alone_a)
     assert dbc.summary(a).cached_steps == summary_a.cached_steps
     assert dbc.summary(b).num_steps == 12 and dbc.summary(a).num_steps == 8
-    assert type(a).__call__ is not type(b).__call__ or type(a) is not type(b)
+    assert type(a) is FluxPipeline and type(b) is FluxPipeline  # attached as hooks: no class is edited
     dbc.disable(a)
-    assert type(b).__name__ == "FluxPipeline" and dbc.summary(b).num_steps == 12
+    assert dbc.summary(b).num_steps == 12
     dbc.disable(b)
 
 
-def test_bare_transformer_needs_reset_between_generations(flux):
+def test_bare_transformer_generations_reset_and_new_inputs(flux):
+    """Driving the transformer yourself: reset() starts a generation; a call whose inputs change shape starts one
+    too (its stored residual cannot be compared), with the same output as after reset()."""
     transformer = flux.transformer
     dbc.optimize(transformer, cache=CONFIG)
     try:
-        x = torch.randn(1, 16, 16)
-        kwargs = dict(encoder_hidden_states=torch.randn(1, 4, 32), pooled_projections=torch.randn(1, 32),
-                      img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3),
-                      return_dict=False)
+        x = torch.randn(1, 16, 16, generator=generator(1))
+        kwargs = dict(encoder_hidden_states=torch.randn(1, 4, 32, generator=generator(2)),
+                      pooled_projections=torch.randn(1, 32, generator=generator(3)),
+                      img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3), return_dict=False)
         for i in range(4):
             transformer(hidden_states=x, timestep=torch.tensor([1.0 - i / 4]), **kwargs)
         assert dbc.summary(transformer).num_steps == 4
-        with pytest.raises(ValueError, match="shape changed in the middle of a generation"):
-            transformer(hidden_states=torch.randn(1, 64, 16), timestep=torch.tensor([0.1]),
-                        **dict(kwargs, img_ids=torch.zeros(64, 3)))
+        big = dict(kwargs, hidden_states=torch.randn(1, 64, 16, generator=generator(4)), img_ids=torch.zeros(64, 3),
+                   timestep=torch.tensor([0.9]))
+        switched = transformer(**big)[0]
+        assert dbc.summary(transformer).num_steps == 1  # a new generation at the new shape
         dbc.reset(transformer)
-        transformer(hidden_states=torch.randn(1, 64, 16), timestep=torch.tensor([1.0]),
-                    **dict(kwargs, img_ids=torch.zeros(64, 3)))
+        assert torch.equal(transformer(**big)[0], switched)
         assert dbc.summary(transformer).num_steps == 1
     finally:
         dbc.disable(transformer)

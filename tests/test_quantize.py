@@ -73,7 +73,7 @@ def test_int8_compiles_with_cache_without_graph_breaks_and_matches_eager_quantiz
     torch._dynamo.reset()
     counters.clear()
     dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional")
-    pipe.transformer._dbcache_compile.use_segment_graphs(emulate=True)
+    dbc.runtime_of(pipe).use_segment_graphs(emulate=True)
     regional = run(pipe)
     with torch.compiler.set_stance("fail_on_recompile"):
         assert torch.equal(run(pipe), regional)

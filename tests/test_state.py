@@ -9,7 +9,7 @@ def test_taylor_forecast_reproduces_a_polynomial():
     # y(s) = 2 + 3 s + 0.5 s^2 sampled at compute steps 3, 5, 7 (window 2): order-2 divided differences
     y = lambda s: torch.full((2, 3), 2 + 3 * s + 0.5 * s * s, dtype=torch.float64)
     state = BranchState(terms=3)
-    state.ensure_buffers(y(0), torch.zeros(1, dtype=torch.float64))
+    state.allocate(y(0), torch.zeros(1, dtype=torch.float64))
     state.valid, state.last_compute = 1, 1  # a compute at step 1 left d0 only
     for step in (3, 5, 7):
         n = state.derivatives_for_update(step)

@@ -8,11 +8,11 @@ Blocks are called ``block(hidden_states=h, encoder_hidden_states=e, **block_kwar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["Adapter", "Embedded", "register_adapter", "adapter_for", "supported_models"]
+__all__ = ["Adapter", "Embedded", "register_adapter", "adapter_for", "adapter_named", "supported_models"]
 
 
 class Embedded:
@@ -36,6 +36,9 @@ class Adapter:
     block_lists: tuple[str, ...] = ()
     #: whether the model's attention processors use diffusers' fused QKV projections once fused
     fused_qkv: bool = False
+    #: the forward's attention-kwargs argument, whose ``"scale"`` entry scales PEFT LoRA layers (diffusers
+    #: ``apply_lora_scale``)
+    attention_kwargs: str = "joint_attention_kwargs"
 
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         out: list[torch.nn.Module] = []
@@ -49,8 +52,17 @@ class Adapter:
     def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def stream_shapes(self, transformer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple]:
+        """``((hidden shape, dtype), (encoder shape, dtype))`` of the streams leaving the Fn blocks for these inputs,
+        without running anything (the cache's buffers are allocated from it before the first step, so that step runs
+        the same compiled code as every later one); ``None`` when the adapter cannot tell (the first step then runs
+        the segments uncompiled and allocates from its outputs)."""
+        return None
+
     def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
-        """Whether a pipeline call with these kwargs runs conditional and unconditional as separate forwards."""
+        """Whether a pipeline call with these kwargs runs conditional and unconditional as separate forwards. The
+        runtime does not need this (it follows the pipeline's cache contexts); it configures peers that must be told,
+        such as cache-dit's ``enable_separate_cfg`` in the benchmark and parity tests."""
         return False
 
 
@@ -74,6 +86,15 @@ def adapter_for(transformer: torch.nn.Module) -> Adapter:
             return adapter
     raise ValueError(f"dbcache_compile has no adapter for {type(transformer).__name__}; supported transformers: "
                      f"{', '.join(supported_models())}")
+
+
+def adapter_named(name: str) -> Adapter:
+    """The registered adapter called ``name`` (``"flux"``, ``"qwen-image"``)."""
+    _load_builtin()
+    for _, adapter in _REGISTRY:
+        if adapter.name == name:
+            return adapter
+    raise ValueError(f"no adapter named {name!r}; registered: {[a.name for _, a in _REGISTRY]}")
 
 
 def supported_models() -> list[str]:

@@ -1,0 +1,384 @@
+"""The runtime attached the diffusers way (dbcache_compile.runtime): a hook in the transformer's HookRegistry, one
+cache state per cache context the pipeline enters, generations that start clean, and an optimized transformer that
+still behaves like a diffusers model (hooks, dtype moves, gradient checkpointing, LoRA scale, other caches)."""
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import dbcache_compile as dbc
+from cachedit_oracle import run_cache_dit
+from conftest import generator
+from dbcache_compile.testing import flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
+
+CONFIG = "F1B0_W2M0MC2_T0O1_R0.4"
+NEVER = "F1B0_W0_R0"  # threshold 0: never caches, every block runs
+
+
+def run(pipe, steps=8, seed=0, **overrides):
+    return pipe(**dict(flux_inputs(), **overrides), num_inference_steps=steps, generator=generator(seed)).images
+
+
+def true_cfg_inputs():
+    """FluxPipeline with a negative prompt and true_cfg_scale > 1 calls the transformer twice per step, in the
+    "cond" and "uncond" cache contexts."""
+    negative = flux_inputs(seed=7)
+    return dict(flux_inputs(), negative_prompt_embeds=negative["prompt_embeds"],
+                negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"], true_cfg_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+def test_the_pipeline_keeps_its_class_and_the_hook_is_in_the_registry(flux, tmp_path):
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        assert type(flux) is FluxPipeline
+        assert "dbcache_compile" in flux.transformer._diffusers_hook.hooks
+        shared = FluxPipeline.from_pipe(flux)  # a second pipeline around the same optimized transformer
+        run(shared)
+        assert dbc.summary(flux).cached_steps
+    finally:
+        dbc.disable(flux)
+    flux.transformer.save_pretrained(tmp_path / "t")
+    assert (tmp_path / "t" / "config.json").is_file()
+
+
+def test_flux_true_cfg_runs_one_state_per_cache_context_like_cache_dit(flux):
+    """FLUX true CFG used to share one state between the two calls of a step (20 'steps' for 10, a wrong image):
+    the branch is now the cache context the pipeline entered, and decisions and images match cache-dit run with
+    separate CFG."""
+    kwargs = dict(true_cfg_inputs(), num_inference_steps=10)
+    dbc.optimize(flux, cache="F1B0_W2M0MC2_T0O1_R0.45")
+    try:
+        ours = flux(**kwargs, generator=generator()).images
+        summary = dbc.summary(flux)
+    finally:
+        dbc.disable(flux)
+    assert summary.separate_cfg and summary.num_steps == 10 and list(summary.branches) == ["cond", "uncond"]
+    assert summary.cached_steps and summary.cfg_cached_steps
+    images, cached, cfg_cached, diffs = run_cache_dit(flux, dbc.DBCacheConfig.from_string("F1B0_W2M0MC2_T0O1_R0.45"),
+                                                      True, generator=generator(), **kwargs)
+    assert summary.cached_steps == cached and summary.cfg_cached_steps == cfg_cached
+    torch.testing.assert_close(ours, images, rtol=1e-5, atol=1e-5)
+
+
+def test_calls_outside_any_cache_context(flux):
+    """A bare transformer (no pipeline contexts): one branch, or alternating cond/uncond with
+    enable_separate_cfg=True, cache-dit's rule for callers that give no context."""
+    transformer = flux.transformer
+    kwargs = dict(encoder_hidden_states=torch.randn(1, 4, 32, generator=generator(2)),
+                  pooled_projections=torch.randn(1, 32, generator=generator(3)), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(4, 3), hidden_states=torch.randn(1, 16, 16, generator=generator(1)))
+    for separate, steps in ((None, 6), (True, 3)):
+        cfg = dbc.DBCacheConfig.from_string("F1B0_W1M0MC0_T0O1_R1.0", enable_separate_cfg=separate)
+        dbc.optimize(transformer, cache=cfg)
+        try:
+            for i in range(6):
+                transformer(timestep=torch.tensor([1.0 - i / 8]), return_dict=False, **kwargs)
+            summary = dbc.summary(transformer)
+            assert summary.num_steps == steps and summary.separate_cfg == bool(separate)
+        finally:
+            dbc.disable(transformer)
+
+
+def test_one_call_pipeline_with_forced_separate_cfg_keeps_its_step_count(flux):
+    dbc.optimize(flux, cache=dbc.DBCacheConfig.from_string(CONFIG, enable_separate_cfg=True))
+    try:
+        run(flux, steps=8)
+        assert dbc.summary(flux).num_steps == 8 and not dbc.summary(flux).separate_cfg
+    finally:
+        dbc.disable(flux)
+
+
+@pytest.mark.parametrize("lowering", ["eager", "regional"])
+def test_an_interrupted_generation_leaves_the_next_bit_identical_to_a_fresh_one(lowering):
+    """An exception mid-generation skips the pipeline's end-of-call reset; the scheduler's step_index marks the next
+    call as a new generation anyway (also with the compiled regional lowering and its emulated graphs)."""
+    def optimized():
+        pipe = tiny_flux_pipeline()
+        if lowering == "eager":
+            dbc.optimize(pipe, cache=CONFIG)
+        else:
+            dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional", compile_options={"backend": "eager"})
+            dbc.runtime_of(pipe).use_segment_graphs(emulate=True)
+        return pipe
+
+    fresh = optimized()
+    expected = run(fresh, steps=10)
+    pipe = optimized()
+
+    def boom(p, step, timestep, kwargs):
+        if step == 4:
+            raise RuntimeError("user callback failed")
+        return kwargs
+
+    with pytest.raises(RuntimeError, match="user callback failed"):
+        run(pipe, steps=10, callback_on_step_end=boom)
+    assert torch.equal(run(pipe, steps=10), expected)
+    assert dbc.summary(pipe).cached_steps == dbc.summary(fresh).cached_steps
+
+
+def test_the_embeddings_and_first_blocks_run_once_per_forward_on_a_new_shape(flux):
+    """Buffers are sized from the one real pass: forward hooks on the embedder and the first block fire once per
+    transformer call, also on the first call at a new resolution (they used to fire twice)."""
+    transformer = flux.transformer
+    calls = {"embed": 0, "block0": 0, "forward": 0}
+    handles = [transformer.x_embedder.register_forward_hook(lambda *a: calls.__setitem__("embed", calls["embed"] + 1)),
+               transformer.transformer_blocks[0].register_forward_hook(
+                   lambda *a: calls.__setitem__("block0", calls["block0"] + 1)),
+               transformer.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))]
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        run(flux, steps=4)
+        run(flux, steps=4, height=48, width=48)
+    finally:
+        dbc.disable(flux)
+        for handle in handles:
+            handle.remove()
+    assert calls == {"embed": 8, "block0": 8, "forward": 8}
+
+
+def test_a_dtype_move_after_a_forward_gets_new_state(flux):
+    """Buffers belong to the inputs' shapes, dtypes and devices: after .to(float64) the same shapes run with new
+    buffers, exactly like a transformer optimized after the move (CPU stand-in for a device move)."""
+    pipe = tiny_flux_pipeline()
+    inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
+    dbc.optimize(pipe, cache=CONFIG)
+    try:
+        run(pipe)
+        pipe.to(torch.float64)
+        moved = pipe(**inputs, num_inference_steps=8, generator=generator()).images
+        moved_steps = dbc.summary(pipe).cached_steps
+    finally:
+        dbc.disable(pipe)
+    dbc.optimize(pipe, cache=CONFIG)
+    try:
+        assert torch.equal(pipe(**inputs, num_inference_steps=8, generator=generator()).images, moved)
+        assert dbc.summary(pipe).cached_steps == moved_steps
+    finally:
+        dbc.disable(pipe)
+
+
+def test_gradient_checkpointing_runs_the_models_own_forward(flux):
+    """With gradients on and checkpointing enabled (training, fine-tuning), the forward is the model's own: every
+    block goes through the checkpoint function, the cache stays out of it."""
+    pipe = tiny_flux_pipeline()
+    transformer = pipe.transformer
+    transformer.enable_gradient_checkpointing()
+    through = []
+    checkpoint = transformer._gradient_checkpointing_func
+    transformer._gradient_checkpointing_func = lambda block, *a: through.append(block) or checkpoint(block, *a)
+    dbc.optimize(transformer, cache=CONFIG)
+    try:
+        kwargs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 4, 32),
+                      pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                      txt_ids=torch.zeros(4, 3), return_dict=False)
+        out = transformer(**kwargs)[0]
+        out.sum().backward()
+        assert len(through) == 8
+        with torch.no_grad():  # inference: the cache
+            transformer(**kwargs)
+        assert dbc.summary(transformer).num_steps == 1 and len(through) == 8
+    finally:
+        dbc.disable(transformer)
+
+
+def test_regional_compiles_one_region_per_block_class_without_recompiles():
+    """FLUX's double and single blocks each get their own compiled region: no recompile when the first single
+    block runs, so recompile_limit=1 and fail_on_recompile hold (Dynamo's structure only: backend eager)."""
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional", compile_options={"backend": "eager"})
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            run(pipe, steps=4)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                run(pipe, steps=4)
+    finally:
+        dbc.disable(pipe)
+
+
+def test_three_optimized_models_do_not_share_a_recompile_budget():
+    """Each optimized transformer compiles through its own code objects, so three models with four shapes each (12
+    graphs per segment; Dynamo's limit is 8 per function) never hit a limit another model used up."""
+    pipes = [tiny_flux_pipeline(seed=i) for i in range(3)]
+    for pipe in pipes:
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="segments", compile_options={"backend": "eager"})
+    try:
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            for side in (32, 48, 64, 80):
+                for pipe in pipes:
+                    run(pipe, steps=3, height=side, width=side)
+    finally:
+        for pipe in pipes:
+            dbc.disable(pipe)
+
+
+def test_a_spent_recompile_budget_runs_uncompiled_and_says_so():
+    """A server sees shapes the budget did not foresee: when a compiled segment's recompile limit is reached, that
+    call runs the segment uncompiled (warned once, counted in summary()) instead of failing the request, with the
+    same image."""
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG)
+    expected = run(pipe, steps=4, height=48, width=48)
+    dbc.disable(pipe)
+    dbc.optimize(pipe, cache=CONFIG, mode="default", graph="segments", compile_options={"backend": "eager"})
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+            run(pipe, steps=4)
+            with pytest.warns(UserWarning, match="recompile limit"):
+                image = run(pipe, steps=4, height=48, width=48)
+        summary = dbc.summary(pipe)
+        assert summary.compile_fallbacks.get("head_diff") == 4 and "recompile limit reached" in str(summary)
+        torch.testing.assert_close(image, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        dbc.disable(pipe)
+
+
+def test_torch_compile_around_an_eager_optimized_model_is_a_clear_error(flux):
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        compiled = torch.compile(flux.transformer, backend="eager", fullgraph=True)
+        with pytest.raises(Exception, match="optimize\\(pipe, cache=..., mode="):
+            compiled(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 4, 32),
+                     pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                     txt_ids=torch.zeros(4, 3), return_dict=False)
+    finally:
+        dbc.disable(flux)
+        torch._dynamo.reset()
+
+
+def test_a_diffusers_cache_on_the_same_transformer_is_a_clear_error():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = tiny_flux_pipeline()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(ValueError, match="diffusers cache enabled"):
+        dbc.optimize(pipe, cache=CONFIG)
+    pipe.transformer.disable_cache()
+    dbc.optimize(pipe, cache=CONFIG)
+    try:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        with pytest.raises(ValueError, match="two caches cannot share one forward"):
+            run(pipe, steps=2)
+        pipe.transformer.disable_cache()
+    finally:
+        dbc.disable(pipe)
+
+
+def test_layerwise_casting_works_eager_and_is_refused_compiled():
+    pipe = tiny_flux_pipeline()
+    reference_pipe = tiny_flux_pipeline()
+    for p in (pipe, reference_pipe):
+        p.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="layerwise_casting"):
+        dbc.optimize(pipe, cache=CONFIG, mode="default")
+    dbc.optimize(pipe, cache=NEVER)
+    try:
+        assert torch.equal(run(pipe), run(reference_pipe))
+    finally:
+        dbc.disable(pipe)
+
+
+def test_lora_scale_is_applied_like_the_models_own_forward():
+    """joint_attention_kwargs={"scale": s} scales PEFT LoRA layers in diffusers' forward; the cached forward used
+    to ignore it (scale 0 gave the scale-1 image). With a never-caching config the images equal the plain model's
+    at every scale."""
+    pytest.importorskip("peft", reason="LoRA needs the peft package (pip install -e '.[test]')")
+    from peft import LoraConfig
+
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    plain = {s: run(pipe, steps=4, joint_attention_kwargs={"scale": s}) for s in (0.0, 1.0)}
+    assert not torch.equal(plain[0.0], plain[1.0]), "the LoRA must change the image for this test to mean anything"
+    dbc.optimize(pipe, cache=NEVER)
+    try:
+        for s, image in plain.items():
+            assert torch.equal(run(pipe, steps=4, joint_attention_kwargs={"scale": s}), image)
+    finally:
+        dbc.disable(pipe)
+
+
+def test_refused_arguments_are_clear_and_leave_the_model_untouched(flux):
+    params = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="cond.*quantized"):
+        dbc.optimize(flux, cache=CONFIG, mode="default", graph="cond", quantize="int8")
+    with pytest.raises(TypeError, match="compile_options must be a dict"):
+        dbc.optimize(flux, cache=CONFIG, mode="default", compile_options="dynamic")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        dbc.optimize(flux, cache=CONFIG, attention="_native_cudnn")
+    with pytest.raises(ValueError, match="needs a compile mode"):
+        dbc.optimize(flux, cache=CONFIG, graph="cond")
+    assert all(torch.equal(v, params[k]) for k, v in flux.transformer.state_dict().items())
+    assert "dbcache_compile" not in getattr(flux.transformer, "_diffusers_hook", None).hooks
+
+
+def test_disable_on_the_transformer_of_an_optimized_pipeline(flux):
+    before = run(flux)
+    dbc.optimize(flux, cache=CONFIG)
+    run(flux)
+    dbc.disable(flux.transformer)
+    assert type(flux) is FluxPipeline and torch.equal(run(flux), before)
+
+
+def test_fused_projections_leave_no_attribute_behind(flux):
+    attn = flux.transformer.transformer_blocks[0].attn
+    had = "fused_projections" in vars(attn)
+    dbc.optimize(flux, cache=CONFIG, fuse_qkv=True)
+    dbc.disable(flux)
+    assert ("fused_projections" in vars(attn)) == had
+
+
+# ------------------------------------------------------------------------------------------------ generic adapter
+@pytest.mark.parametrize("config", ["F1B0_W2M0MC3_T0O1_R0.35", "F2B1_W3I2M0MC2_T1O2_R0.4"])
+def test_the_generic_adapter_takes_cache_dits_decisions_on_flux(flux, config):
+    """The model's own forward with the middle blocks skipped through block hooks (TransformerBlockRegistry), no
+    adapter file: the same cached steps and diffs as cache-dit on FLUX, images within float32 rounding (the
+    residual is kept per block list, so sums run in another order)."""
+    kwargs = dict(flux_inputs(), num_inference_steps=12)
+    dbc.optimize(flux, cache=config, adapter="generic")
+    try:
+        ours = flux(**kwargs, generator=generator()).images
+        summary = dbc.summary(flux)
+    finally:
+        dbc.disable(flux)
+    assert summary.adapter == "generic" and 0 < len(summary.cached_steps) < 12
+    images, cached, _, diffs = run_cache_dit(flux, dbc.DBCacheConfig.from_string(config), False,
+                                             generator=generator(), **kwargs)
+    assert summary.cached_steps == cached
+    assert summary.residual_diffs == pytest.approx(diffs, rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(ours, images, rtol=1e-5, atol=1e-5)
+    assert not any(hasattr(b, "_diffusers_hook") for b in flux.transformer.transformer_blocks)
+
+
+def test_the_generic_adapter_with_true_cfg_and_regional_compile():
+    pipe = tiny_qwen_pipeline()
+    call = lambda: pipe(**qwen_inputs(cfg=True), num_inference_steps=8, generator=generator()).images  # noqa: E731
+    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35")
+    explicit, explicit_summary = call(), dbc.summary(pipe)
+    dbc.disable(pipe)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35", mode="default", adapter="generic",
+                 compile_options={"backend": "eager"})
+    try:
+        generic = call()
+        summary = dbc.summary(pipe)
+        assert summary.lowering == "regional" and summary.adapter == "generic"
+        assert summary.cached_steps == explicit_summary.cached_steps and summary.cfg_cached_steps
+        assert summary.cfg_cached_steps == explicit_summary.cfg_cached_steps
+        torch.testing.assert_close(generic, explicit, rtol=1e-5, atol=1e-5)
+        assert sum(counters["graph_break"].values()) == 0
+        with pytest.raises(ValueError, match="lowerings eager, regional"):
+            dbc.optimize(tiny_qwen_pipeline(), cache=CONFIG, mode="default", graph="segments", adapter="generic")
+    finally:
+        dbc.disable(pipe)
+
+
+def test_a_model_without_any_adapter_says_what_is_supported():
+    with pytest.raises(ValueError, match="TransformerBlockRegistry"):
+        dbc.optimize(torch.nn.Sequential(torch.nn.Linear(2, 2)), cache=CONFIG)
