@@ -4,7 +4,9 @@ from dbcache_compile import DBCacheConfig
 
 
 @pytest.mark.parametrize("text", ["F8B0_W8M0MC0_T0O1_R0.08", "F1B0_W4M0MC2_T0O1_R0.2", "F4B4_W2I2M10MC3_T1O2_R0.12",
-                                  "F24B24_W2M0MC1_T0O1_R0.8", "F1B0_W4M0MC6_T0O1_R1.0"])
+                                  "F24B24_W2M0MC1_T0O1_R0.8", "F1B0_W4M0MC6_T0O1_R1.0",
+                                  "F1B0_W4M0MC6_T0O1_R-0.5", "F1B0_W4M0MC6_T0O1_R0.2_SCM11110101_CFG1",
+                                  "F1B0_W4M0MC6_T1O4_R0.2_CFG0"])
 def test_canonical_strings_round_trip(text):
     cfg = DBCacheConfig.from_string(text)
     assert str(cfg) == text
@@ -28,7 +30,11 @@ def test_fields_and_defaults():
     ("F8B0_X3", "unknown token 'X3'"),
     ("F8B0_W8Q", "unknown token 'Q'"),
     ("F8F2", "appears twice"),
-    ("F0B0_W8", "Fn_compute_blocks must be >= 1"),
+    ("F0B0_W8", "Fn_compute_blocks must be in 1..10000"),
+    ("_", "no tokens"),
+    ("T1O5", "taylorseer_order must be in 1..4"),
+    ("W9223372036854775808", "max_warmup_steps .*must be in 0..1000000"),
+    ("F1B0_CFG1_SCM01_CFG0", "appears twice"),
     ("F1B0_T2", "T0 or T1"),
     ("F1.5B0", "needs an integer"),
     ("F1B0_I0", "warmup_interval"),
@@ -51,6 +57,11 @@ def test_bad_strings_name_the_problem(text, needle):
     ({"taylorseer_order": 0}, "taylorseer_order"),
     ({"Fn_compute_blocks": 1.0}, "Fn_compute_blocks"),
     ({"steps_computation_mask": (1, 2)}, "steps_computation_mask"),
+    ({"steps_computation_mask": ()}, "steps_computation_mask"),
+    ({"enable_separate_cfg": 0.0}, "enable_separate_cfg"),
+    ({"taylorseer": 1}, "taylorseer"),
+    ({"taylorseer_order": 5}, "taylorseer_order"),
+    ({"Bn_compute_blocks": True}, "Bn_compute_blocks"),
 ])
 def test_bad_fields_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
