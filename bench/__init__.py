@@ -1,6 +1,6 @@
 """Benchmarks of ``dbcache_compile`` against its uncached runs and its peers (cache-dit, diffusers' First Block
-Cache): measured wall-clock, compile time, peak memory, cached steps, executed TFLOPs and image quality, written as
-``results.md`` / ``results.json`` / ``speedup_vs_psnr.png``.
+Cache), and the studies behind the library's defaults (compile and step times per lowering, cold start, the
+threshold shift under quantization), all behind one entry point: ``python -m bench <subcommand>``.
 
 Run ``python -m bench --help`` from the repository root; ``bench/README.md`` has the recipes.
 """

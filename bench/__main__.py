@@ -1,4 +1,4 @@
-"""``python -m bench``: see ``bench/README.md``."""
+"""``python -m bench <subcommand>``: see ``bench/cli.py`` and ``bench/README.md``."""
 
 from .cli import main
 

@@ -1,20 +1,18 @@
 """Time to first image from a fresh process: AOTInductor package vs ``optimize(mode=...)`` cold and warm.
 
-    python -m bench.cold_start --out bench/results [--model flux-tiny] [--steps 10]
+    python -m bench cold-start --out bench/results [--steps 10] [--mode default]
 
-Each variant runs in its own Python process (``python -c``), timed from process start to the first generated
-image: ``package`` loads a package made once by ``dbcache_compile.export``; ``compile-cold`` compiles with an empty
-Inductor/FX cache directory (one per lowering); ``compile-warm`` runs again on the cache the cold run filled. Writes
-``cold_start_<device>.md`` and ``.json``.
+Each variant runs in its own Python process (``python -c``, :func:`bench.measure.run_child`), timed from process
+start to the first generated image, on the tiny FLUX of ``dbcache_compile.testing``: ``package`` loads a package made
+once by ``dbcache_compile.export``; ``compile-cold`` compiles with an empty Inductor/FX cache directory (one per
+lowering); ``compile-warm`` runs again on the cache the cold run filled. Writes ``cold_start_<device>.md`` / ``.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -35,63 +33,71 @@ print("FIRST_IMAGE_SECONDS", time.perf_counter() - t0)
 """
 
 
-def _time_process(code: str, env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"variant failed:\n{result.stderr[-3000:]}")
-    return wall
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__.split("\n")[0])
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m bench cold-start``."""
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--mode", default="default")
-    args = parser.parse_args(argv)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per variant (its process group is killed)")
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Export once, then one fresh process per variant; 1 when a variant failed."""
+    import torch
+
+    from .report import markdown_table, metadata, write_report
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = metadata(args.command_line, device)
+    work = Path(tempfile.mkdtemp(prefix="dbc_cold_"))
+    try:
+        seconds, export_seconds = _measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the package and the Inductor caches of every variant
+    meta.update({"model": "tiny FLUX (dbcache_compile.testing)", "config": CONFIG, "steps": args.steps,
+                 "mode": args.mode, "export_seconds": round(export_seconds, 1)})
+    body = [f"{meta['model']}, config {CONFIG}, {args.steps} steps. Export + AOTInductor packaging took "
+            f"{meta['export_seconds']} s (once). Seconds from process start to the first image.", "",
+            *markdown_table(["variant", "seconds to first image"], list(seconds.items()))]
+    md, _ = write_report(args.out / f"cold_start_{device}", f"Time to first image from a fresh process ({device})",
+                         meta, body, {"seconds_to_first_image": seconds})
+    print(md.read_text())
+    return 0 if all(isinstance(v, float) for v in seconds.values()) else 1
+
+
+def _measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, object], float]:
+    """Export into ``work``, then time each variant in a fresh process; ``(seconds per variant, export s)``."""
     import torch
 
     import dbcache_compile as dbc
     from dbcache_compile.export import capture_transformer_inputs
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
-    work = Path(tempfile.mkdtemp(prefix="dbc_cold_"))
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), OMP_NUM_THREADS="1")
+    from .measure import run_child
+    from .report import ROOT
+
     pipe = tiny_flux_pipeline()
     example = capture_transformer_inputs(pipe, **flux_inputs(), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     package = dbc.export(pipe, example, work / "flux_tiny.pt2", cache=CONFIG)
     export_seconds = time.perf_counter() - start
-    rows = {
+    variants = {
         "eager (no compile)": (_PRELUDE + f"dbc.optimize(pipe, cache={CONFIG!r})\n", "none"),
         "package (AOTInductor)": (_PRELUDE + f"dbc.load({str(package)!r}, pipe=pipe)\n", "none"),
     }
     for graph in ("cond", "segments", "regional"):
         code = _PRELUDE + f"dbc.optimize(pipe, cache={CONFIG!r}, mode={args.mode!r}, graph={graph!r})\n"
-        rows[f"compile-cold (mode={args.mode}, {graph})"] = (code, graph)
-        rows[f"compile-warm (mode={args.mode}, {graph})"] = (code, graph)
-    results = {}
-    for name, (code, cache) in rows.items():  # each lowering starts from its own empty Inductor cache
-        env = dict(env, TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{cache}"))
-        results[name] = round(_time_process(code + _RUN.format(steps=args.steps), env), 2)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = {"date": time.strftime("%F"), "torch": torch.__version__, "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores", "device": device, "model": "tiny FLUX (dbcache_compile.testing)",
-            "config": CONFIG, "steps": args.steps, "export_seconds": round(export_seconds, 1),
-            "command": "python -m bench.cold_start " + " ".join(argv or sys.argv[1:]),
-            "seconds_to_first_image": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"cold_start_{device}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = [f"# Time to first image from a fresh process ({device})", "",
-             f"{meta['date']}, torch {meta['torch']}, {meta['machine']}, {meta['model']}, config {CONFIG}, "
-             f"{args.steps} steps. Command: `{meta['command']}`. Export + AOTInductor packaging took "
-             f"{meta['export_seconds']} s (once).", "", "| variant | seconds to first image |", "| --- | --- |"]
-    lines += [f"| {name} | {seconds} |" for name, seconds in results.items()]
-    (args.out / f"cold_start_{device}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        variants[f"compile-cold (mode={args.mode}, {graph})"] = (code, graph)
+        variants[f"compile-warm (mode={args.mode}, {graph})"] = (code, graph)
+    seconds: dict[str, object] = {}
+    for name, (code, cache) in variants.items():  # each lowering starts from its own empty Inductor cache
+        env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{cache}"))
+        child = run_child([sys.executable, "-c", code + _RUN.format(steps=args.steps)], cap=args.timeout, env=env,
+                          cwd=ROOT)
+        if child.returncode == 0:
+            seconds[name] = round(child.seconds, 2)
+        else:
+            reason = f"timed out after {args.timeout} s" if child.timed_out else child.output.strip()[-300:]
+            seconds[name] = f"failed: {reason!r}"
+            print(f"[bench cold-start] {name} failed:\n{child.output[-3000:]}", file=sys.stderr)
+    return seconds, export_seconds

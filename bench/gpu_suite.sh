@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks. `quick` is the whole proof in ONE call of <= 9 minutes (bench/gpu.py: CUDA tests, ours vs
-# cache-dit at 1024² and 512², extras if time is left; writes summary.md). The other parts are longer studies, each
+# The GPU checks. `quick` is the whole proof in ONE call of <= 9 minutes (`python -m bench gpu`, bench/gpu.py: CUDA
+# tests, ours vs cache-dit at 1024² and 512², extras if time is left; writes summary.md). The other parts are longer studies, each
 # one device call of < 10 minutes, for sessions with more device time. The lent box has torch 2.11 but no diffusers / torchao / cache-dit / calflops and no
 # internet: fetch their wheels here first (bench/fetch_wheels.sh), then call the device tool with carry [".whl"]
 # and, from the repository root there:
 #
-#   bash bench/gpu_suite.sh quick        # everything that matters in <= 9 minutes (python -m bench.gpu)
+#   bash bench/gpu_suite.sh quick        # everything that matters in <= 9 minutes (python -m bench gpu)
 #   bash bench/gpu_suite.sh tests        # CUDA tests: hand-captured and cudagraph-tree graphs, one sync per free step
 #   bash bench/gpu_suite.sh tests-fp8    # fp8 with regional and segments (max-autotune) on the tiny FLUX; fp8
-#                                        # threshold shift (bench.threshold_shift, tiny FLUX, bf16)
+#                                        # threshold shift (python -m bench threshold-shift, tiny FLUX, bf16)
 #   bash bench/gpu_suite.sh steps-1024   # FLUX.1-dev size 1024²: regional bf16 / fp8 cold compile + step times
 #   bash bench/gpu_suite.sh steps-512    # 512²: regional bf16 with and without fused QKV: compile + step times
 #   bash bench/gpu_suite.sh segments-512 # 512²: whole-segment graphs (cudagraph trees): compile + step times
@@ -33,7 +33,7 @@ python3 -c "import torch, diffusers, torchao; print('torch', torch.__version__, 
 case "$part" in
 quick)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/versions.txt" 2>&1 || true
-    python3 -m bench.gpu --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/gpu.log"
+    python3 -m bench gpu --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/gpu.log"
     ;;
 tests)
     python3 -m pytest -q -rs -p no:cacheprovider tests/test_cudagraphs.py 2>&1 | tee "$OUT/tests.log"
@@ -41,25 +41,25 @@ tests)
 tests-fp8)
     python3 -m pytest -q -rs -p no:cacheprovider tests/test_quantize.py 2>&1 | tee "$OUT/tests-fp8.log"
     # how fp8 dynamic quantization shifts the residual diffs (the README's threshold advice)
-    python3 -m bench.threshold_shift --model flux-tiny --quantize fp8 --device cuda --dtype bf16 --out "$OUT" \
+    python3 -m bench threshold-shift --model flux-tiny --quantize fp8 --device cuda --dtype bf16 --out "$OUT" \
         2>&1 | tail -12
     ;;
 steps-1024)
-    python3 -m bench.steps --random-weights flux --height 1024 --width 1024 --steps 50 --graphs regional \
+    python3 -m bench steps --random-weights flux --height 1024 --width 1024 --steps 50 --graphs regional \
         --quantize none,fp8 --mode max-autotune --repeats 2 --timeout 280 --out "$OUT" 2>&1 | tee "$OUT/steps-1024.log"
     ;;
 steps-512)
-    python3 -m bench.steps --random-weights flux --height 512 --width 512 --steps 50 --graphs regional \
+    python3 -m bench steps --random-weights flux --height 512 --width 512 --steps 50 --graphs regional \
         --quantize none --fuse-qkv off,on --mode max-autotune --repeats 2 --timeout 280 --out "$OUT" \
         2>&1 | tee "$OUT/steps-512.log"
     ;;
 segments-512)
-    python3 -m bench.steps --random-weights flux --height 512 --width 512 --steps 50 --graphs segments \
+    python3 -m bench steps --random-weights flux --height 512 --width 512 --steps 50 --graphs segments \
         --quantize none --mode max-autotune --repeats 2 --timeout 500 --tag flux-512-segments --out "$OUT" \
         2>&1 | tee "$OUT/segments-512.log"
     ;;
 e2e-1024)
-    python3 -m bench --random-weights flux --height 1024 --width 1024 --steps 50 --num-prompts 3 \
+    python3 -m bench run --random-weights flux --height 1024 --width 1024 --steps 50 --num-prompts 3 \
         --modes compile+fp8 --peers cache-dit --configs F1B0_W4MC6_R1.0 --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
     ;;
 *)

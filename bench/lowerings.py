@@ -1,67 +1,66 @@
 """cond vs segments vs regional on the embedded digits model, same process, interleaved runs: compile time and
 steady time.
 
-    python -m bench.lowerings --out bench/results [--repeats 7]
+    python -m bench lowerings --out bench/results [--repeats 7]
 
-All lowerings are compiled (mode "default") on their own pipeline, then timed alternately so that machine noise
-hits both alike. Run it twice to see the warm-Inductor-cache compile times. Writes ``lowerings_<device>.md``/``.json``.
+All lowerings are compiled (mode "default") on their own pipeline, then timed alternately
+(:func:`bench.measure.timed_call`) so that machine noise hits all alike. One torch thread. Run it twice to see the
+warm-Inductor-cache compile times. Writes ``lowerings_<device>.md`` / ``.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import time
 from pathlib import Path
 
-import torch
-
 CONFIG = "F1B0_W4MC2_R0.2"
+LOWERINGS = ("cond", "segments", "regional")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.lowerings", description=__doc__.split("\n")[0])
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m bench lowerings``."""
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--per-class", type=int, default=4, help="digits per class in the batch (default: 4)")
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Compile each lowering, time the calls interleaved, write the report."""
+    import torch
+
     import dbcache_compile as dbc
     from dbcache_compile.digits import load_digits_pipeline
 
-    labels = [d for d in range(10) for _ in range(4)]
+    from .measure import timed_call
+    from .report import markdown_table, metadata, write_report
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    meta = metadata(args.command_line, device)
+    labels = [d for d in range(10) for _ in range(args.per_class)]
 
     def call(pipe) -> float:
-        start = time.perf_counter()
-        pipe(labels, num_inference_steps=20, generator=torch.Generator().manual_seed(0), progress=False)
-        return time.perf_counter() - start
+        kwargs = {"labels": labels, "num_inference_steps": args.steps, "generator": torch.Generator().manual_seed(0),
+                  "progress": False}
+        return timed_call(pipe, kwargs, device)[0]
 
-    pipes, compile_s = {}, {}
-    for lowering in ("cond", "segments", "regional"):
+    pipes, first = {}, {}
+    for lowering in LOWERINGS:
         pipes[lowering] = dbc.optimize(load_digits_pipeline(), cache=CONFIG, mode="default", graph=lowering)
-        compile_s[lowering] = call(pipes[lowering])
+        first[lowering] = call(pipes[lowering])
     times: dict[str, list[float]] = {k: [] for k in pipes}
     for _ in range(args.repeats):
         for name, pipe in pipes.items():
             times[name].append(call(pipe))
-    report = {"date": time.strftime("%F"), "torch": torch.__version__, "device": "cpu (1 thread)",
-              "model": "digits, 40 images, 20 steps", "config": CONFIG,
-              "command": "python -m bench.lowerings " + " ".join(argv or sys.argv[1:]),
-              "first_call_s": {k: round(v, 2) for k, v in compile_s.items()},
-              "median_s": {k: round(statistics.median(v), 3) for k, v in times.items()},
-              "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lowerings_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# cond vs segments vs regional (CPU)", "", f"{report['date']}, torch {report['torch']}, {report['device']}, "
-             f"{report['model']}, config {CONFIG}. Command: `{report['command']}`.", "",
-             "| lowering | first call (compile) s | steady median s | all runs s |", "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {report['first_call_s'][k]} | {report['median_s'][k]} | {report['all_s'][k]} |"
-              for k in pipes]
-    (args.out / "lowerings_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    median = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    meta.update({"model": f"digits, {len(labels)} images, {args.steps} steps", "config": CONFIG})
+    rows = [[k, round(first[k], 2), median[k], [round(x, 3) for x in times[k]]] for k in pipes]
+    body = [f"{meta['model']}, config {CONFIG}, Inductor mode `default`, 1 torch thread.", "",
+            *markdown_table(["lowering", "first call (compile) s", "steady median s", "all runs s"], rows)]
+    md, _ = write_report(args.out / f"lowerings_{device.type}", f"cond vs segments vs regional ({device.type})", meta,
+                         body, {"first_call_s": {k: round(v, 2) for k, v in first.items()}, "median_s": median,
+                                "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}})
+    print(md.read_text())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

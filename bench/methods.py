@@ -116,7 +116,7 @@ class Uncached(Method):
     def details(self, pipe: Any) -> dict[str, Any]:
         if self.compile_mode is None:
             return {"compile": "eager"}
-        runtime = pipe.transformer._dbcache_compile
+        runtime = dbc.runtime_of(pipe.transformer)
         if runtime.regional_blocks:
             graphs = "one hand-captured CUDA graph per shape" if runtime.graphs is not None else "no CUDA graphs"
             return {"compile": f"regional (blocks, mode={self.compile_mode}), {graphs}"}

@@ -1,4 +1,5 @@
-"""Image-quality metrics, from torchmetrics (PSNR, SSIM, LPIPS), transformers' CLIP (CLIP Score) and ImageReward.
+"""Image-quality metrics: PSNR (the library's, :func:`dbcache_compile.metrics.psnr`), torchmetrics (SSIM, LPIPS),
+transformers' CLIP (CLIP Score) and ImageReward.
 
 Images are float tensors ``(N, C, H, W)`` with values in ``[0, 1]``. PSNR and SSIM compare a row's images with the
 uncached eager images of the same prompts and seeds (``data_range=1``); CLIP Score and ImageReward score an image
@@ -17,16 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from dbcache_compile.metrics import psnr
 
 __all__ = ["psnr", "ssim", "to_uint8", "Scorers"]
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB, shape ``(N,)``, of ``images`` against ``reference`` (both in [0, 1]); ``inf`` where
-    they are identical."""
-    return peak_signal_noise_ratio(images.float(), reference.float(), data_range=1.0, reduction="none",
-                                   dim=(1, 2, 3))
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,129 @@
-"""Write a run's results: ``results.md`` (the seed's columns, then ours), ``results.json`` (everything, per prompt)
-and ``speedup_vs_psnr.png``.
+"""The one writer of the benchmarks' outputs: run metadata, ``<stem>.md`` + ``<stem>.json``, and the run table.
 
-Speedups are against the uncached row of the same mode (for a quantized mode without one, e.g. ``--rows`` runs,
-the uncached row of the unquantized mode: ``compile+fp8`` against ``compile``): ``SpeedUp(FLOPs)`` = its TFLOPs /
-the row's TFLOPs, ``SpeedUp(measured)`` = its median wall time / the row's. The two are separate columns on purpose: a cache that
-skips FLOPs but not time (launch-bound steps, host syncs) shows up as the gap between them.
+Every subcommand of ``python -m bench`` records the same metadata (:func:`metadata`: date, device or card, the
+versions of python / torch / diffusers / torchao / cache-dit / calflops / torchmetrics / dbcache-compile, the git
+commit, the exact command) and writes its results with :func:`write_report`: a markdown file (title, the metadata
+lines, then the subcommand's tables) and a JSON file ``{"meta": ..., **data}``.
+
+``python -m bench run`` writes ``results.md`` / ``results.json`` / ``speedup_vs_psnr.png``. Speedups are against the
+uncached row of the same mode (for a quantized mode without one, e.g. ``--rows`` runs, the uncached row of the
+unquantized mode: ``compile+fp8`` against ``compile``): ``SpeedUp(FLOPs)`` = its TFLOPs / the row's TFLOPs,
+``SpeedUp(measured)`` = its median wall time / the row's. The two are separate columns on purpose: a cache that skips
+FLOPs but not time (launch-bound steps, host syncs) shows up as the gap between them.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import math
+import os
+import platform
 import statistics
+import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from .runner import RowResult, RowSpec
+import torch
 
-__all__ = ["COLUMNS", "baseline_of", "speedups", "write_markdown", "write_json", "write_plot"]
+if TYPE_CHECKING:
+    from .runner import RowResult, RowSpec
+
+__all__ = ["COLUMNS", "baseline_of", "speedups", "metadata", "device_name", "markdown_table", "write_report",
+           "write_results", "write_plot"]
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The distributions whose versions every result records.
+DISTRIBUTIONS = ("torch", "diffusers", "torchao", "cache-dit", "calflops", "torchmetrics", "dbcache-compile")
+
+
+# ------------------------------------------------------------------------------------------------------- metadata
+def versions() -> dict[str, str]:
+    """``{distribution: version}`` for python and :data:`DISTRIBUTIONS` (``not installed`` where missing)."""
+    out = {"python": platform.python_version()}
+    for dist in DISTRIBUTIONS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def git_revision() -> str:
+    """The repository commit the run used (``+dirty`` with uncommitted changes to tracked files), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def device_name(device: Union[torch.device, str]) -> str:
+    """``NVIDIA H100 80GB HBM3 (SM 9.0), CUDA 13.0`` or ``CPU, 2 cores (AMD EPYC ...), torch threads 1``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (SM {major}.{minor}), CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"CPU, {os.cpu_count()} cores ({cpu}), torch threads {torch.get_num_threads()}"
+
+
+def metadata(command: str, device: Union[torch.device, str],
+             started: Optional[datetime.datetime] = None) -> dict[str, Any]:
+    """What every result records: ``date`` (ISO, local time zone; ``started`` or now), ``device`` (card or CPU),
+    ``versions``, ``git`` (commit) and ``command`` (the exact command line)."""
+    started = started or datetime.datetime.now().astimezone()
+    return {"date": started.isoformat(timespec="seconds"), "device": device_name(device), "versions": versions(),
+            "git": git_revision(), "command": command}
+
+
+# -------------------------------------------------------------------------------------------------------- writers
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "INF"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table; ``None`` cells are ``n/a``."""
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(stem: Path, title: str, meta: dict[str, Any], body: Sequence[str],
+                 data: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` (``# title``, the :func:`metadata` lines, then ``body``) and ``<stem>.json``
+    (``{"meta": meta, **data}``; infinities as ``"inf"``, NaN as ``null``). Returns both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    versions_line = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    lines = [f"# {title}", "", f"- Date: {meta['date']}", f"- Device: {meta['device']}",
+             f"- Versions: {versions_line}", f"- Command: `{meta['command']}` (commit {meta['git']})", ""]
+    md, js = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".json")
+    md.write_text("\n".join(lines + list(body)).rstrip("\n") + "\n")
+    js.write_text(json.dumps(_json_safe({"meta": meta, **data}), indent=1) + "\n")
+    return md, js
+
 
 #: The seed's columns first (Config, Clip Score, ImageReward, PSNR, TFLOPs, SpeedUp(FLOPs)), then ours.
 COLUMNS = ("Config", "Clip Score", "ImageReward", "PSNR", "TFLOPs", "SpeedUp(FLOPs)", "Mode", "Wall s/img",
@@ -86,33 +192,6 @@ def _cells(r: RowResult, ratio: tuple[Optional[float], Optional[float]], extra: 
     return cells
 
 
-def write_markdown(path: Path, results: list[RowResult], meta: dict[str, Any], unavailable: dict[str, str],
-                   extra_name: Optional[str] = None) -> None:
-    """``results.md``: a header (model, device, versions, command), one table, then why any column is n/a."""
-    ratios = speedups(results)
-    header = list(COLUMNS) + ([extra_name] if extra_name else [])
-    lines = [f"# dbcache_compile benchmark: {meta['model']}", "",
-             f"- Date: {meta['date']}", f"- Device: {meta['device']}",
-             f"- Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-             f"- Command: `{meta['command']}` (commit {meta['git']})",
-             f"- {meta['prompts']} prompts, {meta['steps']} steps, {meta['resolution']}, seed {meta['seed']} "
-             f"(prompt i uses seed + i); compile mode `{meta['compile_mode']}`, graph `{meta['graph']}`", "",
-             "Wall s/img and Transformer s/img are medians over the prompts after one warm-up call; Compile s is the "
-             "warm-up call minus that median. SpeedUp(FLOPs) and SpeedUp(measured) are both against the `uncached` "
-             "row of the same mode (a quantized mode without one: the unquantized mode's). TFLOPs: transformer "
-             "forwards per image (calflops + attention matmuls by hand). "
-             "PSNR/SSIM/LPIPS are against the uncached eager images. Cached steps: cached / total transformer calls "
-             "per image.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        lines.append("| " + " | ".join(_cells(r, ratios[r.spec], extra_name is not None)) + " |")
-    notes = [f"- {name}: n/a, {reason}" for name, reason in unavailable.items()]
-    notes += [f"- {r.spec.label} ({r.spec.mode}): {r.status}, {r.reason[:200]}" for r in results if not r.ok]
-    if notes:
-        lines += ["", "Notes:", ""] + notes
-    path.write_text("\n".join(lines) + "\n")
-
-
 def _row_json(r: RowResult, ratio: tuple[Optional[float], Optional[float]]) -> dict[str, Any]:
     def finite(values: list[float]) -> list[Optional[float]]:
         return [v if math.isfinite(v) else None for v in values]  # JSON has no inf: null = identical images
@@ -132,11 +211,27 @@ def _row_json(r: RowResult, ratio: tuple[Optional[float], Optional[float]]) -> d
                            "extra": r.extra}}
 
 
-def write_json(path: Path, results: list[RowResult], meta: dict[str, Any]) -> None:
-    """``results.json``: ``meta`` (device, versions, command, date, FLOP counts, n/a reasons) and every row."""
+def write_results(out: Path, results: list[RowResult], meta: dict[str, Any], unavailable: dict[str, str],
+                  extra_name: Optional[str] = None) -> None:
+    """``results.md`` (the metadata, one table, then why any column is n/a or a row did not run) and
+    ``results.json`` (the metadata and every row with its per-prompt numbers) in ``out``."""
     ratios = speedups(results)
-    path.write_text(json.dumps({"meta": meta, "rows": [_row_json(r, ratios[r.spec]) for r in results]},
-                               indent=1) + "\n")
+    header = list(COLUMNS) + ([extra_name] if extra_name else [])
+    body = [f"{meta['prompts']} prompts, {meta['steps']} steps, {meta['resolution']}, seed {meta['seed']} "
+            f"(prompt i uses seed + i); compile mode `{meta['compile_mode']}`, graph `{meta['graph']}`.", "",
+            "Wall s/img and Transformer s/img are medians over the prompts after one warm-up call; Compile s is the "
+            "warm-up call minus that median. SpeedUp(FLOPs) and SpeedUp(measured) are both against the `uncached` "
+            "row of the same mode (a quantized mode without one: the unquantized mode's). TFLOPs: transformer "
+            "forwards per image (calflops + attention matmuls by hand). "
+            "PSNR/SSIM/LPIPS are against the uncached eager images. Cached steps: cached / total transformer calls "
+            "per image.", ""]
+    body += markdown_table(header, [_cells(r, ratios[r.spec], extra_name is not None) for r in results])
+    notes = [f"- {name}: n/a, {reason}" for name, reason in unavailable.items()]
+    notes += [f"- {r.spec.label} ({r.spec.mode}): {r.status}, {r.reason[:200]}" for r in results if not r.ok]
+    if notes:
+        body += ["", "Notes:", ""] + notes
+    write_report(out / "results", f"dbcache_compile benchmark: {meta['model']}", meta, body,
+                 {"rows": [_row_json(r, ratios[r.spec]) for r in results]})
 
 
 def write_plot(path: Path, results: list[RowResult], title: str) -> None:

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from dbcache_compile import DBCacheConfig
 from dbcache_compile.adapters import adapter_for
+from dbcache_compile.flops import ForwardFlops, cached_forward_flops, full_forward_flops, generation_flops
 from dbcache_compile.quantize import default_filter, quantize_transformer, resolve_quantization
 
-from .flops import ForwardFlops, cached_forward_flops, full_forward_flops, generation_flops
 from .measure import PeakMemory, TransformerTimer, timed_call
 from .methods import CacheDit, FirstBlockCache, Method, Ours, Uncached, peer_unavailable
 from .metrics import Scorers, psnr, ssim

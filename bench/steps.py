@@ -1,20 +1,22 @@
 """Cold compile time and per-step times of the compiled lowerings, each variant in a fresh process.
 
-    python -m bench.steps --random-weights flux --height 1024 --width 1024 --graphs regional,segments \\
+    python -m bench steps --random-weights flux --height 1024 --width 1024 --graphs regional,segments \\
         --quantize none,fp8 --mode max-autotune --out bench/results/h100-steps-1024
 
-Each (lowering, quantization) variant runs in its own Python process with an empty Inductor cache directory, so
-its first call pays the whole compile (and, on CUDA, the graph captures), as a user's first call does. Per variant:
+Each (lowering, quantization, fused QKV) variant runs in its own Python process (``python -m bench steps ... --one
+VARIANT``) with an empty Inductor cache directory, so its first call pays the whole compile (and, on CUDA, the graph
+captures), as a user's first call does. Per variant:
 
-* ``first call s`` / ``steady call s``: pipeline wall of the first and of the median later generation, and
-  ``compile s`` = their difference;
-* ``miss ms`` / ``hit ms``: median wall of the transformer calls that computed / used the cache, the device
-  synchronized before and after each call (what a step costs the pipeline);
+* ``first call s`` / ``steady call s``: pipeline wall (:func:`bench.measure.timed_call`) of the first and of the
+  median later generation, and ``compile s`` = their difference;
+* ``miss ms`` / ``hit ms``: median wall of the transformer calls that computed / used the cache, timed by
+  :class:`bench.measure.TransformerTimer` hooks with the device synchronized before and after each call (what a step
+  costs the pipeline);
 * ``miss GPU ms`` / ``hit GPU ms``: CUDA-event time of the same calls, events recorded on the stream around the
-  call without a host sync inside (includes any GPU idle time the host causes);
+  call (includes any GPU idle time the host causes inside the call);
 * ``graph ms`` (``regional`` on CUDA): replay time of each hand-captured segment graph alone (head, miss, hit),
   back to back, CUDA events: the floor a step can reach. ``hit ms / (head + hit graph ms)`` is the host overhead
-  factor of a hit step (target <= 1.1, DESIGN.md §5).
+  factor of a hit step (target <= 1.1, ``docs/design.md`` "Numbers to beat").
 
 The cache config defaults to the forced schedule ``F1B0_W4MC6_R1.0`` (R >= 1: every step the gates allow is a
 hit), so hits and misses are the same steps for every variant. Writes ``steps_<tag>.md`` / ``.json`` into
@@ -26,12 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +43,7 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
 
     import dbcache_compile as dbc
 
+    from .measure import TransformerTimer, timed_call
     from .models import load_model
 
     if args.threads:
@@ -55,43 +55,22 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     dbc.optimize(pipe, cache=args.config, mode=args.mode, graph=graph, quantize=quantize, fuse_qkv=fuse_qkv,
                  attention=args.attention)
     transformer = pipe.transformer
-    runtime = transformer._dbcache_compile
+    runtime = dbc.runtime_of(pipe)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def generation(i: int) -> float:
-        sync()
-        start = time.perf_counter()
-        pipe(**model.make_inputs(i, ""))
-        sync()
-        return time.perf_counter() - start
+        return timed_call(pipe, model.make_inputs(i, ""), device)[0]
 
     first = generation(0)
     walls = [generation(i) for i in range(1, 1 + args.repeats)]
 
-    # per-call timing of one more generation
-    forward = transformer.forward
-    calls: list[tuple[float, float]] = []
-
-    def timed_forward(*a: Any, **k: Any) -> Any:
-        sync()
-        start = time.perf_counter()
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        out = forward(*a, **k)
-        if cuda:
-            end.record()
-        sync()
-        wall = time.perf_counter() - start
-        calls.append((wall, begin.elapsed_time(end) / 1e3 if cuda else float("nan")))
-        return out
-
-    transformer.forward = timed_forward
+    # per-call timing of one more generation: hooks, the device synchronized around each call
+    timer = TransformerTimer(transformer, device, sync_each_call=True)
     try:
         pipe(**model.make_inputs(0, ""))
+        calls = timer.per_call()
     finally:
-        transformer.forward = forward
+        timer.remove()
     summary = dbc.summary(pipe)
     per_step = 2 if summary.separate_cfg else 1  # with separate CFG, call 2k+1 is step k's unconditional branch
     hits = [set(summary.cached_steps), set(summary.cfg_cached_steps)]
@@ -117,7 +96,8 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
         "first_call_s": round(first, 2), "steady_call_s": round(statistics.median(walls), 3),
         "compile_s": round(first - statistics.median(walls), 1),
         "miss_ms": ms([w for w, _ in miss]), "hit_ms": ms([w for w, _ in hit]),
-        "miss_gpu_ms": ms([g for _, g in miss]) if cuda else None, "hit_gpu_ms": ms([g for _, g in hit]) if cuda else None,
+        "miss_gpu_ms": ms([g for _, g in miss]) if cuda else None,
+        "hit_gpu_ms": ms([g for _, g in hit]) if cuda else None,
         "graph_ms": graph_ms or None, "cached_calls": sum(is_hit), "calls": len(calls),
         "cudagraphs": summary.cudagraphs, "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
         "graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"],
@@ -125,8 +105,8 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     }
 
 
-def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.steps", description=__doc__.split("\n")[0])
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m bench steps``."""
     parser.add_argument("--random-weights", default="flux", help="flux | flux-narrow | flux-tiny | qwen-image")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
@@ -143,15 +123,19 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=2, help="steady generations after the first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per variant (its process group is killed)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default=None, help="file name tag (default: model-height-device)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: "graph:quantize:fuse"
-    return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = _parse(argv)
+COLUMNS = ["graph", "quantize", "fuse_qkv", "first_call_s", "compile_s", "steady_call_s", "miss_ms", "hit_ms",
+           "miss_gpu_ms", "hit_gpu_ms", "graph_ms", "cached_calls", "graph_breaks", "cudagraph_skips", "cudagraphs"]
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Child (``--one``): run one variant and print ``RESULT {json}``. Parent: one child per variant, then the
+    report; 1 when a variant failed."""
     if args.one is not None:
         graph, quantize, fuse = args.one.split(":")
         result = _variant(args, graph, None if quantize == "none" else quantize, fuse == "on")
@@ -159,57 +143,42 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     import torch
 
+    from .measure import run_child
+    from .report import ROOT, markdown_table, metadata, write_report
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = metadata(args.command_line, device)
     rows = []
-    child_args = [a for a in (argv if argv is not None else sys.argv[1:])]
     variants = [(g, q, f) for g in args.graphs.split(",") for q in args.quantize.split(",")
                 for f in args.fuse_qkv.split(",")]
     for graph, quantize, fuse in variants:
-        cache_dir = tempfile.mkdtemp(prefix="dbc_steps_inductor_")
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONUNBUFFERED="1")
-        print(f"[bench.steps] {graph} / quantize={quantize} / fuse_qkv={fuse} (fresh Inductor cache "
-              f"{cache_dir})", flush=True)
-        try:
-            done = subprocess.run([sys.executable, "-m", "bench.steps", *child_args, "--one",
-                                   f"{graph}:{quantize}:{fuse}"], env=env, capture_output=True, text=True,
-                                  timeout=args.timeout, cwd=Path(__file__).resolve().parent.parent)
-            result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
-                          None)
-            if result is None:
-                result = {"graph": graph, "quantize": quantize, "fuse_qkv": fuse == "on",
-                          "error": done.stderr.strip()[-2000:]}
-        except subprocess.TimeoutExpired:
-            result = {"graph": graph, "quantize": quantize, "fuse_qkv": fuse == "on",
-                      "error": f"timed out after {args.timeout} s"}
+        with tempfile.TemporaryDirectory(prefix="dbc_steps_inductor_") as cache_dir:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONUNBUFFERED="1")
+            print(f"[bench steps] {graph} / quantize={quantize} / fuse_qkv={fuse} (fresh Inductor cache "
+                  f"{cache_dir})", flush=True)
+            child = run_child([sys.executable, "-m", "bench", *args.argv, "--one", f"{graph}:{quantize}:{fuse}"],
+                              cap=args.timeout, env=env, cwd=ROOT)
+        result = next((json.loads(line[7:]) for line in child.output.splitlines() if line.startswith("RESULT ")),
+                      None)
+        if result is None:
+            error = f"timed out after {args.timeout} s" if child.timed_out else child.output.strip()[-2000:]
+            result = {"graph": graph, "quantize": quantize, "fuse_qkv": fuse == "on", "error": error}
         print(json.dumps(result), flush=True)
         rows.append(result)
-    props = torch.cuda.get_device_properties(0) if device == "cuda" else None
-    meta = {
-        "date": time.strftime("%F %H:%M"), "torch": torch.__version__,
-        "device": props.name if props else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "model": args.random_weights, "resolution": f"{args.height}x{args.width}", "steps": args.steps,
-        "config": args.config, "mode": args.mode, "dtype": args.dtype, "attention": args.attention,
-        "command": "python -m bench.steps " + " ".join(child_args), "rows": rows,
-    }
-    tag = args.tag or f"{args.random_weights}-{args.height}-{device}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"steps_{tag}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    cols = ["graph", "quantize", "fuse_qkv", "first_call_s", "compile_s", "steady_call_s", "miss_ms", "hit_ms", "miss_gpu_ms",
-            "hit_gpu_ms", "graph_ms", "cached_calls", "graph_breaks", "cudagraph_skips", "cudagraphs"]
-    lines = [f"# Compile and step times: {meta['model']} {meta['resolution']}, {args.steps} steps ({meta['device']})",
-             "", f"Finished {meta['date']} (UTC), torch {meta['torch']}, mode {args.mode}, {args.dtype}, config {args.config}. "
-             f"Command: `{meta['command']}`. Each row is a fresh process with an empty Inductor cache.", "",
-             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    meta.update({"model": args.random_weights, "resolution": f"{args.height}x{args.width}", "steps": args.steps,
+                 "config": args.config, "mode": args.mode, "dtype": args.dtype, "attention": args.attention})
+    table = []
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['graph']} | {row['quantize']} | {row['fuse_qkv']} | failed: "
-                         f"{row['error'][-300:]!r} |")
+            table.append([row["graph"], row["quantize"], row["fuse_qkv"], f"failed: {row['error'][-300:]!r}"]
+                         + [""] * (len(COLUMNS) - 4))
         else:
-            lines.append("| " + " | ".join("n/a" if row.get(c) is None else str(row.get(c)) for c in cols) + " |")
-    (args.out / f"steps_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            table.append([row.get(c) for c in COLUMNS])
+    tag = args.tag or f"{args.random_weights}-{args.height}-{device}"
+    body = [f"{meta['model']} {meta['resolution']}, {args.steps} steps, mode {args.mode}, {args.dtype}, config "
+            f"{args.config}. Each row is a fresh process with an empty Inductor cache; ms columns are medians.", "",
+            *markdown_table(COLUMNS, table)]
+    md, _ = write_report(args.out / f"steps_{tag}", f"Compile and step times: {meta['model']} {meta['resolution']}",
+                         meta, body, {"rows": rows})
+    print(md.read_text())
     return 0 if all("error" not in r for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .digits.demo import DigitSamples
 
 DEFAULT_CONFIG = "F1B0_W4M0MC2_T0O1_R0.2"
 
 
 @dataclass
 class Variant:
+    """One row of the demo table (``report.json`` holds every field but ``samples``)."""
+
     name: str
     mode: Optional[str]
     seconds: float
@@ -30,46 +36,26 @@ class Variant:
     flop_ratio: Optional[float]
     psnr: Optional[float]
     accuracy: float
-    images: np.ndarray
+    samples: "DigitSamples"
 
-
-def _psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of float images in [0, 1] (scikit-image), ``inf`` when identical."""
-    from skimage.metrics import peak_signal_noise_ratio
-    if np.array_equal(images, reference):
-        return float("inf")
-    return float(peak_signal_noise_ratio(reference.astype(np.float64), images.astype(np.float64), data_range=1.0))
-
-
-def _grid(variants: list[Variant], labels: np.ndarray, scale: int = 3) -> "np.ndarray":
-    """One row per variant, the same digits in the same columns; misrecognised digits tinted red."""
-    from .digits.classifier import classify
-    side, pad = variants[0].images.shape[-1] * scale, scale
-    n = len(labels)
-    grid = np.full((len(variants) * (side + pad) + pad, n * (side + pad) + pad, 3), 40, dtype=np.uint8)
-    for row, variant in enumerate(variants):
-        predicted = classify(variant.images)
-        for col, image in enumerate(variant.images):
-            tile = np.kron((image * 255).round().astype(np.uint8), np.ones((scale, scale), dtype=np.uint8))
-            ok = predicted[col] == labels[col]
-            rgb = np.stack([tile, tile, tile] if ok else [tile, tile // 4, tile // 4], axis=-1)
-            top, left = pad + row * (side + pad), pad + col * (side + pad)
-            grid[top:top + side, left:left + side] = rgb
-    return grid
+    @property
+    def images(self) -> np.ndarray:
+        """float32 (N, 16, 16) in [0, 1]."""
+        return self.samples.images
 
 
 def run_demo(out: Path, config: str = DEFAULT_CONFIG, steps: int = 20, mode: str = "default", graph: str = "auto",
              per_class: int = 4, seed: int = 0, progress: bool = True) -> list[Variant]:
     """Generate ``per_class`` digits of each class three ways and write ``grid.png``, ``report.json`` and
     ``samples.npz`` to ``out``. Returns the measured variants (uncached eager, cached eager, cached compiled)."""
-    import PIL.Image
     import torch
 
     import dbcache_compile as dbc
     from .digits import load_digits_pipeline
-    from .digits.demo import balanced_labels, generate_digits
+    from .digits.demo import balanced_labels, generate_digits, image_grid
     from .export import capture_transformer_inputs
     from .flops import flop_ratio
+    from .metrics import psnr
 
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_digits_pipeline()
@@ -92,8 +78,8 @@ def run_demo(out: Path, config: str = DEFAULT_CONFIG, steps: int = 20, mode: str
             name=name, mode=compiled_mode, seconds=samples.seconds, compile_seconds=compile_seconds,
             cached_steps=summary.cached_steps if summary else [],
             flop_ratio=flop_ratio(pipe.transformer, summary, example) if summary else 1.0,
-            psnr=_psnr(samples.images, reference) if variants else None,
-            accuracy=samples.accuracy, images=samples.images))
+            psnr=float(psnr(samples.images, reference).mean()) if variants else None,
+            accuracy=samples.accuracy, samples=samples))
         log(f"  {name}: {samples.seconds:.2f} s, {len(variants[-1].cached_steps)} cached steps")
 
     measure("uncached eager", None)
@@ -104,21 +90,24 @@ def run_demo(out: Path, config: str = DEFAULT_CONFIG, steps: int = 20, mode: str
     measure(f"cached compiled ({dbc.summary(pipe).lowering}, {mode})", mode)
     dbc.disable(pipe)
 
-    labels = np.asarray([d for d in range(10) for _ in range(per_class)])
-    PIL.Image.fromarray(_grid(variants, labels)).save(out / "grid.png")
+    labels = variants[0].samples.labels
+    image_grid([(v.name, v.samples) for v in variants]).save(out / "grid.png")
     to_uint8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
     np.savez(out / "samples.npz", labels=labels, uncached=to_uint8(variants[0].images),
              cached=to_uint8(variants[-1].images))
     report = {
         "config": config, "steps": steps, "images": int(len(labels)), "seed": seed, "date": time.strftime("%F"),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
-        "variants": [{k: v for k, v in vars(var).items() if k != "images"} for var in variants],
+        "psnr": "dB against the uncached eager images, mean over the images ('inf': identical)",
+        "variants": [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in vars(var).items()
+                      if k != "samples"} for var in variants],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return variants
 
 
 def format_table(variants: list[Variant], config: str) -> str:
+    """The table the demo prints: one line per variant (PSNR against the uncached row, mean over the images)."""
     rows = [("variant", "config", "wall s", "compile s", "cached steps", "FLOP ratio", "PSNR dB", "accuracy")]
     for v in variants:
         rows.append((v.name, "-" if v.name == "uncached eager" else config, f"{v.seconds:.2f}",
@@ -139,7 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--config", default=DEFAULT_CONFIG, help=f"cache config (default {DEFAULT_CONFIG})")
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     demo.add_argument("--mode", default="default", help="torch.compile mode of the compiled row (default 'default')")
-    demo.add_argument("--graph", default="auto", choices=("auto", "regional", "segments", "cond"), help="compiled lowering")
+    demo.add_argument("--graph", default="auto", choices=("auto", "regional", "segments", "cond"),
+                      help="compiled lowering")
     demo.add_argument("--per-class", type=int, default=4, help="digits per class (default 4)")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Hand-captured CUDA graphs of the cached step's segments (the ``regional`` lowering).
 
 Regional compile (each transformer block compiled once per block class) compiles in seconds where whole-segment
-graphs take minutes on the FLUX-size model (DESIGN.md §3), but leaves the glue between the blocks (embeddings,
+graphs take minutes on the FLUX-size model (docs/design.md, "Compile time"), but leaves the glue between the blocks (embeddings,
 residuals, the decision, the output projection) to eager launches. :class:`SegmentGraphs` captures each segment
 (``head`` / ``miss`` / ``hit``) as one ``torch.cuda.CUDAGraph`` instead, so a step is two graph replays and one
 host read of the predicate, whatever runs inside. The uncached ``regional`` baseline captures its whole forward

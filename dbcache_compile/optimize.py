@@ -169,7 +169,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             (``transformer.set_attention_backend``); reported by :func:`summary` and reset by :func:`disable`.
         fuse_qkv: fuse each attention's Q/K/V (and added Q/K/V) linears into one (diffusers
             ``fuse_qkv_projections``; before quantization, so the fused linear is quantized). Off by default: it is
-            measured per model and card (``python -m bench.steps --fuse-qkv``), not assumed to help. Undone by
+            measured per model and card (``python -m bench steps --fuse-qkv``), not assumed to help. Undone by
             :func:`disable`.
         adapter: ``None`` (the model family's adapter file if there is one, else the generic adapter) or
             ``"generic"``: run the model's own forward with the middle blocks skipped on a hit, through block hooks

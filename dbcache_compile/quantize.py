@@ -4,7 +4,7 @@ Defaults keep the embedders, the modulation (adaLN) linears and the output proje
 peers do for quality: only the attention and MLP linears inside the cached block lists are quantized.
 
 torchao configs adjust global Inductor flags when ``set_inductor_config=True`` (their default). On FLUX-size fp8
-those flags made the regional compile take 273 s and run slower than Inductor's defaults (18.4 s; DESIGN.md §3), and
+those flags made the regional compile take 273 s and run slower than Inductor's defaults (18.4 s; docs/design.md, "Compile time"), and
 they would silently change every later ``torch.compile`` in the user's process. The named configs here therefore use
 ``set_inductor_config=False``; a torchao config object you pass is applied as given (its flag is yours).
 """

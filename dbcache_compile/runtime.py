@@ -244,6 +244,30 @@ class BranchedRuntime(Runtime):
     def _on_new_generation(self, state: BranchState) -> None:
         """A branch's host counters were just reset."""
 
+    def reconfigure(self, config: DBCacheConfig) -> None:
+        """Use another cache config from the next generation on, without recompiling or recapturing anything.
+
+        The compiled graphs depend only on the block split (Fn, Bn) and the TaylorSeer terms; thresholds, warm-up and
+        the cached-step limits are host data in the eager, ``segments`` and ``regional`` lowerings (``cond`` bakes
+        the gates into its graph). So a config that keeps Fn, Bn and the TaylorSeer order swaps in place: what
+        :func:`dbcache_compile.calibrate` relies on to measure many candidates on one compiled model."""
+        config = DBCacheConfig.coerce(config)
+        old = self.cache_config
+        same = (config.Fn_compute_blocks, config.Bn_compute_blocks, config.taylorseer_terms) == (
+            old.Fn_compute_blocks, old.Bn_compute_blocks, old.taylorseer_terms)
+        if not same:
+            raise ValueError(f"reconfigure() keeps the block split and the TaylorSeer order (F{old.Fn_compute_blocks}"
+                             f"B{old.Bn_compute_blocks}, {old.taylorseer_terms} terms); {config} changes them: "
+                             f"disable() and optimize() again")
+        if self.lowering == "cond":
+            raise ValueError("reconfigure() is not available with graph='cond' (its graph holds the gates)")
+        self._set_config(config)
+        self.branches.separate = config.enable_separate_cfg
+        self.reset()
+
+    def _set_config(self, config: DBCacheConfig) -> None:
+        self.cache_config = config
+
     def _begin(self, args: tuple, kwargs: dict) -> tuple[BranchState, int, tuple]:
         """Pick the branch of this call (starting a generation where one starts): ``(state, step, input key)``."""
         generation = self.watch.poll() if self.watch is not None else 0
@@ -337,6 +361,9 @@ class CachedRuntime(BranchedRuntime):
 
     def _on_new_generation(self, state: BranchState) -> None:
         self.impl.start_generation(state)
+
+    def _set_config(self, config: DBCacheConfig) -> None:
+        self.cache_config = self.impl.config = self.impl.step.config = config
 
     def _fold(self) -> None:
         self.impl.fold(list(self.branches.states.values()))

@@ -382,3 +382,29 @@ def test_the_generic_adapter_with_true_cfg_and_regional_compile():
 def test_a_model_without_any_adapter_says_what_is_supported():
     with pytest.raises(ValueError, match="TransformerBlockRegistry"):
         dbc.optimize(torch.nn.Sequential(torch.nn.Linear(2, 2)), cache=CONFIG)
+
+
+def test_reconfigure_swaps_thresholds_without_recompiling():
+    """Another threshold / warm-up / limit with the same block split and TaylorSeer order: the next generation uses
+    it, exactly like a pipeline optimized with it, and no graph is compiled again (what calibrate() relies on)."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache="F1B0_W2M0MC3_T0O1_R0.3")
+    expected, expected_steps = run(pipe), dbc.summary(pipe).cached_steps
+    dbc.disable(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    dbc.optimize(pipe, cache="F1B0_W4M0MC1_T0O1_R0.05", mode="default", graph="regional",
+                 compile_options={"backend": "eager"})
+    try:
+        run(pipe)
+        graphs = counters["stats"]["unique_graphs"]
+        dbc.runtime_of(pipe).reconfigure("F1B0_W2M0MC3_T0O1_R0.3")
+        torch.testing.assert_close(run(pipe), expected, rtol=1e-5, atol=1e-5)
+        assert dbc.summary(pipe).cached_steps == expected_steps and expected_steps
+        assert counters["stats"]["unique_graphs"] == graphs
+        with pytest.raises(ValueError, match="keeps the block split"):
+            dbc.runtime_of(pipe).reconfigure("F2B0_W2_R0.3")
+    finally:
+        dbc.disable(pipe)

@@ -1,21 +1,25 @@
-"""Generation core of the digits demo: balanced sampling, scoring, timing and an image grid.
+"""Generation core of the digits demo (``python -m dbcache_compile demo``): balanced sampling, scoring, timing and
+the labelled image grid.
 
-The CLI lives elsewhere; this module only needs a (possibly accelerated) :class:`DigitsPipeline`::
+The CLI (:mod:`dbcache_compile.cli`) drives it; this module only needs a (possibly accelerated)
+:class:`DigitsPipeline`::
 
     pipe = load_digits_pipeline()
     ref = generate_digits(pipe, per_class=4, num_inference_steps=20, seed=0)
     ref.accuracy, ref.seconds            # classifier accuracy in [0, 1], wall time of the pipeline call in s
-    save_grid(ref, "digits.png")
+    image_grid([("uncached", ref)]).save("digits.png")
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 
 from .classifier import classify
@@ -74,27 +78,38 @@ def generate_digits(
     )
 
 
-def mean_abs_diff(samples: DigitSamples, reference: DigitSamples) -> float:
-    """Mean absolute pixel difference in [0, 1] between two runs with the same labels (e.g. cached vs uncached)."""
-    if samples.images.shape != reference.images.shape or not np.array_equal(samples.labels, reference.labels):
-        raise ValueError("samples and reference must come from the same labels (same per_class)")
-    return float(np.abs(samples.images - reference.images).mean())
+def image_grid(rows: Sequence[tuple[str, DigitSamples]], scale: int = 3) -> PIL.Image.Image:
+    """The demo's ``grid.png``: one row per ``(name, samples)``, labelled with ``name`` on the left, the same digits
+    in the same columns (all ``samples`` must come from the same labels); digits the classifier does not recognise
+    as the requested one are tinted red. Tiles are upscaled ``scale``x (nearest)."""
+    if not rows:
+        raise ValueError("image_grid needs at least one row")
+    labels = rows[0][1].labels
+    for name, samples in rows:
+        if not np.array_equal(samples.labels, labels):
+            raise ValueError(f"row {name!r} was generated for other labels than row {rows[0][0]!r}")
+    font = _font(4 * scale)
+    side, pad = rows[0][1].images.shape[-1] * scale, scale
+    text_width = max(int(np.ceil(font.getlength(name))) for name, _ in rows)
+    left0 = pad + text_width + 3 * pad
+    grid = np.full((len(rows) * (side + pad) + pad, left0 + len(labels) * (side + pad), 3), 40, dtype=np.uint8)
+    for row, (_, samples) in enumerate(rows):
+        for col, (image, label, pred) in enumerate(zip(samples.images, samples.labels, samples.predicted)):
+            tile = np.kron((image * 255).round().astype(np.uint8), np.ones((scale, scale), dtype=np.uint8))
+            rgb = np.stack([tile, tile, tile] if label == pred else [tile, tile // 4, tile // 4], axis=-1)
+            top, left = pad + row * (side + pad), left0 + col * (side + pad)
+            grid[top:top + side, left:left + side] = rgb
+    image = PIL.Image.fromarray(grid)
+    draw = PIL.ImageDraw.Draw(image)
+    for row, (name, _) in enumerate(rows):
+        middle = pad + row * (side + pad) + side // 2
+        draw.text((pad, middle), name, fill=(235, 235, 235), font=font, anchor="lm")
+    return image
 
 
-def save_grid(samples: DigitSamples, path: str | Path, scale: int = 4) -> Path:
-    """Save the images as a PNG grid, one row per requested digit, upscaled ``scale``x (nearest).
-
-    Correctly recognised digits are drawn white on black; misrecognised ones in red. Returns the path.
-    """
-    per_class = len(samples.labels) // NUM_CLASSES
-    side, pad = samples.images.shape[-1] * scale, scale
-    grid = np.zeros((NUM_CLASSES * (side + pad) + pad, per_class * (side + pad) + pad, 3), dtype=np.uint8)
-    for i, (image, label, pred) in enumerate(zip(samples.images, samples.labels, samples.predicted)):
-        tile = np.kron((image * 255).round().astype(np.uint8), np.ones((scale, scale), dtype=np.uint8))
-        rgb = np.stack([tile, tile, tile], axis=-1) if label == pred else np.stack([tile, tile // 4, tile // 4], -1)
-        row, col = divmod(i, per_class)
-        top, left = pad + row * (side + pad), pad + col * (side + pad)
-        grid[top : top + side, left : left + side] = rgb
-    path = Path(path)
-    PIL.Image.fromarray(grid).save(path)
-    return path
+def _font(size: int) -> PIL.ImageFont.ImageFont | PIL.ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` px (its bitmap font where Pillow has no FreeType)."""
+    try:
+        return PIL.ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return PIL.ImageFont.load_default()
