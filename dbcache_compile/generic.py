@@ -32,7 +32,8 @@ from .adapters import Adapter
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
 from .lowerings import Compiled, regional_options
-from .runtime import Applied, BranchedRuntime, GenerationWatch, ModelHook, _block_region, check_call
+from .parallel import cp_group, relative_l1_over, split_like
+from .runtime import Applied, BranchedRuntime, GenerationWatch, ModelHook, _block_region, check_call, run_region
 from .state import BranchState, taylor_forecast, taylor_update
 from .step import fresh_function, no_views
 
@@ -211,8 +212,7 @@ class GenericRuntime(BranchedRuntime):
         region = self.regions.get(type(module))
         if region is None:
             return original(*args, **kwargs)
-        return region(type(module).forward, module, *[no_views(a) for a in args],
-                      **{k: no_views(v) for k, v in kwargs.items()})
+        return run_region(region, module, BLOCK_HOOK_NAME, args, kwargs)
 
     def _streams(self, i: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         meta = self.meta[i]
@@ -254,7 +254,9 @@ class GenericRuntime(BranchedRuntime):
         self._next += 1
         if i < self.fn:
             if i == 0:
-                ctx.h0 = self._streams(i, args, kwargs)[0]
+                # under context parallelism a split hook inside ours may shard the stream: the same shard
+                ctx.h0 = split_like(module, self._streams(i, args, kwargs)[0],
+                                    self.meta[i].hidden_states_argument_name, before=BLOCK_HOOK_NAME)
             out = self._run(module, original, args, kwargs)
             if i == self.fn - 1:
                 self._decide(ctx, self._out_streams(i, out)[0] - ctx.h0)
@@ -288,7 +290,9 @@ class GenericRuntime(BranchedRuntime):
         if state.fn_residual is None:
             state.fn_residual = torch.zeros_like(residual)
         if cache_allowed(config, step, len(state.cached_steps), state.consecutive, state.has_prev):
-            diff = relative_l1(state.fn_residual, residual)
+            group = cp_group(self.transformer)
+            diff = (relative_l1(state.fn_residual, residual) if group is None
+                    else relative_l1_over(state.fn_residual, residual, group))
             ctx.hit, diff_value = read_decision_sync(hit_predicate(config, True, diff), diff)
             state.diffs[step] = DIFF_ALWAYS_HIT if config.residual_diff_threshold >= 1.0 else diff_value
         if ctx.hit:

@@ -27,6 +27,7 @@ import torch
 from .cudagraphs import SegmentGraphs
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync
 from .state import BranchState
+from .parallel import split_like
 from .step import CacheStep, counters_from_host, fresh_function, initial_counters, region_call
 
 __all__ = ["Lowering", "Eager", "Segments", "Regional", "Cond", "CUDAGRAPH_MODES", "LOWERINGS", "regional_options",
@@ -101,6 +102,11 @@ class Lowering:
         prediction, :meth:`CacheStep.first_step` (segments uncompiled, buffers from their outputs)."""
         step_fns = self.step
         shapes = step_fns.adapter.stream_shapes(step_fns.transformer, args, kwargs)
+        if shapes is not None and step_fns.cp_group is not None:
+            # under context parallelism the first block may shard the streams (Qwen-Image): shard the shapes alike
+            shapes = tuple((split_like(step_fns.fn_blocks[0], torch.empty(shape, device="meta"), argument).shape,
+                            dtype) for (shape, dtype), argument in zip(shapes, ("hidden_states",
+                                                                                 "encoder_hidden_states")))
         if shapes is None:
             out = step_fns.first_step(state, step, args, kwargs)
             self.new_buffers(state)

@@ -210,12 +210,12 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             raise ValueError(f"{type(transformer).__name__} runs through the generic adapter (no adapter file), which "
                              f"supports the lowerings {', '.join(GENERIC_LOWERINGS)}; graph={graph!r} needs an explicit "
                              f"adapter (explicit: {', '.join(supported_models())})")
-    if lowering == "regional":
-        hooked = sorted({name for block in adapter.blocks(transformer)
-                         for name in getattr(getattr(block, "_diffusers_hook", None), "hooks", {})})
-        if hooked:
-            raise ValueError(f"the transformer's blocks carry diffusers hooks ({', '.join(hooked)}) that compiled "
-                             f"block regions would bypass; remove them or use graph='segments'")
+    replacing = sorted({name for module in [transformer, *adapter.blocks(transformer)]
+                        for name, hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).items()
+                        if hasattr(hook, "new_forward")})
+    if replacing:
+        raise ValueError(f"the transformer or its blocks carry diffusers hooks that replace a forward "
+                         f"({', '.join(replacing)}); the cache would bypass them: remove them first")
     if config is None and lowering == "cond":
         raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
                          "graph='regional' or 'segments' (a whole-forward compile)")

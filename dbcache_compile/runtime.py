@@ -54,12 +54,13 @@ HookRegistry, ModelHook, StateManager = _hooks.HookRegistry, _hooks.ModelHook, _
 from .config import DBCacheConfig
 from .cudagraphs import SegmentGraphs
 from .lowerings import CUDAGRAPH_MODES, Lowering, Regional
+from .parallel import check_same_config, cp_group, inner_hooks
 from .state import BranchState
 from .stats import CacheSummary
 from .step import fresh_function, no_views, standard_strides, transformer_output
 
 __all__ = ["HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "Runtime", "BranchedRuntime", "CachedRuntime",
-           "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch", "input_key", "check_call"]
+           "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch", "input_key", "check_call", "run_region"]
 
 HOOK_NAME = "dbcache_compile"
 REGION_HOOK_NAME = "dbcache_compile_region"
@@ -274,6 +275,9 @@ class BranchedRuntime(Runtime):
         if self.branches.finished or generation != self._generation:
             self._generation = generation
             self.branches.start_generation(self._on_new_generation)
+            group = cp_group(self.transformer)
+            if group is not None:
+                check_same_config(self.cache_config, group, next(self.transformer.parameters()).device)
         name, state = self.branches.current()
         key = input_key(args, kwargs)
         if state.calls and state.key != key:  # new inputs mid-generation: this branch starts over
@@ -371,10 +375,19 @@ class CachedRuntime(BranchedRuntime):
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
         if not check_call(module):
             return original(*args, **kwargs)
+        # hooks registered before ours (context-parallel input splits on the root module) sit inside our forward:
+        # apply them as calling through would
+        inner = inner_hooks(module, HOOK_NAME)
+        for hook in inner:
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)
+        self.impl.step.cp_group = cp_group(module)
         attention_kwargs = kwargs.get(self._attention_kwargs)
         # the LoRA scale changes what the segments compute without being their argument: part of a graph's key
         self.impl.variant = attention_kwargs.get("scale", 1.0) if attention_kwargs else 1.0
-        return self._forward(module, *args, **kwargs)
+        out = self._forward(module, *args, **kwargs)
+        for hook in reversed(inner):
+            out = hook.post_forward(module, out)
+        return out
 
     def _cached_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
@@ -423,6 +436,20 @@ def _block_region(forward: Callable, block: torch.nn.Module, *args: Any, **kwarg
     return standard_strides(forward(block, *args, **kwargs))
 
 
+def run_region(region: Callable, module: torch.nn.Module, hook_name: str, args: tuple, kwargs: dict) -> Any:
+    """A block's class ``forward`` through its compiled region, from inside hook ``hook_name``: the block's hooks
+    registered before ours (context-parallel splits) run around the region eagerly, as calling through would (the
+    region is per block class; compiling through a block's own hook objects would recompile per block)."""
+    inner = inner_hooks(module, hook_name)
+    for hook in inner:
+        args, kwargs = hook.pre_forward(module, *args, **kwargs)
+    out = region(type(module).forward, module, *[no_views(a) for a in args],
+                 **{k: no_views(v) for k, v in kwargs.items()})
+    for hook in reversed(inner):
+        out = hook.post_forward(module, out)
+    return out
+
+
 class RegionHook(ModelHook):
     """Runs a block's class ``forward`` through a compiled region (the uncached ``regional`` baseline), one
     ``torch.compile`` per block class."""
@@ -432,8 +459,7 @@ class RegionHook(ModelHook):
         self.region = region
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.region(type(module).forward, module, *[no_views(a) for a in args],
-                           **{k: no_views(v) for k, v in kwargs.items()})
+        return run_region(self.region, module, REGION_HOOK_NAME, args, kwargs)
 
 
 class UncachedRuntime(Runtime):

@@ -25,6 +25,7 @@ import torch
 from .adapters import Adapter
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, relative_l1
+from .parallel import relative_l1_over, split_like
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
 __all__ = ["CacheStep", "BlockCall", "call_block", "region_call", "fold_records", "initial_counters",
@@ -73,20 +74,51 @@ def fresh_function(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def _class_region_body(forward: Callable, block: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
+    """The compiled region of a block that carries diffusers hooks: the block class's own ``forward`` (the hooks run
+    around the region, eagerly), standard-strided outputs."""
+    return standard_strides(forward(block, **kwargs))
+
+
+def _hooked_call(region: Callable, block: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
+    """Call ``block`` as its diffusers hooks would (each hook's ``pre_forward`` outermost first, its ``post_forward``
+    innermost first) with the class ``forward`` compiled in between. Compiling through the hooks instead would trace
+    each block's own hook objects and recompile per block (e.g. the context-parallel split hooks on every
+    Qwen-Image block)."""
+    registry = block._diffusers_hook
+    hooks = [registry.hooks[name] for name in reversed(registry._hook_order)]
+    args: tuple = ()
+    for hook in hooks:
+        args, kwargs = hook.pre_forward(block, *args, **kwargs)
+    if args:
+        raise RuntimeError(f"a diffusers hook on {type(block).__name__} turned keyword arguments into positional "
+                           f"ones; the regional lowering cannot run it")
+    out = region(type(block).forward, block, kwargs)
+    for hook in reversed(hooks):
+        out = hook.post_forward(block, out)
+    return out
+
+
 def region_call(options: dict[str, Any], fallbacks: dict[str, int]) -> BlockCall:
     """A :data:`BlockCall` that runs each block through a compiled region, one ``torch.compile`` per block class
     (so no block class ever recompiles for another, and ``recompile_limit=1`` holds), each with its own code
-    object (see :func:`fresh_function`) and the reported fallback of :class:`~dbcache_compile.lowerings.Compiled`."""
+    object (see :func:`fresh_function`) and the reported fallback of :class:`~dbcache_compile.lowerings.Compiled`.
+    A block with diffusers hooks (context-parallel splits) runs them eagerly around its compiled class forward."""
     from .lowerings import Compiled
-    regions: dict[type, Callable] = {}
+    regions: dict[tuple, Callable] = {}
 
     def call(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
              block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        region = regions.get(type(block))
+        hooked = bool(getattr(getattr(block, "_diffusers_hook", None), "hooks", None))
+        region = regions.get((type(block), hooked))
         if region is None:
-            region = regions[type(block)] = Compiled(type(block).__name__, fresh_function(_region_body), options,
-                                                     fallbacks)
-        return region(block, no_views(hidden), no_views(encoder), block_kwargs)
+            body = _class_region_body if hooked else _region_body
+            region = regions[(type(block), hooked)] = Compiled(type(block).__name__, fresh_function(body), options,
+                                                               fallbacks)
+        hidden, encoder = no_views(hidden), no_views(encoder)
+        if hooked:
+            return _hooked_call(region, block, dict(block_kwargs, hidden_states=hidden, encoder_hidden_states=encoder))
+        return region(block, hidden, encoder, block_kwargs)
 
     call.regions = regions  # type: ignore[attr-defined]
     return call
@@ -153,6 +185,9 @@ class CacheStep:
         self.bn_blocks = blocks[len(blocks) - bn:] if bn else []
         self.num_blocks = len(blocks)
         self.block_call = block_call
+        #: the context-parallel process group while the transformer runs under context parallelism (set by the
+        #: runtime per call): the diff is then reduced over all ranks (:mod:`dbcache_compile.parallel`)
+        self.cp_group: Any = None
 
     def _run_blocks(self, blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: torch.Tensor,
                     block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,11 +199,17 @@ class CacheStep:
         """Embeddings + Fn blocks → ``(hidden, encoder, Fn residual, (block kwargs, output kwargs))``."""
         emb = self.adapter.embed(self.transformer, *args, **kwargs)
         hidden, encoder = self._run_blocks(self.fn_blocks, emb.hidden, emb.encoder, emb.block_kwargs)
-        return hidden, encoder, hidden - emb.hidden, (emb.block_kwargs, emb.out_kwargs)
+        base = emb.hidden
+        if self.cp_group is not None:  # the first block may shard the stream (Qwen-Image): the same shard
+            base = split_like(self.fn_blocks[0], base)
+        return hidden, encoder, hidden - base, (emb.block_kwargs, emb.out_kwargs)
 
     def head_diff(self, fn_residual: torch.Tensor, *args: Any, **kwargs: Any):
-        """:meth:`head` plus the relative L1 diff of the Fn residual to ``fn_residual`` (0-dim tensor)."""
+        """:meth:`head` plus the relative L1 diff of the Fn residual to ``fn_residual`` (0-dim tensor; over all
+        ranks under context parallelism)."""
         hidden, encoder, residual, kw = self.head(*args, **kwargs)
+        if self.cp_group is not None:
+            return hidden, encoder, residual, relative_l1_over(fn_residual, residual, self.cp_group), kw
         return hidden, encoder, residual, relative_l1(fn_residual, residual), kw
 
     def tail(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]) -> torch.Tensor:
