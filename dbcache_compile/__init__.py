@@ -2,9 +2,10 @@
 
 from .config import DBCacheConfig
 from .export import LoadedCachedTransformer, export, load
+from .families import supported_models
 from .optimize import disable, optimize, reset, runtime_of, summary
 from .stats import CacheSummary
 
 __all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "runtime_of", "export", "load",
-           "LoadedCachedTransformer"]
+           "LoadedCachedTransformer", "supported_models"]
 __version__ = "0.1.0"

@@ -1,13 +1,15 @@
-"""The generic adapter: DBCache for any diffusers transformer whose block classes diffusers describes in
-``diffusers.hooks._helpers.TransformerBlockRegistry`` (which output of a block is the hidden stream and which the
-encoder stream), without an adapter file.
+"""The generic adapter: DBCache for any diffusers transformer whose block classes are described — by a family entry
+(:mod:`dbcache_compile.families`) or by diffusers' ``TransformerBlockRegistry`` (which output of a block is the
+hidden stream and which the encoder stream) — without an adapter file.
 
 The model's own forward runs unchanged (embeddings, rope, masks, LoRA scaling, glue between block lists, output
-projection); hooks on its blocks do the caching:
+projection); hooks on its blocks do the caching, per **chain** (a family's chains are cache-dit's cache contexts:
+usually one block list each, each with its own Fn/Bn split, residual and decision; without a family entry all block
+lists form one chain):
 
-* the first Fn blocks of the chain (the block lists in order, as one chain) run; after the last of them the Fn
-  residual (hidden stream out of block Fn-1 minus hidden stream into block 0) goes through the same gates and the
-  same relative L1 diff as everywhere else (:mod:`dbcache_compile.decision`), one host read when the gates allow;
+* the first Fn blocks of the chain run; after the last of them the Fn residual (hidden stream out of block Fn-1
+  minus hidden stream into block 0) goes through the same gates and the same relative L1 diff as everywhere else
+  (:mod:`dbcache_compile.decision`), one host read when the gates allow;
 * on a compute step the middle blocks run and, per block list, the residual of its middle part (outputs of its
   last middle block minus inputs of its first) is stored (TaylorSeer: its ladder updated);
 * on a hit, the first middle block of each list returns its inputs plus that list's cached (or forecast) residual
@@ -16,14 +18,15 @@ projection); hooks on its blocks do the caching:
   stay correct;
 * the last Bn blocks run.
 
-With one list this is exactly DBCache; with several lists the residual is kept per list instead of over the whole
-chain (the same hit, summed in another order). Fn must end in the first list and Bn start in the last. Lowerings:
-``eager`` and ``regional`` (each block class compiled once as a region; the glue runs eagerly, so no CUDA graphs:
-explicit adapters keep the segment graphs).
+With one list per chain this is exactly DBCache; a chain of several lists keeps the residual per list instead of
+over the whole chain (the same hit, summed in another order). Fn must end in a chain's first list and Bn start in
+its last. Lowerings: ``eager`` and ``regional`` (each block class compiled once as a region; the glue runs eagerly,
+so no CUDA graphs: explicit adapters keep the segment graphs).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,11 +34,13 @@ import torch
 from .adapters import Adapter
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
+from .families import Family, contract_for, family_for
 from .lowerings import Compiled, regional_options
 from .parallel import cp_group, relative_l1_over, split_like
-from .runtime import Applied, BranchedRuntime, GenerationWatch, ModelHook, _block_region, check_call, run_region
+from .runtime import (Applied, BranchedRuntime, Branches, GenerationWatch, ModelHook, _block_region, check_call,
+                      run_region)
 from .state import BranchState, taylor_forecast, taylor_update
-from .step import fresh_function, no_views
+from .step import fresh_function
 
 __all__ = ["GenericAdapter", "GenericRuntime", "generic_adapter", "GENERIC_LOWERINGS", "BLOCK_HOOK_NAME"]
 
@@ -43,23 +48,31 @@ GENERIC_LOWERINGS = ("eager", "regional")
 BLOCK_HOOK_NAME = "dbcache_compile_block"
 
 
-def _metadata(block_cls: type) -> Any:
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-    try:
-        return TransformerBlockRegistry.get(block_cls)
-    except ValueError:
+def _metadata(block_cls: type, family: Optional[Family]) -> Any:
+    """diffusers' ``TransformerBlockMetadata`` for a block class (built from the family's contract when it has one:
+    its argument lookup handles keyword and positional calls), or ``None``."""
+    contract = contract_for(block_cls, family)
+    if contract is None:
         return None
+    from diffusers.hooks._helpers import TransformerBlockMetadata
+    hidden_out, encoder_out, hidden_arg, encoder_arg = contract
+    return TransformerBlockMetadata(return_hidden_states_index=hidden_out, return_encoder_hidden_states_index=encoder_out,
+                                    hidden_states_argument_name=hidden_arg,
+                                    encoder_hidden_states_argument_name=encoder_arg, _cls=block_cls)
 
 
 class GenericAdapter(Adapter):
-    """Block lists found on the transformer: its direct ``ModuleList`` children whose blocks are all registered in
-    diffusers' ``TransformerBlockRegistry``, in the order its forward uses them (checked at run time against the
-    call order)."""
+    """The block lists of a transformer grouped into chains (a family's, or all described lists as one chain, in
+    the order the forward uses them; checked at run time against the call order)."""
 
     name = "generic"
 
-    def __init__(self, block_lists: tuple[str, ...]) -> None:
-        self.block_lists = block_lists
+    def __init__(self, chains: tuple[tuple[str, ...], ...], family: Optional[Family]) -> None:
+        self.chains = chains
+        self.family = family
+        self.block_lists = tuple(name for chain in chains for name in chain)
+        if family is not None:
+            self.name = f"generic ({family.name})"
 
     def embed(self, transformer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the generic adapter runs the model's own forward")
@@ -87,14 +100,17 @@ def _forward_order(transformer: torch.nn.Module, names: list[str]) -> list[str]:
 
 def generic_adapter(transformer: torch.nn.Module) -> Optional[GenericAdapter]:
     """The generic adapter for ``transformer``, or ``None`` when none of its block lists is described."""
+    family = family_for(type(transformer))
+    if family is not None:
+        return GenericAdapter(family.chains, family)
     lists = [name for name, child in transformer.named_children()
              if isinstance(child, torch.nn.ModuleList) and len(child)
-             and all(_metadata(type(block)) is not None for block in child)]
-    return GenericAdapter(tuple(_forward_order(transformer, lists))) if lists else None
+             and all(_metadata(type(block), None) is not None for block in child)]
+    return GenericAdapter((tuple(_forward_order(transformer, lists)),), None) if lists else None
 
 
-class GenericState(BranchState):
-    """A branch's state for the generic adapter: the Fn residual as in :class:`BranchState`, and per block list a
+class ChainState(BranchState):
+    """One chain's state in one branch: the Fn residual and counters of :class:`BranchState`, and per block list a
     ladder of its middle residual (hidden and encoder streams), allocated at the first compute."""
 
     def __init__(self, terms: int) -> None:
@@ -106,27 +122,67 @@ class GenericState(BranchState):
         self.segments = {}
 
 
-class _Step:
-    """What the block hooks of one forward share."""
+class GenericState(BranchState):
+    """A branch (cache context) of the generic adapter: its call count, and one :class:`ChainState` per chain, whose
+    cached steps and diffs are the summary's per chain. The branch's own ``cached_steps`` / ``diffs`` are the first
+    chain's."""
 
-    __slots__ = ("state", "step", "hit", "h0", "inputs", "window", "n")
+    def __init__(self, terms: int) -> None:
+        super().__init__(terms)
+        self.chains: list[ChainState] = []
 
-    def __init__(self, state: GenericState, step: int) -> None:
+    def reset(self) -> None:
+        super().reset()
+        for chain in getattr(self, "chains", ()):
+            chain.reset()
+
+    def chain(self, c: int) -> ChainState:
+        while len(self.chains) <= c:
+            self.chains.append(ChainState(self.terms))
+        return self.chains[c]
+
+
+class _ChainStep:
+    """What the block hooks of one chain share during one forward."""
+
+    __slots__ = ("state", "step", "hit", "h0", "inputs", "window", "n", "next")
+
+    def __init__(self, state: ChainState, step: int) -> None:
         self.state, self.step = state, step
         self.hit = False
         self.h0: Optional[torch.Tensor] = None
         self.inputs: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self.window, self.n = 0, 0
+        self.next = 0  # the chain index the next block call must have
+
+
+class _Chain:
+    """A chain's static layout: its blocks, Fn / middle / Bn split, and the first / last middle block of each list."""
+
+    def __init__(self, name: str, lists: list[list[torch.nn.Module]], fn: int, bn: int) -> None:
+        self.name = name
+        self.blocks = [block for blocks in lists for block in blocks]
+        self.fn, self.mid_end = fn, len(self.blocks) - bn
+        self.first_mid: dict[int, int] = {}  # chain index -> list (segment) index
+        self.last_mid: dict[int, int] = {}
+        start = 0
+        for seg, blocks in enumerate(lists):
+            idx = [i for i in range(start, start + len(blocks)) if fn <= i < self.mid_end]
+            if idx:
+                self.first_mid[idx[0]] = seg
+                self.last_mid[idx[-1]] = seg
+            start += len(blocks)
 
 
 class _BlockHook(ModelHook):
-    def __init__(self, runtime: "GenericRuntime", index: int) -> None:
+    def __init__(self, runtime: "GenericRuntime", chain: int, index: int) -> None:
         super().__init__()
         self.runtime = runtime
+        self.chain = chain
         self.index = index
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.runtime.block_forward(self.index, module, self.fn_ref.original_forward, args, kwargs)
+        return self.runtime.block_forward(self.chain, self.index, module, self.fn_ref.original_forward, args, kwargs)
 
 
 class GenericRuntime(BranchedRuntime):
@@ -136,48 +192,51 @@ class GenericRuntime(BranchedRuntime):
 
     def __init__(self, transformer: torch.nn.Module, adapter: GenericAdapter, config: DBCacheConfig,
                  lowering: str, mode: Optional[str], options: Optional[dict], applied: Applied,
-                 watch: Optional[GenerationWatch] = None) -> None:
-        lists = [list(getattr(transformer, name)) for name in adapter.block_lists]
-        chain = [block for blocks in lists for block in blocks]
-        super().__init__(transformer, config, applied, watch, len(chain), GenericState)
+                 watch: Optional[GenerationWatch] = None, pipeline: Any = None) -> None:
         fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
-        if fn > len(lists[0]) or bn > len(lists[-1]):
-            raise ValueError(
-                f"the generic adapter needs the first Fn={fn} blocks inside the first block list "
-                f"({adapter.block_lists[0]}: {len(lists[0])} blocks) and the last Bn={bn} inside the last "
-                f"({adapter.block_lists[-1]}: {len(lists[-1])} blocks)")
+        chains = []
+        for names in adapter.chains:
+            lists = [list(getattr(transformer, name)) for name in names]
+            if fn > len(lists[0]) or bn > len(lists[-1]):
+                raise ValueError(
+                    f"{type(transformer).__name__}: Fn={fn} must lie inside the first block list of each chain and "
+                    f"Bn={bn} inside the last ({'+'.join(names)}: {len(lists[0])} / {len(lists[-1])} blocks)")
+            chains.append(_Chain("+".join(names), lists, fn, bn))
+        super().__init__(transformer, config, applied, watch, sum(len(c.blocks) for c in chains), GenericState)
         self.adapter = adapter.name
+        self.family = adapter.family
         self.block_lists = adapter.block_lists
+        self.chains = chains
         self.lowering = lowering
         self.mode = mode
-        self.fn, self.mid_end = fn, len(chain) - bn
-        self.meta = [_metadata(type(block)) for block in chain]
-        # middle segments: per block list, the chain indices of its first and last middle block
-        self.first_mid: dict[int, int] = {}  # chain index -> segment
-        self.last_mid: dict[int, int] = {}
-        start = 0
-        for seg, blocks in enumerate(lists):
-            idx = [i for i in range(start, start + len(blocks)) if fn <= i < self.mid_end]
-            if idx:
-                self.first_mid[idx[0]] = seg
-                self.last_mid[idx[-1]] = seg
-            start += len(blocks)
-        self.chain = chain
-        self.ctx: Optional[_Step] = None
-        self._next = 0  # the chain index the next block call must have
-        self.structure: dict[int, Any] = {}  # chain index -> output structure seen on a compute step
+        self.meta = {block: _metadata(type(block), adapter.family) for c in chains for block in c.blocks}
+        missing = sorted({type(b).__name__ for b, m in self.meta.items() if m is None})
+        if missing:
+            raise ValueError(f"{type(transformer).__name__}: no stream contract for the block classes {missing} (not in "
+                             f"diffusers' TransformerBlockRegistry nor in dbcache_compile.families)")
+        self.unsupported = adapter.family.unsupported if adapter.family else ()
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self.steps: Optional[list[_ChainStep]] = None
+        self.structure: dict[tuple[int, int], Any] = {}  # (chain, index) -> output structure seen on a compute step
         self.regions: dict[type, Callable] = {}
         self.fallbacks: dict[str, int] = {}
         if lowering == "regional":
             opts = regional_options(options or {})
-            for block in chain:
-                if type(block) not in self.regions:
-                    self.regions[type(block)] = Compiled(type(block).__name__, fresh_function(_block_region), opts,
-                                                         self.fallbacks)
-        self.block_hooks = {block: _BlockHook(self, i) for i, block in enumerate(chain)}
+            for c in chains:
+                for block in c.blocks:
+                    if type(block) not in self.regions:
+                        self.regions[type(block)] = Compiled(type(block).__name__, fresh_function(_block_region),
+                                                             opts, self.fallbacks)
+        self.block_hooks = {block: _BlockHook(self, ci, i) for ci, c in enumerate(chains)
+                            for i, block in enumerate(c.blocks)}
+        if adapter.family is not None and adapter.family.cfg == "separate":
+            self.branches = _FamilyBranches(self.branches, self._separate_calls)
 
-    def _on_new_generation(self, state: BranchState) -> None:
-        pass
+    def _separate_calls(self) -> bool:
+        """Whether this call's pipeline runs cond and uncond as two calls without naming them (the family's
+        pipelines do when CFG is on)."""
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
 
     def cudagraph_status(self) -> str:
         return "off (generic adapter: the model's own glue runs between the blocks)"
@@ -186,25 +245,48 @@ class GenericRuntime(BranchedRuntime):
     def compile_fallbacks(self) -> dict[str, int]:
         return self.fallbacks
 
+    def summary(self) -> Any:
+        summary = super().summary()
+        states = self.branches.states
+        order = self.branches.order or ["cond"]
+        main = states.get(order[0])
+        cfg = states.get("uncond") if "uncond" in order[1:] else (states.get(order[1]) if len(order) > 1 else None)
+        summary.chains = {c.name: {"cached_steps": list(main.chain(ci).cached_steps) if main else [],
+                                   "cfg_cached_steps": list(cfg.chain(ci).cached_steps) if cfg else [],
+                                   "residual_diffs": dict(main.chain(ci).diffs) if main else {}}
+                          for ci, c in enumerate(self.chains)}
+        return summary
+
     # ------------------------------------------------------------------------------------------------ per call
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
         if not check_call(module):
             return original(*args, **kwargs)
+        refused = [name for name in self.unsupported if kwargs.get(name) is not None]
+        if refused:
+            raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` (it feeds "
+                                      f"blocks by index from outside the cached chain); call dbcache_compile.disable() "
+                                      f"for this pipeline")
         state, step, key = self._begin(args, kwargs)
+        chain_states = [state.chain(ci) for ci in range(len(self.chains))]
         if state.key != key:
-            state.drop_buffers()
-        ctx = self.ctx = _Step(state, step)
-        self._next = 0
+            for chain_state in chain_states:
+                chain_state.drop_buffers()
+        for chain_state in chain_states:
+            chain_state.begin_step(step)
+        steps = self.steps = [_ChainStep(cs, step) for cs in chain_states]
         try:
             out = original(*args, **kwargs)
         finally:
-            self.ctx = None
-        if self._next != len(self.chain):
-            raise RuntimeError(f"{type(module).__name__}'s forward called {self._next} of the {len(self.chain)} "
-                               f"blocks of {', '.join(self.block_lists)}: the generic adapter needs every block "
-                               f"called once per forward, in order")
-        if not ctx.hit:
-            state.record_compute(step, ctx.n)
+            self.steps = None
+        for c, chain_step in zip(self.chains, steps):
+            if chain_step.next != len(c.blocks):
+                raise RuntimeError(f"{type(module).__name__}'s forward called {chain_step.next} of the "
+                                   f"{len(c.blocks)} blocks of {c.name}: the generic adapter needs every block "
+                                   f"called once per forward, in order")
+            if not chain_step.hit:
+                chain_step.state.record_compute(step, chain_step.n)
+        first = chain_states[0]
+        state.cached_steps, state.diffs = first.cached_steps, first.diffs
         self._end(state, key)
         return out
 
@@ -214,78 +296,87 @@ class GenericRuntime(BranchedRuntime):
             return original(*args, **kwargs)
         return run_region(region, module, BLOCK_HOOK_NAME, args, kwargs)
 
-    def _streams(self, i: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        meta = self.meta[i]
+    def _streams(self, module: torch.nn.Module, args: tuple, kwargs: dict
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        meta = self.meta[module]
         hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
         encoder = None
-        if meta.return_encoder_hidden_states_index is not None:
+        if meta.return_encoder_hidden_states_index is not None and meta.encoder_hidden_states_argument_name:
             encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
         return hidden, encoder
 
-    def _out_streams(self, i: int, out: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        meta = self.meta[i]
+    def _out_streams(self, module: torch.nn.Module, out: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        meta = self.meta[module]
         if not isinstance(out, tuple):
             return out, None
         e = meta.return_encoder_hidden_states_index
         return out[meta.return_hidden_states_index], (out[e] if e is not None else None)
 
-    def _build(self, i: int, hidden: torch.Tensor, encoder: Optional[torch.Tensor]) -> Any:
-        """Block ``i``'s output structure (seen on a compute step) holding these streams."""
-        kind = self.structure.get(i)
+    def _build(self, key: tuple[int, int], module: torch.nn.Module, hidden: torch.Tensor,
+               encoder: Optional[torch.Tensor]) -> Any:
+        """The block's output structure (seen on a compute step) holding these streams (``None`` where the block
+        returned ``None``, e.g. SD3's last block for the encoder stream)."""
+        kind = self.structure.get(key)
         if kind is None:
-            raise RuntimeError(f"block {i} is skipped before it was ever computed (internal error)")
+            raise RuntimeError(f"block {key} is skipped before it was ever computed (internal error)")
         if kind == "tensor":
             return hidden
-        meta = self.meta[i]
-        out: list[Any] = [None] * kind
+        length, nones = kind
+        meta = self.meta[module]
+        out: list[Any] = [None] * length
         out[meta.return_hidden_states_index] = hidden
-        if meta.return_encoder_hidden_states_index is not None:
-            out[meta.return_encoder_hidden_states_index] = encoder
+        e = meta.return_encoder_hidden_states_index
+        if e is not None and e not in nones:
+            out[e] = encoder
         return tuple(out)
 
-    def block_forward(self, i: int, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
-        ctx = self.ctx
-        if ctx is None:  # a block called outside a cached forward
+    def block_forward(self, c: int, i: int, module: torch.nn.Module, original: Callable, args: tuple,
+                      kwargs: dict) -> Any:
+        steps = self.steps
+        if steps is None:  # a block called outside a cached forward
             return original(*args, **kwargs)
-        if i != self._next:
-            raise RuntimeError(f"the generic adapter expected block {self._next} of the chain "
-                               f"({', '.join(self.block_lists)}) and got block {i}: this model calls its blocks in "
-                               f"another order; it needs an explicit adapter")
-        self._next += 1
-        if i < self.fn:
+        chain, ctx = self.chains[c], steps[c]
+        if i != ctx.next:
+            raise RuntimeError(f"the generic adapter expected block {ctx.next} of the chain {chain.name} and got "
+                               f"block {i}: this model calls its blocks in another order; it needs an explicit "
+                               f"adapter")
+        ctx.next += 1
+        if i < chain.fn:
             if i == 0:
                 # under context parallelism a split hook inside ours may shard the stream: the same shard
-                ctx.h0 = split_like(module, self._streams(i, args, kwargs)[0],
-                                    self.meta[i].hidden_states_argument_name, before=BLOCK_HOOK_NAME)
+                ctx.h0 = split_like(module, self._streams(module, args, kwargs)[0],
+                                    self.meta[module].hidden_states_argument_name, before=BLOCK_HOOK_NAME)
             out = self._run(module, original, args, kwargs)
-            if i == self.fn - 1:
-                self._decide(ctx, self._out_streams(i, out)[0] - ctx.h0)
+            if i == chain.fn - 1:
+                self._decide(ctx, self._out_streams(module, out)[0] - ctx.h0)
             return out
-        if i >= self.mid_end:
+        if i >= chain.mid_end:
             return self._run(module, original, args, kwargs)
         state = ctx.state
         if ctx.hit:
-            hidden, encoder = self._streams(i, args, kwargs)
-            seg = self.first_mid.get(i)
+            hidden, encoder = self._streams(module, args, kwargs)
+            seg = chain.first_mid.get(i)
             if seg is not None:
                 ladder_h, ladder_e = state.segments[seg]
                 coeffs = state.forecast_coefficients(ctx.step)
                 hidden = hidden + taylor_forecast(ladder_h, coeffs)
                 if encoder is not None and ladder_e[0] is not None:
                     encoder = encoder + taylor_forecast(ladder_e, coeffs)
-            return self._build(i, hidden, encoder)
-        if i in self.first_mid:
-            ctx.inputs[self.first_mid[i]] = self._streams(i, args, kwargs)
+            return self._build((c, i), module, hidden, encoder)
+        if i in chain.first_mid:
+            ctx.inputs[chain.first_mid[i]] = self._streams(module, args, kwargs)
         out = self._run(module, original, args, kwargs)
-        if i not in self.structure:
-            self.structure[i] = "tensor" if not isinstance(out, tuple) else len(out)
-        seg = self.last_mid.get(i)
+        if (c, i) not in self.structure:
+            self.structure[c, i] = ("tensor" if not isinstance(out, tuple)
+                                    else (len(out), {k for k, o in enumerate(out) if o is None}))
+        seg = chain.last_mid.get(i)
         if seg is not None:
-            self._store(ctx, seg, *self._out_streams(i, out))
+            self._store(ctx, seg, *self._out_streams(module, out))
         return out
 
-    def _decide(self, ctx: _Step, residual: torch.Tensor) -> None:
-        """After the last Fn block: the gates, the diff (one host read when the gates allow), the Fn residual."""
+    def _decide(self, ctx: _ChainStep, residual: torch.Tensor) -> None:
+        """After the chain's last Fn block: the gates, the diff (one host read when the gates allow), the Fn
+        residual."""
         state, step, config = ctx.state, ctx.step, self.cache_config
         if state.fn_residual is None:
             state.fn_residual = torch.zeros_like(residual)
@@ -302,7 +393,7 @@ class GenericRuntime(BranchedRuntime):
         ctx.n = state.derivatives_for_update(step)
         ctx.window = step - state.last_compute
 
-    def _store(self, ctx: _Step, seg: int, hidden: torch.Tensor, encoder: Optional[torch.Tensor]) -> None:
+    def _store(self, ctx: _ChainStep, seg: int, hidden: torch.Tensor, encoder: Optional[torch.Tensor]) -> None:
         """After a list's last middle block on a compute step: its middle residual into the ladder."""
         h_in, e_in = ctx.inputs.pop(seg)
         state = ctx.state
@@ -318,3 +409,21 @@ class GenericRuntime(BranchedRuntime):
         if res_e is not None:
             for buf, new in zip(ladder_e, taylor_update(ladder_e, res_e, ctx.window, ctx.n)):
                 buf.copy_(new)
+
+
+class _FamilyBranches(Branches):
+    """:class:`Branches` for a family whose pipelines run CFG as two calls without naming them: calls outside any
+    cache context alternate between ``cond`` and ``uncond`` while the pipeline's CFG is on."""
+
+    def __init__(self, base: Branches, separate_calls: Callable[[], bool]) -> None:
+        super().__init__(base._init_args[0], base.separate, base._state_cls)
+        self._separate_calls = separate_calls
+
+    def current(self) -> tuple[str, BranchState]:
+        if self._context is None and self.separate is None and self._separate_calls():
+            self.separate = True
+            try:
+                return super().current()
+            finally:
+                self.separate = None
+        return super().current()

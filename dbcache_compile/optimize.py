@@ -190,13 +190,36 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     if cache is None and mode is None and quantize is None:
         raise ValueError("optimize() with cache=None, mode=None and quantize=None would do nothing")
     pipeline, transformer = _split(pipe)
+    transformers = [transformer] + ([] if pipeline is None else _extra_transformers(pipeline))
+    watch = GenerationWatch(pipeline) if pipeline is not None else None
+    # validate every transformer before changing any
+    apply = [_prepare(pipeline, t, watch, cache, mode, graph, quantize, compile_options, quantize_filter, attention,
+                      fuse_qkv, adapter) for t in transformers]
+    for step in apply:
+        step()
+    return pipe
+
+
+def _extra_transformers(pipeline: Any) -> list[torch.nn.Module]:
+    """A pipeline's other denoisers (Wan 2.2 A14B's ``transformer_2``, switched in at a boundary step): each gets
+    its own runtime and cache state, with local step counts (as cache-dit counts them)."""
+    extra = getattr(pipeline, "transformer_2", None)
+    return [extra] if isinstance(extra, torch.nn.Module) else []
+
+
+def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[GenerationWatch], cache: Any,
+             mode: Optional[str], graph: str, quantize: Any, compile_options: Optional[dict],
+             quantize_filter: Optional[Callable], attention: Optional[str], fuse_qkv: bool,
+             adapter_name: Optional[str]) -> Callable[[], None]:
+    """Validate everything for one transformer and build its runtime (nothing changes yet); returns the function
+    that applies it."""
     if _hook(transformer) is not None:
         raise ValueError("this transformer is already optimized; call dbcache_compile.disable() first")
     if getattr(transformer, "_cache_config", None) is not None:
         raise ValueError(f"{type(transformer).__name__} has a diffusers cache enabled "
                          f"({type(transformer._cache_config).__name__}); two caches cannot share one forward: call "
                          f"transformer.disable_cache() first")
-    adapter = _resolve_adapter(transformer, adapter)
+    adapter = _resolve_adapter(transformer, adapter_name)
     config = None if cache is None else DBCacheConfig.coerce(cache)
     if config is not None:
         config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
@@ -238,8 +261,6 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         if "backend" not in options:
             options["mode"] = mode
         options["fullgraph"] = True
-
-    # everything validated: now change the transformer (undoing what can be undone if a step fails)
     attn_modules = [m for m in transformer.modules() if hasattr(m, "fuse_projections")]
     had_fused_attr = {id(m): "fused_projections" in vars(m) for m in attn_modules}
 
@@ -252,45 +273,58 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         if backend is not None:
             transformer.reset_attention_backend()
 
-    if backend is not None:
-        transformer.set_attention_backend(backend)
     applied = Applied(attention=backend, fused_qkv=fuse_qkv, undo=undo,
                       created_registry=not hasattr(transformer, "_diffusers_hook"))
-    try:
-        if fuse_qkv:
-            transformer.fuse_qkv_projections()
-        if quantize is not None:
-            count = quantize_transformer(transformer, ao_config, quant_filter)
-            applied.quantized = f"{quantize if isinstance(quantize, str) else type(quantize).__name__} ({count} linears)"
-        watch = GenerationWatch(pipeline) if pipeline is not None else None
-        if config is None:
-            rt: Any = UncachedRuntime(transformer, adapter.blocks(transformer), mode, options, lowering, applied)
-            hook: Any = UncachedHook(rt)
-        elif generic:
-            rt = GenericRuntime(transformer, adapter, config, lowering, mode, options, applied, watch)
-            hook = CacheHook(rt)
-        else:
-            rt = CachedRuntime(transformer, adapter, config,
-                               build_lowering(lowering, transformer, adapter, config, mode, options), applied, watch)
-            hook = CacheHook(rt)
-    except Exception:
-        undo()
-        raise
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(hook, HOOK_NAME)
-    for block, block_hook in rt.block_hooks.items():
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(block_hook, rt.block_hook_name)
-    registry.invalidate_child_registries_cache()
-    return pipe
+    # the runtime is built before anything changes (building it validates the block layout and touches nothing)
+    if config is None:
+        rt: Any = UncachedRuntime(transformer, adapter.blocks(transformer), mode, options, lowering, applied)
+        hook: Any = UncachedHook(rt)
+    elif generic:
+        rt = GenericRuntime(transformer, adapter, config, lowering, mode, options, applied, watch, pipeline)
+        hook = CacheHook(rt)
+    else:
+        rt = CachedRuntime(transformer, adapter, config,
+                           build_lowering(lowering, transformer, adapter, config, mode, options), applied, watch)
+        hook = CacheHook(rt)
+
+    def apply() -> None:
+        if backend is not None:
+            transformer.set_attention_backend(backend)
+        try:
+            if fuse_qkv:
+                transformer.fuse_qkv_projections()
+            if quantize is not None:
+                count = quantize_transformer(transformer, ao_config, quant_filter)
+                name = quantize if isinstance(quantize, str) else type(quantize).__name__
+                applied.quantized = f"{name} ({count} linears)"
+        except Exception:
+            undo()
+            raise
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(hook, HOOK_NAME)
+        for block, block_hook in rt.block_hooks.items():
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(block_hook, rt.block_hook_name)
+        registry.invalidate_child_registries_cache()
+
+    return apply
 
 
 def disable(pipe: Any) -> Any:
     """Undo :func:`optimize`: the hook removed, attention backend and fused projections reset, nothing left
-    behind (quantized weights stay quantized, with a warning)."""
-    _, transformer = _split(pipe)
+    behind (quantized weights stay quantized, with a warning). On a pipeline, every optimized denoiser
+    (``transformer``, ``transformer_2``)."""
+    pipeline, transformer = _split(pipe)
     if isinstance(transformer, Runtime):
         raise ValueError("this pipeline runs a package loaded with dbcache_compile.load(), which replaced "
                          "pipe.transformer; assign your original transformer back to pipe.transformer instead")
+    for extra in [] if pipeline is None else _extra_transformers(pipeline):
+        if _hook(extra) is not None:
+            _disable(extra)
+    _disable(transformer)
+    return pipe
+
+
+def _disable(transformer: torch.nn.Module) -> None:
     rt = runtime_of(transformer)
     rt.applied.undo()
     if _has_subclass_weights(transformer):
@@ -301,7 +335,6 @@ def disable(pipe: Any) -> Any:
     for block in rt.block_hooks:
         _remove(block, rt.block_hook_name, created_registry=True)
     registry.invalidate_child_registries_cache()
-    return pipe
 
 
 def _remove(module: torch.nn.Module, name: str, created_registry: bool) -> None:
@@ -325,5 +358,12 @@ def reset(pipe_or_transformer: Any) -> None:
 
 
 def summary(pipe_or_transformer: Any) -> CacheSummary:
-    """Cache decisions of the last (or current) generation."""
-    return runtime_of(pipe_or_transformer).summary()
+    """Cache decisions of the last (or current) generation. A pipeline with a second denoiser (Wan 2.2's
+    ``transformer_2``) reports it under ``.transformers["transformer_2"]``, with its own local step indices."""
+    result = runtime_of(pipe_or_transformer).summary()
+    pipeline, _ = _split(pipe_or_transformer)
+    if pipeline is not None:
+        for name, extra in (("transformer_2", t) for t in _extra_transformers(pipeline)):
+            if _hook(extra) is not None:
+                result.transformers[name] = runtime_of(extra).summary()
+    return result

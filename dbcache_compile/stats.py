@@ -33,6 +33,10 @@ class CacheSummary:
             first-use order: ``{"calls": n, "cached_steps": [...]}``.
         compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
             reached (empty when all is compiled).
+        chains: generic adapter with several chains (cache-dit's contexts, e.g. HunyuanVideo's double and single
+            blocks): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs"}``; ``cached_steps`` above
+            is the first chain's.
+        transformers: the pipeline's other denoisers (``"transformer_2"`` of Wan 2.2), each its own summary.
     """
 
     config: str
@@ -54,6 +58,8 @@ class CacheSummary:
     adapter: str = ""
     branches: dict[str, dict] = dataclasses.field(default_factory=dict)
     compile_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
+    chains: dict[str, dict] = dataclasses.field(default_factory=dict)
+    transformers: dict[str, "CacheSummary"] = dataclasses.field(default_factory=dict)
 
     @property
     def compute_steps(self) -> list[int]:
@@ -94,6 +100,11 @@ class CacheSummary:
             diffs = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(self.residual_diffs.items()))
             lines.append(f"  residual diffs: {diffs}")
         lines.append(f"  block ratio (uncached / executed): {self.block_ratio:.2f}x")
+        for name, chain in self.chains.items():
+            lines.append(f"  chain {name}: cached {len(chain['cached_steps'])} {chain['cached_steps']}"
+                         + (f", uncond {chain['cfg_cached_steps']}" if chain["cfg_cached_steps"] else ""))
+        for name, other in self.transformers.items():
+            lines.append(f"  {name}: " + str(other).replace("\n", "\n  "))
         if self.compile_fallbacks:
             lines.append(f"  recompile limit reached, calls run uncompiled: {self.compile_fallbacks}")
         return "\n".join(lines)
