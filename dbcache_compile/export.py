@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 

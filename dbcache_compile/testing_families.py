@@ -11,7 +11,7 @@ is downloaded: where a pipeline cannot run without a text/image encoder, a tiny 
 
 ``FAMILIES`` maps a family name to ``(builder, inputs)``, ``VARIANTS`` the same pipelines in other CFG modes;
 ``docs/families.md`` describes every family (block lists, block forward patterns, CFG, cache-dit's adapter) and records
-cache-dit's decisions on these pipelines (``tools_scratch/families_oracle.py``). Builders call ``.eval()`` on every
+cache-dit's decisions on these pipelines (``tools/families_oracle.py``). Builders call ``.eval()`` on every
 module (models built from a config start in training mode) and return float32 pipelines with the progress bar off.
 Run them single-threaded (``torch.set_num_threads(1)``, as the test suite does): on a shared 2-core machine two
 threads made a tiny forward 40x slower.
