@@ -42,7 +42,8 @@ class Family:
     #: block class name -> (hidden output index, encoder output index or None, hidden argument, encoder argument)
     contracts: dict = dataclasses.field(default_factory=dict)
     unsupported: tuple[str, ...] = _CONTROL
-    #: whether a parity test against cache-dit 1.5.3 runs on a tiny pipeline of the family (tests/test_families.py)
+    #: whether tests/test_families.py runs a tiny pipeline of the family: a parity test against cache-dit 1.5.3
+    #: (Bria: against its uncached forward, cache-dit 1.5.3 crashes on it)
     tested: bool = False
 
 
@@ -74,30 +75,30 @@ FAMILIES: tuple[Family, ...] = (
            (("transformer_blocks",),), cfg="batched", tested=True),
     Family("hunyuan-image-2.1", "HunyuanImageTransformer2DModel", ("HunyuanImagePipeline",),
            (("transformer_blocks",), ("single_transformer_blocks",)), tested=True),
-    Family("mochi", "MochiTransformer3DModel", ("MochiPipeline",), (("transformer_blocks",),), cfg="batched"),
-    Family("cogview4", "CogView4Transformer2DModel", ("CogView4Pipeline",), (("transformer_blocks",),)),
+    Family("mochi", "MochiTransformer3DModel", ("MochiPipeline",), (("transformer_blocks",),), cfg="batched", tested=True),
+    Family("cogview4", "CogView4Transformer2DModel", ("CogView4Pipeline",), (("transformer_blocks",),), tested=True),
     Family("lumina2", "Lumina2Transformer2DModel", ("Lumina2Pipeline",), (("layers",),), cfg="separate",
-           contracts={"Lumina2TransformerBlock": (0, None, "hidden_states", None)}),
+           contracts={"Lumina2TransformerBlock": (0, None, "hidden_states", None)}, tested=True),
     Family("sana", "SanaTransformer2DModel", ("SanaPipeline",), (("transformer_blocks",),), cfg="batched",
-           contracts={"SanaTransformerBlock": (0, None, "hidden_states", None)}),
+           contracts={"SanaTransformerBlock": (0, None, "hidden_states", None)}, tested=True),
     Family("pixart", "PixArtTransformer2DModel", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
-           (("transformer_blocks",),), cfg="batched"),
+           (("transformer_blocks",),), cfg="batched", tested=True),
     Family("skyreels-v2", "SkyReelsV2Transformer3DModel", ("SkyReelsV2Pipeline",), (("blocks",),),
-           contracts={"SkyReelsV2TransformerBlock": (0, None, "hidden_states", None)}),
+           contracts={"SkyReelsV2TransformerBlock": (0, None, "hidden_states", None)}, tested=True),
     Family("chronoedit", "ChronoEditTransformer3DModel", ("ChronoEditPipeline",), (("blocks",),), cfg="separate",
-           contracts={"ChronoEditTransformerBlock": (0, None, "hidden_states", None)}),
+           contracts={"WanTransformerBlock": (0, None, "hidden_states", "encoder_hidden_states")}, tested=True),
     Family("kandinsky5", "Kandinsky5Transformer3DModel", ("Kandinsky5T2VPipeline",),
-           (("visual_transformer_blocks",),), cfg="separate"),
+           (("visual_transformer_blocks",),), cfg="separate", tested=True),
     Family("auraflow", "AuraFlowTransformer2DModel", ("AuraFlowPipeline",), (("single_transformer_blocks",),),
-           cfg="batched", contracts={"AuraFlowSingleTransformerBlock": (0, None, "hidden_states", None)}),
+           cfg="batched", contracts={"AuraFlowSingleTransformerBlock": (0, None, "hidden_states", None)}, tested=True),
     Family("ovis-image", "OvisImageTransformer2DModel", ("OvisImagePipeline",),
            (("transformer_blocks",), ("single_transformer_blocks",)),
            contracts={"OvisImageTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
-                      "OvisImageSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")}),
+                      "OvisImageSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")}, tested=True),
     Family("bria", "BriaTransformer2DModel", ("BriaPipeline",),
            (("transformer_blocks",), ("single_transformer_blocks",)), cfg="batched",
            contracts={"BriaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
-                      "BriaSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")}),
+                      "BriaSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")}, tested=True),
 )
 
 

@@ -236,7 +236,11 @@ class GenericRuntime(BranchedRuntime):
         """Whether this call's pipeline runs cond and uncond as two calls without naming them (the family's
         pipelines do when CFG is on)."""
         pipeline = self._pipeline() if self._pipeline is not None else None
-        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
+        if pipeline is None:
+            return False
+        if hasattr(pipeline, "do_classifier_free_guidance"):
+            return bool(pipeline.do_classifier_free_guidance)
+        return float(getattr(pipeline, "guidance_scale", 1.0) or 1.0) > 1.0  # Kandinsky 5: no property
 
     def cudagraph_status(self) -> str:
         return "off (generic adapter: the model's own glue runs between the blocks)"
