@@ -1,10 +1,14 @@
 """Golden graph records: how each (adapter, lowering) compiles on the tiny models, guarded by the test suite.
 
-``python -m dbcache_compile.graphs --update`` regenerates ``graphs/<adapter>-<lowering>.json``; ``--check`` (the
-default) compares. A record holds the number of compiled graphs, graph breaks, ``torch.cond`` nodes and recompiles
+``python -m dbcache_compile.graphs --update`` regenerates ``graphs/<adapter>-<lowering>.json`` (``--dir`` another
+folder, ``--only flux,family-wan`` a subset); without ``--update`` it compares. A record holds the number of compiled graphs, graph breaks, ``torch.cond`` nodes and recompiles
 after warm-up, measured over three pipeline calls that exercise warmup, hits, misses, the MC limit, a TaylorSeer
 forecast and (Qwen-Image) a CFG pair, with ``torch.compiler.set_stance("fail_on_recompile")`` after the first call.
 A change in graph structure then shows up as a reviewed diff of these files.
+
+Families on the generic adapter (:mod:`dbcache_compile.families`) get a ``family-<name>-regional.json`` record of
+their block regions, measured with Dynamo's eager backend (the graph structure: graph count, breaks, recompiles after
+warm-up; Inductor would only add compile time here).
 
 For ``regional`` the graphs are the block regions (one per block class; Qwen-Image compiles a second one, with a
 dynamic text length, for the unconditional branch's shorter prompt) and the run uses emulated segment CUDA graphs
@@ -18,7 +22,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -56,8 +60,8 @@ class GraphRun:
     summaries: list[CacheSummary]
 
 
-def record_path(adapter: str, lowering: str) -> Path:
-    return RECORD_DIR / f"{adapter}-{lowering}.json"
+def record_path(adapter: str, lowering: str, directory: Optional[Path] = None) -> Path:
+    return (directory or RECORD_DIR) / f"{adapter}-{lowering}.json"
 
 
 def run_scenario(pipe: Any, inputs: dict, calls: int = CALLS) -> tuple[list[torch.Tensor], list[CacheSummary]]:
@@ -110,26 +114,77 @@ def measure(adapter: str, lowering: str) -> GraphRun:
     return GraphRun(record, images + more_images, summaries + more_summaries)
 
 
+FAMILY_STEPS = 6
+FAMILY_CALLS = 2
+
+
+def measure_family(name: str) -> dict:
+    """The regional graph record of a tiny pipeline of family ``name`` (``testing_families.THRESHOLDS``)."""
+    from torch._dynamo.utils import counters
+
+    from . import testing_families as tf
+
+    builder, make_inputs = tf.FAMILIES[name]
+    config = f"F1B0_W2M0MC2_T0O1_R{tf.THRESHOLDS[name]}"
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_eager(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = builder()
+    optimize(pipe, cache=config, mode="default", graph="regional", compile_options={"backend": recording_eager})
+
+    def call() -> None:
+        pipe(**make_inputs(), num_inference_steps=FAMILY_STEPS, generator=torch.Generator().manual_seed(0))
+
+    try:
+        call()
+        warm = len(graphs)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(FAMILY_CALLS - 1):
+                call()
+        cached = summary(pipe).cached_steps
+    finally:
+        disable(pipe)
+    return {"family": name, "lowering": "regional", "config": config, "steps": FAMILY_STEPS, "calls": FAMILY_CALLS,
+            "backend": "eager (Dynamo graph structure)", "graphs": len(graphs),
+            "graph_breaks": sum(counters["graph_break"].values()), "recompiles_after_warmup": len(graphs) - warm,
+            "cached_steps": cached}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbcache_compile.graphs", description=__doc__.split("\n")[0])
     parser.add_argument("--update", action="store_true", help="rewrite the golden records instead of comparing")
+    parser.add_argument("--dir", type=Path, default=RECORD_DIR,
+                        help=f"where the records are (default: the repository's graphs/, {RECORD_DIR})")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated subset: adapter names (flux, qwen-image) and/or family-<name>")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    from .testing_families import THRESHOLDS
+    jobs: list[tuple[str, str, Callable[[], dict]]] = [
+        (adapter, lowering, lambda a=adapter, lo=lowering: measure(a, lo).record)
+        for adapter in SCENARIOS for lowering in LOWERINGS]
+    jobs += [(f"family-{name}", "regional", lambda n=name: measure_family(n)) for name in THRESHOLDS]
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        jobs = [job for job in jobs if job[0] in wanted]
     failed = False
-    for adapter in SCENARIOS:
-        for lowering in LOWERINGS:
-            record = measure(adapter, lowering).record
-            path = record_path(adapter, lowering)
-            if args.update:
-                path.parent.mkdir(exist_ok=True)
-                path.write_text(json.dumps(record, indent=2) + "\n")
-                print(f"wrote {path}: {record['graphs']} graphs, {record['graph_breaks']} breaks, "
-                      f"{record['cond_nodes']} cond nodes")
-            else:
-                golden = json.loads(path.read_text())
-                status = "ok" if golden == record else "DIFFERS"
-                failed |= golden != record
-                print(f"{path.name}: {status}" + ("" if golden == record else f"\n  golden {golden}\n  now    {record}"))
+    for name, lowering, run in jobs:
+        record = run()
+        path = record_path(name, lowering, args.dir)
+        if args.update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            print(f"wrote {path}: {record['graphs']} graphs, {record['graph_breaks']} breaks")
+        else:
+            golden = json.loads(path.read_text())
+            failed |= golden != record
+            print(f"{path.name}: {'ok' if golden == record else 'DIFFERS'}"
+                  + ("" if golden == record else f"\n  golden {golden}\n  now    {record}"))
     return 1 if failed else 0
 
 

@@ -947,3 +947,12 @@ VARIANTS: dict[str, tuple[Callable[..., Any], Callable[..., dict]]] = {
     # SD3 without CFG (guidance_scale 1): batch 1 instead of 2
     "sd3_no_cfg": (tiny_sd3_pipeline, partial(sd3_inputs, cfg=False)),
 }
+
+
+#: residual-diff thresholds that make cache-dit 1.5.3 cache on each tiny pipeline with ``F1B0_W2M0MC2``
+#: (docs/families.md section 5.1): the parity tests and the graph records use them.
+THRESHOLDS: dict[str, float] = {
+    "wan": 0.1, "wan_i2v": 0.05, "wan22": 0.05, "wan22_i2v": 0.05, "hunyuan_video": 0.2, "hunyuan_video15": 0.35,
+    "sd35": 0.2, "flux2": 0.8, "chroma": 0.35, "zimage": 0.8, "qwen_image_edit": 0.35, "ltx": 0.05, "cogvideox": 0.2,
+    "hunyuan_image": 0.35, "mochi": 0.05, "cogview4": 0.2, "lumina2": 0.1, "sana": 0.05, "pixart_sigma": 0.1,
+    "skyreels_v2": 0.1, "chronoedit": 0.05, "kandinsky5": 0.1, "auraflow": 0.5, "ovis_image": 0.35}

@@ -136,3 +136,17 @@ def test_uncached_regional_baseline_compiles_two_regions_and_replays_one_graph()
         dbc.disable(pipe)
     assert all("forward" not in vars(b) for b in pipe.transformer.single_transformer_blocks)
     assert torch.equal(run(), reference)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan22", "hunyuan_video", "hunyuan_video15", "sd35", "flux2", "chroma",
+                                    "zimage", "qwen_image_edit", "ltx", "cogvideox", "hunyuan_image"])
+def test_family_graph_structure_matches_golden_record(family):
+    """Each family on the generic adapter compiles its block regions without graph breaks and without recompiles
+    after the first call, with the recorded graph count (graphs/family-<name>-regional.json; all families:
+    `python -m dbcache_compile.graphs`)."""
+    from dbcache_compile.graphs import measure_family
+
+    record = measure_family(family)
+    assert record["graph_breaks"] == 0 and record["recompiles_after_warmup"] == 0
+    golden = json.loads(record_path(f"family-{family}", "regional").read_text())
+    assert record == golden, "graph structure changed: review and run `python -m dbcache_compile.graphs --update`"

@@ -13,33 +13,8 @@ import dbcache_compile.testing_families as tf
 from cachedit_oracle import cache_dit_contexts
 
 STEPS = 8
-# family -> (builder, inputs, threshold with cached steps on the tiny model: docs/families.md section 5.1)
-CASES = {
-    "wan": (tf.tiny_wan_pipeline, tf.wan_inputs, 0.1),
-    "wan_i2v": (tf.tiny_wan_i2v_pipeline, tf.wan_i2v_inputs, 0.05),
-    "wan22": (tf.tiny_wan22_pipeline, tf.wan_inputs, 0.05),
-    "wan22_i2v": (tf.tiny_wan22_i2v_pipeline, tf.wan22_i2v_inputs, 0.05),
-    "hunyuan_video": (tf.tiny_hunyuan_video_pipeline, tf.hunyuan_video_inputs, 0.2),
-    "hunyuan_video15": (tf.tiny_hunyuan_video15_pipeline, tf.hunyuan_video15_inputs, 0.35),
-    "sd35": (tf.tiny_sd35_pipeline, tf.sd3_inputs, 0.2),
-    "flux2": (tf.tiny_flux2_pipeline, tf.flux2_inputs, 0.8),
-    "chroma": (tf.tiny_chroma_pipeline, tf.chroma_inputs, 0.35),
-    "zimage": (tf.tiny_zimage_pipeline, tf.zimage_inputs, 0.8),
-    "qwen_image_edit": (tf.tiny_qwen_image_edit_pipeline, tf.qwen_image_edit_inputs, 0.35),
-    "ltx": (tf.tiny_ltx_pipeline, tf.ltx_inputs, 0.05),
-    "cogvideox": (tf.tiny_cogvideox_pipeline, tf.cogvideox_inputs, 0.2),
-    "hunyuan_image": (tf.tiny_hunyuan_image_pipeline, tf.hunyuan_image_inputs, 0.35),
-    "mochi": (tf.tiny_mochi_pipeline, tf.mochi_inputs, 0.05),
-    "cogview4": (tf.tiny_cogview4_pipeline, tf.cogview4_inputs, 0.2),
-    "lumina2": (tf.tiny_lumina2_pipeline, tf.lumina2_inputs, 0.1),
-    "sana": (tf.tiny_sana_pipeline, tf.sana_inputs, 0.05),
-    "pixart_sigma": (tf.tiny_pixart_sigma_pipeline, tf.pixart_sigma_inputs, 0.1),
-    "skyreels_v2": (tf.tiny_skyreels_v2_pipeline, tf.skyreels_v2_inputs, 0.1),
-    "chronoedit": (tf.tiny_chronoedit_pipeline, tf.chronoedit_inputs, 0.05),
-    "kandinsky5": (tf.tiny_kandinsky5_pipeline, tf.kandinsky5_inputs, 0.1),
-    "auraflow": (tf.tiny_auraflow_pipeline, tf.auraflow_inputs, 0.5),
-    "ovis_image": (tf.tiny_ovis_image_pipeline, tf.ovis_image_inputs, 0.35),
-}
+# family -> (builder, inputs, threshold that makes cache-dit cache on the tiny model: docs/families.md section 5.1)
+CASES = {name: (*tf.FAMILIES[name], threshold) for name, threshold in tf.THRESHOLDS.items()}
 
 
 def _config(threshold: float) -> str:
