@@ -27,7 +27,8 @@ from .runtime import Applied, BranchedRuntime, Branches, refuse_while_compiling
 from .state import BranchState
 from .step import CacheStep, fold_records, initial_counters, transformer_output
 
-__all__ = ["export", "load", "LoadedCachedTransformer", "capture_transformer_inputs", "euler_loop", "write_runner_inputs"]
+# euler_loop is the C++ runner's reference loop (tests/test_export.py), not public API
+__all__ = ["export", "load", "LoadedCachedTransformer", "capture_transformer_inputs", "write_runner_inputs"]
 
 _LEADING = ("hidden_states", "timestep")
 
@@ -171,6 +172,9 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
 
     def _on_new_generation(self, state: BranchState) -> None:
         self._flat.pop(id(state), None)
+
+    def _cp_group(self) -> Any:
+        return None  # a package runs in one process
 
     def forward(self, return_dict: bool = True, **kwargs: Any) -> Any:
         refuse_while_compiling()

@@ -98,7 +98,8 @@ def count_forward(owner: torch.nn.Module, fn: Callable[..., Any], kwargs: dict[s
     tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     module = _BoundCall(owner, fn, constants)
-    with torch.no_grad(), count_attention() as attention:
+    # always the plain modules: a compiled region or graph would trace calflops' counting into its graph
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), count_attention() as attention:
         flops, _macs, _params = calflops.calculate_flops(model=module, kwargs=tensors, print_results=False,
                                                          output_as_string=False)
     return ForwardFlops(calflops=int(flops), attention=int(attention[0]))
@@ -106,8 +107,9 @@ def count_forward(owner: torch.nn.Module, fn: Callable[..., Any], kwargs: dict[s
 
 def full_forward_flops(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> ForwardFlops:
     """FLOPs of one uncached forward on the transformer keyword arguments ``kwargs`` (as the pipeline passes them;
-    :func:`dbcache_compile.export.capture_transformer_inputs` records them)."""
-    return count_forward(transformer, transformer, kwargs)
+    :func:`dbcache_compile.export.capture_transformer_inputs` records them). The model's own forward is counted, also
+    while the transformer is optimized (the class ``forward``, past the cache's hook)."""
+    return count_forward(transformer, type(transformer).forward.__get__(transformer), kwargs)
 
 
 def cached_forward_flops(transformer: torch.nn.Module, kwargs: dict[str, Any], fn_blocks: int,

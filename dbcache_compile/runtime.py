@@ -245,6 +245,10 @@ class BranchedRuntime(Runtime):
     def _on_new_generation(self, state: BranchState) -> None:
         """A branch's host counters were just reset."""
 
+    def _cp_group(self) -> Any:
+        """The context-parallel group of the cached transformer (``None`` without context parallelism)."""
+        return cp_group(self.transformer)
+
     def reconfigure(self, config: DBCacheConfig) -> None:
         """Use another cache config from the next generation on, without recompiling or recapturing anything.
 
@@ -275,7 +279,7 @@ class BranchedRuntime(Runtime):
         if self.branches.finished or generation != self._generation:
             self._generation = generation
             self.branches.start_generation(self._on_new_generation)
-            group = cp_group(self.transformer)
+            group = self._cp_group()
             if group is not None:
                 check_same_config(self.cache_config, group, next(self.transformer.parameters()).device)
         name, state = self.branches.current()

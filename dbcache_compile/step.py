@@ -24,7 +24,7 @@ import torch
 
 from .adapters import Adapter
 from .config import DBCacheConfig
-from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, relative_l1
+from .decision import DIFF_ALWAYS_HIT, DIFF_NOT_COMPUTED, cache_allowed, hit_predicate, relative_l1
 from .parallel import relative_l1_over, split_like
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
@@ -277,7 +277,7 @@ class CacheStep:
         new_counters = torch.where(pred, on_hit, on_miss)
         if cfg.residual_diff_threshold >= 1.0:
             diff = torch.full_like(diff, DIFF_ALWAYS_HIT)
-        diff = torch.where(allowed, diff, torch.full_like(diff, math.nan))
+        diff = torch.where(allowed, diff, torch.full_like(diff, DIFF_NOT_COMPUTED))
         return out, pred, diff, new_counters, new_fn, new_h, new_e
 
     def cond_step(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,

@@ -49,7 +49,9 @@ def test_new_resolution_or_batch_costs_at_most_one_recompile(lowering):
 
     torch._dynamo.reset()
     pipe = tiny_flux_pipeline()
-    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35", mode="default", graph=lowering)
+    # Dynamo's graph structure only (backend eager): the graph count does not depend on Inductor
+    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35", mode="default", graph=lowering,
+                 compile_options={"backend": "eager"})
     try:
         pipe(**flux_inputs(), num_inference_steps=4, generator=torch.Generator().manual_seed(0))
         before = counters["stats"]["unique_graphs"]

@@ -116,24 +116,34 @@ def test_bare_transformer_generations_reset_and_new_inputs(flux):
 
 
 def test_resolution_change_between_calls_works(flux):
+    """A pipeline optimized at one resolution serves another: the image and decisions at the new size are exactly
+    those of a pipeline optimized fresh at that size (the buffers of the first size are not reused)."""
     dbc.optimize(flux, cache=CONFIG)
     try:
-        small = run(flux, steps=6)
+        run(flux, steps=6)
         large = run(flux, steps=6, height=48, width=48)
-        assert small.shape[-1] == 32 and large.shape[-1] == 48
+        large_steps = dbc.summary(flux).cached_steps
+    finally:
+        dbc.disable(flux)
+    dbc.optimize(flux, cache=CONFIG)
+    try:
+        assert torch.equal(run(flux, steps=6, height=48, width=48), large) and large.shape[-1] == 48
+        assert dbc.summary(flux).cached_steps == large_steps and large_steps
     finally:
         dbc.disable(flux)
 
 
 def test_summary_is_readable(flux):
+    """print(summary) shows the config, the block split and the cached steps; the block ratio counts the blocks an
+    uncached run would execute over those this run executed (here by hand: 8 blocks, F1B0 runs 1 on a hit)."""
     dbc.optimize(flux, cache=CONFIG)
     try:
         run(flux)
         s = dbc.summary(flux)
         text = str(s)
-        assert CONFIG in text and "cached:" in text and f"{FLUX_BLOCKS} blocks" in text
-        assert s.compute_steps == [k for k in range(10) if k not in s.cached_steps]
-        assert s.block_ratio > 1.0
+        assert CONFIG in text and "cached:" in text and f"{FLUX_BLOCKS} blocks" in text and s.cached_steps
+        executed = (10 - len(s.cached_steps)) * FLUX_BLOCKS + len(s.cached_steps) * 1
+        assert s.block_ratio == pytest.approx(10 * FLUX_BLOCKS / executed)
     finally:
         dbc.disable(flux)
 
