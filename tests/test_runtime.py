@@ -269,12 +269,21 @@ def test_a_diffusers_cache_on_the_same_transformer_is_a_clear_error():
         dbc.disable(pipe)
 
 
-def test_layerwise_casting_works_eager_and_is_refused_compiled():
-    pipe = tiny_flux_pipeline()
-    reference_pipe = tiny_flux_pipeline()
+@pytest.mark.parametrize("kind", ["layerwise_casting", "group_offloading"])
+def test_module_hooks_work_eager_and_are_refused_compiled(kind):
+    """diffusers' layerwise casting (bf16 storage, fp32 compute) and group offloading (block level) run under the
+    eager cache with the plain model's images; a compiled lowering is refused at optimize time, naming the hooks."""
+    def enable(p):
+        if kind == "layerwise_casting":
+            p.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        else:
+            p.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                               offload_type="block_level", num_blocks_per_group=1)
+
+    pipe, reference_pipe = tiny_flux_pipeline(), tiny_flux_pipeline()
     for p in (pipe, reference_pipe):
-        p.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-    with pytest.raises(ValueError, match="layerwise_casting"):
+        enable(p)
+    with pytest.raises(ValueError, match=kind):
         dbc.optimize(pipe, cache=CONFIG, mode="default")
     dbc.optimize(pipe, cache=NEVER)
     try:
