@@ -52,18 +52,37 @@ class Adapter:
     def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    #: the forward's positional argument names (to read positional calls), and the linear that embeds the hidden
+    #: stream (its ``out_features`` is the width of both streams): what :meth:`stream_shapes` needs
+    signature: tuple[str, ...] = ()
+    embedder: str = ""
+    #: ``true_cfg_scale`` of a pipeline call that does not pass one (for :meth:`separate_cfg`)
+    default_true_cfg_scale = 1.0
+
     def stream_shapes(self, transformer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple]:
         """``((hidden shape, dtype), (encoder shape, dtype))`` of the streams leaving the Fn blocks for these inputs,
         without running anything (the cache's buffers are allocated from it before the first step, so that step runs
         the same compiled code as every later one); ``None`` when the adapter cannot tell (the first step then runs
-        the segments uncompiled and allocates from its outputs)."""
-        return None
+        the segments uncompiled and allocates from its outputs). The default fits dual-stream models whose streams
+        keep the width of the ``embedder`` linear, and whose first block broadcasts the encoder stream to the hidden
+        stream's batch (its modulation is per image)."""
+        if not self.embedder:
+            return None
+        kwargs = dict(zip(self.signature, args), **kwargs)
+        hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        width = getattr(transformer, self.embedder).out_features
+        batch = max(hidden.shape[0], encoder.shape[0])
+        return (((hidden.shape[0], hidden.shape[1], width), hidden.dtype),
+                ((batch, encoder.shape[1], width), encoder.dtype))
 
     def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
-        """Whether a pipeline call with these kwargs runs conditional and unconditional as separate forwards. The
-        runtime does not need this (it follows the pipeline's cache contexts); it configures peers that must be told,
-        such as cache-dit's ``enable_separate_cfg`` in the benchmark and parity tests."""
-        return False
+        """Whether a pipeline call with these kwargs runs conditional and unconditional as separate forwards (FLUX's
+        and Qwen-Image's pipelines: ``true_cfg_scale > 1`` and a negative prompt). The runtime does not need this (it
+        follows the pipeline's cache contexts); it configures peers that must be told, such as cache-dit's
+        ``enable_separate_cfg`` in the benchmark and parity tests."""
+        has_negative = (call_kwargs.get("negative_prompt") is not None
+                        or call_kwargs.get("negative_prompt_embeds") is not None)
+        return call_kwargs.get("true_cfg_scale", self.default_true_cfg_scale) > 1 and has_negative
 
 
 _REGISTRY: list[tuple[tuple[type, ...], Adapter]] = []

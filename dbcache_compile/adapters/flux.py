@@ -19,6 +19,8 @@ class FluxAdapter(Adapter):
     name = "flux"
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     fused_qkv = True  # FluxAttnProcessor reads attn.to_qkv / to_added_qkv when attn.fused_projections
+    signature = _SIGNATURE
+    embedder = "x_embedder"
 
     def embed(self, transformer: FluxTransformer2DModel, *args: Any, **kwargs: Any) -> Embedded:
         kwargs.update(zip(_SIGNATURE, args))
@@ -45,21 +47,6 @@ class FluxAdapter(Adapter):
     def project(self, transformer: FluxTransformer2DModel, hidden: torch.Tensor,
                 out_kwargs: dict[str, Any]) -> torch.Tensor:
         return transformer.proj_out(transformer.norm_out(hidden, out_kwargs["temb"]))
-
-    def stream_shapes(self, transformer: FluxTransformer2DModel, args: tuple, kwargs: dict[str, Any]) -> tuple:
-        kwargs = dict(zip(_SIGNATURE, args), **kwargs)
-        hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
-        width = transformer.x_embedder.out_features
-        # the first block broadcasts the encoder stream to the hidden stream's batch (its modulation is per image)
-        batch = max(hidden.shape[0], encoder.shape[0])
-        return (((hidden.shape[0], hidden.shape[1], width), hidden.dtype),
-                ((batch, encoder.shape[1], width), encoder.dtype))
-
-    def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
-        # FluxPipeline.__call__: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        has_negative = (call_kwargs.get("negative_prompt") is not None
-                        or call_kwargs.get("negative_prompt_embeds") is not None)
-        return call_kwargs.get("true_cfg_scale", 1.0) > 1 and has_negative
 
 
 register_adapter((FluxTransformer2DModel,), FluxAdapter())

@@ -20,6 +20,9 @@ class QwenImageAdapter(Adapter):
     name = "qwen-image"
     block_lists = ("transformer_blocks",)
     fused_qkv = False  # QwenDoubleStreamAttnProcessor2_0 (diffusers 0.42) always calls to_q/to_k/to_v
+    signature = _SIGNATURE
+    embedder = "img_in"
+    default_true_cfg_scale = 4.0  # QwenImagePipeline's default
     attention_kwargs = "attention_kwargs"
 
     def embed(self, transformer: QwenImageTransformer2DModel, *args: Any, **kwargs: Any) -> Embedded:
@@ -51,20 +54,6 @@ class QwenImageAdapter(Adapter):
     def project(self, transformer: QwenImageTransformer2DModel, hidden: torch.Tensor,
                 out_kwargs: dict[str, Any]) -> torch.Tensor:
         return transformer.proj_out(transformer.norm_out(hidden, out_kwargs["temb"]))
-
-    def stream_shapes(self, transformer: QwenImageTransformer2DModel, args: tuple, kwargs: dict[str, Any]) -> tuple:
-        kwargs = dict(zip(_SIGNATURE, args), **kwargs)
-        hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
-        width = transformer.img_in.out_features
-        batch = max(hidden.shape[0], encoder.shape[0])
-        return (((hidden.shape[0], hidden.shape[1], width), hidden.dtype),
-                ((batch, encoder.shape[1], width), encoder.dtype))
-
-    def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
-        # QwenImagePipeline.__call__: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        has_negative = (call_kwargs.get("negative_prompt") is not None
-                        or call_kwargs.get("negative_prompt_embeds") is not None)
-        return call_kwargs.get("true_cfg_scale", 4.0) > 1 and has_negative
 
 
 register_adapter((QwenImageTransformer2DModel,), QwenImageAdapter())
