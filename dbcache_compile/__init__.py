@@ -1,5 +1,6 @@
 """dbcache_compile: DBCache (Dual Block Cache) + torch.compile + torchao for diffusers diffusion transformers."""
 
+from .calibrate import CalibrationResult, calibrate
 from .config import DBCacheConfig
 from .export import LoadedCachedTransformer, export, load
 from .families import supported_models
@@ -7,5 +8,5 @@ from .optimize import disable, optimize, reset, runtime_of, summary
 from .stats import CacheSummary
 
 __all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "runtime_of", "export", "load",
-           "LoadedCachedTransformer", "supported_models"]
+           "LoadedCachedTransformer", "supported_models", "calibrate", "CalibrationResult"]
 __version__ = "0.1.0"

@@ -370,17 +370,41 @@ class DBCacheConfig:
 
     @classmethod
     def coerce(cls, cache: Any) -> "DBCacheConfig":
-        """Accept a config object, its string form, or cache-dit's ``cache_dit.DBCacheConfig`` (converted by
+        """Accept a config object, its string form, cache-dit's ``cache_dit.DBCacheConfig`` (converted by
         :meth:`from_cache_dit`; pass TaylorSeer there, or ``taylorseer=True`` here, as cache-dit keeps it in a
-        separate calibrator config)."""
+        separate calibrator config), or the path of a calibration JSON (a ``str`` ending in ``.json`` or a path
+        object: its ``"config"`` entry, as :func:`dbcache_compile.calibrate` and ``python -m dbcache_compile
+        calibrate`` write it)."""
+        import json
+        import os
+
         if isinstance(cache, cls):
             return cache
+        if isinstance(cache, os.PathLike) or (isinstance(cache, str) and cache.strip().lower().endswith(".json")):
+            path = os.fspath(cache)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"cache={path!r}: no such calibration file (python -m dbcache_compile "
+                                        f"calibrate or CalibrationResult.save() writes one)") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"cache={path!r} is not a calibration JSON file: {err}") from None
+            text = data.get("config") if isinstance(data, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"cache={path!r}: a calibration JSON needs a \"config\" string such as "
+                                 f"\"F1B0_W4MC2_R0.2\", got {_show(text)}")
+            try:
+                return cls.from_string(text)
+            except ValueError as err:
+                raise ValueError(f"{err} (read from {path!r})") from None
         if isinstance(cache, str):
             return cls.from_string(cache)
         if _is_cache_dit_config(cache):
             return cls.from_cache_dit(cache)
         raise TypeError(f"cache must be a dbcache_compile.DBCacheConfig, cache-dit's cache_dit.DBCacheConfig or a "
-                        f"config string like 'F1B0_W4MC2_R0.2', got {_qualname(cache)}")
+                        f"config string like 'F1B0_W4MC2_R0.2' (or the path of a calibration JSON), got "
+                        f"{_qualname(cache)}")
 
 
 def _qualname(value: Any) -> str:

@@ -35,7 +35,7 @@ from .adapters import Adapter
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
 from .families import Family, contract_for, family_for
-from .lowerings import Compiled, regional_options
+from .lowerings import CompiledSet, regional_options
 from .parallel import cp_group, relative_l1_over, split_like
 from .runtime import (Applied, BranchedRuntime, Branches, GenerationWatch, ModelHook, _block_region, check_call,
                       run_region)
@@ -219,14 +219,14 @@ class GenericRuntime(BranchedRuntime):
         self.steps: Optional[list[_ChainStep]] = None
         self.structure: dict[tuple[int, int], Any] = {}  # (chain, index) -> output structure seen on a compute step
         self.regions: dict[type, Callable] = {}
-        self.fallbacks: dict[str, int] = {}
+        self.compiled = CompiledSet()
         if lowering == "regional":
             opts = regional_options(options or {})
             for c in chains:
                 for block in c.blocks:
                     if type(block) not in self.regions:
-                        self.regions[type(block)] = Compiled(type(block).__name__, fresh_function(_block_region),
-                                                             opts, self.fallbacks)
+                        self.regions[type(block)] = self.compiled.compile(type(block).__name__,
+                                                                          fresh_function(_block_region), opts)
         self.block_hooks = {block: _BlockHook(self, ci, i) for ci, c in enumerate(chains)
                             for i, block in enumerate(c.blocks)}
         if adapter.family is not None and adapter.family.cfg == "separate":
@@ -247,7 +247,10 @@ class GenericRuntime(BranchedRuntime):
 
     @property
     def compile_fallbacks(self) -> dict[str, int]:
-        return self.fallbacks
+        return self.compiled.fallbacks
+
+    def release(self) -> None:
+        self.compiled.release()
 
     def summary(self) -> Any:
         summary = super().summary()

@@ -31,7 +31,7 @@ from .parallel import split_like
 from .step import CacheStep, counters_from_host, fresh_function, initial_counters, region_call
 
 __all__ = ["Lowering", "Eager", "Segments", "Regional", "Cond", "CUDAGRAPH_MODES", "LOWERINGS", "regional_options",
-           "compile_method", "build_lowering"]
+           "compile_method", "build_lowering", "Compiled", "CompiledSet"]
 
 LOWERINGS = ("eager", "segments", "cond", "regional")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -46,16 +46,42 @@ def regional_options(options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+class CompiledSet:
+    """The compiled functions of one runtime: the calls each ran uncompiled at its recompile limit (``fallbacks``,
+    shown by ``summary()``), and their release at ``disable()``. Each runtime compiles fresh code objects (its own
+    budget, :func:`~dbcache_compile.step.fresh_function`), and Dynamo keeps a code object's compiled entries (graph
+    modules, guards, fake tensors) until told to drop them: without :meth:`release` every optimize / disable cycle
+    of a notebook sweep or a server would keep its graphs alive (measured: ``bench/results/soak-cpu-2026-11-26``)."""
+
+    def __init__(self) -> None:
+        self.fallbacks: dict[str, int] = {}
+        self.items: list["Compiled"] = []
+
+    def compile(self, name: str, fn: Callable, options: dict[str, Any]) -> "Compiled":
+        compiled = Compiled(name, fn, options, self)
+        self.items.append(compiled)
+        return compiled
+
+    def release(self) -> None:
+        """Drop Dynamo's compiled entries of every function compiled here."""
+        from torch._C._dynamo.eval_frame import reset_code
+        for compiled in self.items:
+            reset_code(compiled.code)
+        self.items.clear()
+
+
 class Compiled:
     """A compiled callable that, when Dynamo's recompile limit for it is reached (a new shape after its budget is
-    spent), runs its plain function for that call instead of failing the request, counted in ``fallbacks`` (shown
-    by ``summary()``) and warned about once. Nothing runs before Dynamo refuses, so the retry is safe."""
+    spent), runs its plain function for that call instead of failing the request, counted in its
+    :class:`CompiledSet`'s ``fallbacks`` (shown by ``summary()``) and warned about once. Nothing runs before Dynamo
+    refuses, so the retry is safe."""
 
-    def __init__(self, name: str, fn: Callable, options: dict[str, Any], fallbacks: dict[str, int]) -> None:
+    def __init__(self, name: str, fn: Callable, options: dict[str, Any], owner: CompiledSet) -> None:
         self.name = name
         self.fn = fn
+        self.code = getattr(fn, "__code__", None) or fn.__func__.__code__
         self.compiled = torch.compile(fn, **options)
-        self.fallbacks = fallbacks
+        self.fallbacks = owner.fallbacks
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -72,11 +98,11 @@ class Compiled:
             return self.fn(*args, **kwargs)
 
 
-def compile_method(method: Callable, owner: Any, options: dict[str, Any], fallbacks: dict[str, int]) -> Compiled:
+def compile_method(method: Callable, owner: Any, options: dict[str, Any], compiled: CompiledSet) -> Compiled:
     """``torch.compile`` of ``owner.method`` through a fresh code object (its own compiled entries and recompile
     budget per cached transformer, see :func:`~dbcache_compile.step.fresh_function`), with :class:`Compiled`'s
     reported fallback."""
-    return Compiled(method.__name__, types.MethodType(fresh_function(method), owner), options, fallbacks)
+    return compiled.compile(method.__name__, types.MethodType(fresh_function(method), owner), options)
 
 
 class Lowering:
@@ -93,8 +119,8 @@ class Lowering:
         #: a value that changes what the segments compute without being their argument (the LoRA scale); set by
         #: the runtime before each step, part of a hand-captured graph's key
         self.variant: Any = None
-        #: compiled function name -> calls that ran uncompiled because its recompile limit was reached
-        self.fallbacks: dict[str, int] = {}
+        #: the functions this lowering compiled (fallback counts; released by disable())
+        self.compiled = CompiledSet()
 
     def first_step(self, state: BranchState, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
         """The first step of a branch at a new input signature: buffers from the adapter's predicted shapes, then the
@@ -198,9 +224,9 @@ class Segments(Eager):
 
     def __init__(self, step: CacheStep, mode: Optional[str], options: dict[str, Any]) -> None:
         super().__init__(step, mode)
-        self._head = compile_method(CacheStep.head_diff, step, options, self.fallbacks)
-        self._miss = compile_method(CacheStep.miss, step, options, self.fallbacks)
-        self._hit = compile_method(CacheStep.hit, step, options, self.fallbacks)
+        self._head = compile_method(CacheStep.head_diff, step, options, self.compiled)
+        self._miss = compile_method(CacheStep.miss, step, options, self.compiled)
+        self._hit = compile_method(CacheStep.hit, step, options, self.compiled)
         self._trees = mode in CUDAGRAPH_MODES and "backend" not in options
 
     def new_buffers(self, state: BranchState) -> None:
@@ -234,9 +260,9 @@ class Regional(Eager):
         self._capture = mode in CUDAGRAPH_MODES and "backend" not in options
 
     @staticmethod
-    def block_call(options: dict[str, Any], fallbacks: dict[str, int]) -> Callable:
+    def block_call(options: dict[str, Any], compiled: CompiledSet) -> Callable:
         """The compiled-region block call a regional :class:`CacheStep` is built with."""
-        return region_call(regional_options(options), fallbacks)
+        return region_call(regional_options(options), compiled)
 
     def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
         """Run the segments as hand-captured CUDA graphs (automatic on CUDA with a CUDA-graph mode); ``emulate=True``
@@ -281,7 +307,7 @@ class Cond(Lowering):
 
     def __init__(self, step: CacheStep, mode: Optional[str], options: dict[str, Any]) -> None:
         super().__init__(step, mode)
-        self._cond_step = compile_method(CacheStep.cond_step, step, options, self.fallbacks)
+        self._cond_step = compile_method(CacheStep.cond_step, step, options, self.compiled)
 
     def new_buffers(self, state: BranchState) -> None:
         state.device_counters = counters_from_host(state, state.fn_residual.device)
@@ -318,9 +344,9 @@ def build_lowering(name: str, transformer: torch.nn.Module, adapter: Any, config
         return Eager(CacheStep(transformer, adapter, config))
     opts = dict(options or {})
     if name == "regional":
-        fallbacks: dict[str, int] = {}
-        lowering = Regional(CacheStep(transformer, adapter, config, Regional.block_call(opts, fallbacks)), mode, opts)
-        lowering.fallbacks = fallbacks
+        compiled = CompiledSet()
+        lowering = Regional(CacheStep(transformer, adapter, config, Regional.block_call(opts, compiled)), mode, opts)
+        lowering.compiled = compiled
         return lowering
     step = CacheStep(transformer, adapter, config)
     if name == "segments":

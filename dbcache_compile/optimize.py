@@ -326,6 +326,7 @@ def disable(pipe: Any) -> Any:
 
 def _disable(transformer: torch.nn.Module) -> None:
     rt = runtime_of(transformer)
+    rt.release()
     rt.applied.undo()
     if _has_subclass_weights(transformer):
         warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "

@@ -218,6 +218,9 @@ class Runtime:
     def cudagraph_status(self) -> str:
         return "off"
 
+    def release(self) -> None:
+        """Drop what this runtime compiled (``disable()``): Dynamo's entries of its code objects."""
+
 
 class BranchedRuntime(Runtime):
     """What every cached runtime shares: branches per cache context, generations, the per-call bookkeeping, the
@@ -349,6 +352,7 @@ class CachedRuntime(BranchedRuntime):
         self.impl = lowering
         self.lowering = lowering.name
         self.mode = lowering.mode
+        self._whole_graphs = lowering.name in ("segments", "cond")
         from diffusers.utils import apply_lora_scale
         # the model's own forward scales PEFT LoRA layers by `<attention kwargs>["scale"]` around the blocks: so do we
         self._forward = apply_lora_scale(adapter.attention_kwargs)(self._cached_forward)
@@ -395,6 +399,11 @@ class CachedRuntime(BranchedRuntime):
 
     def _cached_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
+        if self._whole_graphs:
+            # a view passed into a compile keeps its fake-tensor state alive after the compile (torch 2.13): plain
+            # tensors into the whole-segment graphs (FluxPipeline's img_ids is a view; one small copy)
+            args = tuple(no_views(a) for a in args)
+            kwargs = {k: no_views(v) for k, v in kwargs.items()}
         state, step, key = self._begin(args, kwargs)
         if state.key != key:
             out = self.impl.first_step(state, step, args, kwargs)
@@ -412,7 +421,10 @@ class CachedRuntime(BranchedRuntime):
 
     @property
     def compile_fallbacks(self) -> dict[str, int]:
-        return self.impl.fallbacks
+        return self.impl.compiled.fallbacks
+
+    def release(self) -> None:
+        self.impl.compiled.release()
 
 
 class CacheHook(ModelHook):
@@ -477,7 +489,7 @@ class UncachedRuntime(Runtime):
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
                  options: Optional[dict], graph: str, applied: Applied) -> None:
-        from .lowerings import Compiled, regional_options
+        from .lowerings import CompiledSet, regional_options
         self.mode = mode
         self.transformer = transformer
         self.applied = applied
@@ -485,19 +497,19 @@ class UncachedRuntime(Runtime):
         self.regional_blocks: list[torch.nn.Module] = []
         self._compiled: Optional[Callable] = None
         self._graph = graph if mode is not None else "eager"
-        self.fallbacks: dict[str, int] = {}
+        self.compiled = CompiledSet()
         if self._graph == "regional":
             regions: dict[type, Callable] = {}
             opts = regional_options(options or {})
             for block in blocks:
                 if type(block) not in regions:
-                    regions[type(block)] = Compiled(type(block).__name__, fresh_function(_block_region), opts,
-                                                    self.fallbacks)
+                    regions[type(block)] = self.compiled.compile(type(block).__name__, fresh_function(_block_region),
+                                                                 opts)
                 self.regional_blocks.append(block)
             self.block_hooks = {block: RegionHook(regions[type(block)]) for block in blocks}
         elif mode is not None:
             forward = fresh_function(type(transformer).forward)  # its own compiled entries (step.fresh_function)
-            self._compiled = torch.compile(types.MethodType(forward, transformer), **options)
+            self._compiled = self.compiled.compile("forward", types.MethodType(forward, transformer), options)
 
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
@@ -529,6 +541,9 @@ class UncachedRuntime(Runtime):
         if self._graphs is not None:
             return f"captured by hand: the whole forward ({self._graphs.captures} captured)"
         return "off"
+
+    def release(self) -> None:
+        self.compiled.release()
 
 
 class UncachedHook(ModelHook):

@@ -99,12 +99,12 @@ def _hooked_call(region: Callable, block: torch.nn.Module, kwargs: dict[str, Any
     return out
 
 
-def region_call(options: dict[str, Any], fallbacks: dict[str, int]) -> BlockCall:
+def region_call(options: dict[str, Any], compiled: Any) -> BlockCall:
     """A :data:`BlockCall` that runs each block through a compiled region, one ``torch.compile`` per block class
     (so no block class ever recompiles for another, and ``recompile_limit=1`` holds), each with its own code
-    object (see :func:`fresh_function`) and the reported fallback of :class:`~dbcache_compile.lowerings.Compiled`.
-    A block with diffusers hooks (context-parallel splits) runs them eagerly around its compiled class forward."""
-    from .lowerings import Compiled
+    object (see :func:`fresh_function`), compiled in ``compiled`` (a :class:`~dbcache_compile.lowerings.CompiledSet`:
+    fallback counts, release). A block with diffusers hooks (context-parallel splits) runs them eagerly around its
+    compiled class forward."""
     regions: dict[tuple, Callable] = {}
 
     def call(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
@@ -113,8 +113,8 @@ def region_call(options: dict[str, Any], fallbacks: dict[str, int]) -> BlockCall
         region = regions.get((type(block), hooked))
         if region is None:
             body = _class_region_body if hooked else _region_body
-            region = regions[(type(block), hooked)] = Compiled(type(block).__name__, fresh_function(body), options,
-                                                               fallbacks)
+            region = regions[(type(block), hooked)] = compiled.compile(type(block).__name__, fresh_function(body),
+                                                                       options)
         hidden, encoder = no_views(hidden), no_views(encoder)
         if hooked:
             return _hooked_call(region, block, dict(block_kwargs, hidden_states=hidden, encoder_hidden_states=encoder))
