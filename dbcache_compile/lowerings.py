@@ -63,11 +63,38 @@ class CompiledSet:
         return compiled
 
     def release(self) -> None:
-        """Drop Dynamo's compiled entries of every function compiled here."""
+        """Drop Dynamo's compiled entries of every function compiled here, and the finalizers Dynamo's guards put on
+        the objects they guard (the model's modules, which live on): each holds its guard manager, and through it
+        the compile's state, until the module dies (torch 2.11-2.14 does not detach them when a code's entries are
+        reset). Only our own entries' finalizers are detached."""
         from torch._C._dynamo.eval_frame import reset_code
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        managers = set()
         for compiled in self.items:
+            managers.update(id(entry.guard_manager) for entry in _debug_get_cache_entry_list(compiled.code))
             reset_code(compiled.code)
         self.items.clear()
+        _detach_guard_finalizers(managers)
+
+
+def _detach_guard_finalizers(managers: set[int]) -> None:
+    """Detach the ``weakref.finalize`` callbacks of Dynamo's ``CheckFunctionManager.invalidate`` whose guard manager
+    is one of ``managers`` (see :meth:`CompiledSet.release`)."""
+    import functools
+    import weakref
+
+    from torch._dynamo.guards import CheckFunctionManager
+    if not managers:
+        return
+    for finalizer in list(getattr(weakref.finalize, "_registry", {})):
+        info = finalizer.peek()
+        func = info[1] if info else None
+        if not (isinstance(func, functools.partial) and getattr(func.func, "__func__", None)
+                is CheckFunctionManager.invalidate):
+            continue
+        owner = func.func.__self__
+        if id(getattr(owner, "guard_manager", None)) in managers:
+            finalizer.detach()
 
 
 class Compiled:

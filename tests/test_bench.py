@@ -322,3 +322,25 @@ def test_gpu_proof_dry_run_writes_the_summary_of_every_part(tmp_path):
     assert (tmp_path / "extras" / "threshold_shift_flux-tiny_int8.md").is_file()
     assert "| tests | pass |" in (tmp_path / "summary.md").read_text()
     assert summary["meta"]["command"].startswith("python -m bench gpu --dry-run")
+
+
+def test_soak_runs_a_clean_mix_and_writes_its_report(tmp_path):
+    """``python -m bench soak`` (issue #12): a user who optimizes, generates over changing shapes / CFG, interrupts a
+    generation from ``callback_on_step_end`` and re-optimizes, as in a notebook sweep, gets no exception, no graph
+    break or uncompiled fallback, and after the interruption the next generation is bit-identical to a clean one;
+    the soak reports that (with RSS per generation and the standard metadata) and exits 0. Seed 1's first 12
+    generations cover both tiny models, eager and compiled (regional) lowerings, true CFG and two interruptions."""
+    rc = main(["soak", "--generations", "12", "--seed", "1", "--device", "cpu", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    summary = data["summary"]
+    assert rc == 0, data["failures"]
+    assert summary["generations"] == len(data["generations"]) == 12 and summary["passed"]
+    assert summary["exceptions"] == 0 and summary["graph_breaks"] == 0 and summary["compile_fallbacks"] == 0
+    assert summary["interruption_checks"] == summary["interruption_identical"] == 2
+    assert summary["planned_interruptions"] == 2 and summary["compiles_on_exact_repeats"] == 0
+    assert {(s["model"], s["lowering"]) for s in data["sessions"]} == {("flux", "regional"), ("qwen-image", "eager")}
+    assert summary["graphs"] > 0 and all(r["rss_mib"] > 0 for r in data["generations"])
+    assert any(r["cfg"] for r in data["generations"]) and any(r.get("cached_steps") for r in data["generations"])
+    assert data["meta"]["command"].startswith("python -m bench soak") and data["meta"]["versions"]["torch"]
+    md = (tmp_path / "results.md").read_text()
+    assert "Verdict: **PASS**" in md and data["meta"]["device"] in md

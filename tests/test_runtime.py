@@ -418,3 +418,25 @@ def test_reconfigure_swaps_thresholds_without_recompiling():
             dbc.runtime_of(pipe).reconfigure("F2B0_W2_R0.3")
     finally:
         dbc.disable(pipe)
+
+
+def test_disable_releases_what_the_runtime_compiled():
+    """A notebook sweep or a server re-optimizes the same model many times: each disable() drops Dynamo's entries
+    of the code objects its runtime compiled and the guard finalizers torch leaves on the model's modules (each kept
+    a whole compile's state alive: +8.8 MiB per cycle on the tiny FLUX, bench/results/soak-cpu-2026-11-26)."""
+    import gc
+    import weakref
+
+    pipe = tiny_flux_pipeline()
+
+    def cycle():
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="segments", compile_options={"backend": "eager"})
+        run(pipe, steps=4)
+        dbc.disable(pipe)
+        gc.collect()
+
+    cycle()
+    finalizers = len(weakref.finalize._registry)
+    for _ in range(3):
+        cycle()
+    assert len(weakref.finalize._registry) - finalizers < 10  # it was ~240 per cycle before
