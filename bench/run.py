@@ -1,6 +1,7 @@
 """``python -m bench run``: one model through rows (uncached, ours, cache-dit, diffusers' FBCache × eager /
 compiled / quantized), measured wall-clock next to the FLOP ratio; writes ``results.md`` / ``results.json`` /
-``speedup_vs_psnr.png``. ``python -m bench --model ...`` (no subcommand) is the same. See ``bench/README.md``."""
+``speedup_vs_psnr.png``. ``python -m bench --model ...`` (no subcommand) is the same. ``--cp N`` runs the rows on N
+ranks under diffusers' context parallelism (:mod:`bench.cp`). See ``bench/README.md``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ import argparse
 import datetime
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from dbcache_compile import DBCacheConfig
+from dbcache_compile.adapters import adapter_for
 from dbcache_compile.optimize import COMPILE_MODES, GRAPHS
 from dbcache_compile.quantize import QUANTIZE_NAMES, check_fp8_supported
 
+from . import cp
 from .methods import PEERS
 from .models import RANDOM_WEIGHTS, load_model
 from .report import metadata, write_plot, write_results
@@ -34,6 +38,8 @@ QWEN_LIGHTNING_CONFIGS = ("F24B24_W2MC1_R0.8", "F16B16_W2MC1_R0.8", "F1B0_W2MC1_
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "DrawBench200.txt"
 MODES = ("eager", "compile") + tuple(f"compile+{q}" for q in QUANTIZE_NAMES)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: the --random-weights models that generate video (--num-frames)
+VIDEO = ("wan", "hunyuanvideo-1.5", "wan-tiny", "hunyuanvideo-1.5-tiny")
 
 
 def _csv(text: str) -> list[str]:
@@ -46,10 +52,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="'tiny' (the embedded digits model) or a local diffusers FLUX.1-dev / "
                                         "Qwen-Image pipeline directory (loaded with local_files_only=True)")
     source.add_argument("--random-weights", choices=RANDOM_WEIGHTS,
-                        help="full-size FLUX.1-dev / Qwen-Image architecture with random weights (latency only), "
-                             "or the tiny test FLUX for CPU checks")
+                        help="a full-size architecture with random weights, latency only (flux: FLUX.1-dev, "
+                             "qwen-image, wan: Wan 2.1 T2V 14B, sd3.5: SD3.5 Large, hunyuanvideo-1.5: HunyuanVideo "
+                             "1.5 480p T2V; GPU), or a tiny pipeline for CPU checks (flux-tiny, flux-narrow, "
+                             "wan-tiny, sd3.5-tiny, hunyuanvideo-1.5-tiny)")
     p.add_argument("--configs", type=_csv, default=None,
-                   help="comma-separated cache configs (default: the seed's table rows for the model family)")
+                   help="comma-separated cache configs (default: the seed's table rows for FLUX / Qwen-Image; "
+                        "F1B0_W4MC6_R1.0,F4B0_W4MC3_R1.0,F8B0_W4MC2_R1.0 for wan / sd3.5 / hunyuanvideo-1.5; "
+                        "F1B0_W2MC2_R<t> for the *-tiny families, t from dbcache_compile.testing_families.THRESHOLDS)")
     p.add_argument("--modes", type=_csv, default=None,
                    help=f"comma-separated, from {', '.join(MODES)} "
                         "(default: eager,compile,compile+fp8 on CUDA, eager,compile on CPU)")
@@ -66,8 +76,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, default=PROMPTS, help="prompt file, one per line (default: DrawBench200)")
     p.add_argument("--num-prompts", type=int, default=200, help="first N prompts (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default: 0)")
-    p.add_argument("--height", type=int, default=1024, help="pixels (default: 1024; the digits model is 16x16)")
-    p.add_argument("--width", type=int, default=1024, help="pixels (default: 1024)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels (default: the model's: 1024 for FLUX / Qwen-Image / SD3.5, 480 for Wan and "
+                        "HunyuanVideo 1.5, 32 for the *-tiny families; the digits model is 16x16)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels (default: the model's: 1024, Wan 832, HunyuanVideo 1.5 848, *-tiny 32)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="video length of the video families (default: the pipeline's: Wan 81, HunyuanVideo 1.5 "
+                        "121, *-tiny 5)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX guidance (default: 3.5)")
     p.add_argument("--true-cfg-scale", type=float, default=1.0,
@@ -82,6 +98,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's); on a shared CPU, 1 avoids OpenMP oversubscription")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output directory (default: out/bench)")
+    p.add_argument("--cp", type=int, default=None, metavar="N",
+                   help="context parallelism: run the rows on N ranks (diffusers' enable_parallelism, Ulysses degree "
+                        "N; gloo on CPU, NCCL on CUDA with one GPU per rank), started here, or by `torchrun "
+                        "--nproc-per-node N -m bench run ... --cp N`. Wall times are the max over ranks per call; "
+                        "results.md adds per-rank walls (bench/cp.py). Default: 1, or WORLD_SIZE under torchrun")
+    p.add_argument("--cp-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others in one collective (rendezvous included) before the "
+                        "run fails (default: 600)")
 
 
 def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -118,6 +142,28 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--configs: {err}")
     if args.num_prompts < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
         p.error("--num-prompts, --steps and --threads must be >= 1")
+    if any(v is not None and v < 1 for v in (args.height, args.width, args.num_frames)):
+        p.error("--height, --width and --num-frames must be >= 1")
+    if args.random_weights in ("wan", "sd3.5", "hunyuanvideo-1.5") and args.device.type != "cuda":
+        p.error(f"--random-weights {args.random_weights} builds the full-size model (8-14 B parameters): run it on a "
+                f"GPU (--device cuda); on a CPU use --random-weights {args.random_weights}-tiny")
+    if args.num_frames is not None and args.random_weights not in VIDEO:
+        p.error(f"--num-frames applies to the video families only ({', '.join(VIDEO)})")
+    env = cp.rank_env()
+    if args.cp is None:
+        args.cp = env[1] if env is not None else 1
+    if args.cp < 1:
+        p.error("--cp must be >= 1")
+    if env is not None and env[1] != args.cp:
+        p.error(f"--cp {args.cp} but WORLD_SIZE is {env[1]} (torchrun --nproc-per-node must equal --cp)")
+    if args.cp > 1 and env is None and cuda and torch.cuda.device_count() < args.cp:
+        p.error(f"--cp {args.cp} needs one GPU per rank; this machine has {torch.cuda.device_count()}")
+    if args.cp_timeout <= 0:
+        p.error("--cp-timeout must be > 0")
+    if args.cp > 1:
+        if any(item.startswith("diffusers-fbcache:") for item in args.rows or []):
+            p.error(f"--rows: diffusers-fbcache cannot run under --cp ({cp.FBCACHE_UNDER_CP})")
+        args.peers = [peer for peer in args.peers if peer != "diffusers-fbcache"]
     if not args.prompts.is_file():
         p.error(f"--prompts {args.prompts}: no such file")
     if args.model not in (None, "tiny") and not Path(args.model).is_dir():
@@ -133,44 +179,103 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     """Run the benchmark; returns 0, 1 when one of our rows or a baseline failed (peers may fail or skip), 2 when the
-    model cannot be loaded."""
+    model cannot be loaded. With ``--cp N`` outside ``torchrun``: start the N ranks (:func:`bench.cp.launch`) and
+    return rank 0's status (1 when a rank failed)."""
+    rank: Optional[cp.RankContext] = None
+    if args.cp > 1:
+        if cp.rank_env() is None:
+            return cp.launch(args)
+        rank = cp.setup(args)
+        if args.threads is None and args.device.type == "cpu":
+            args.threads = max(1, (os.cpu_count() or 1) // args.cp)  # the ranks share the machine's cores
+    ok = False
+    try:
+        status = _execute(args, rank)
+        ok = True
+        return status
+    finally:
+        if rank is not None:
+            rank.close(ok)
+
+
+def _execute(args: argparse.Namespace, rank: Optional[cp.RankContext]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.getLogger("cache_dit").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()
+    main = rank is None or rank.main
 
     prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][:args.num_prompts]
     try:
         model = load_model(args.model, args.random_weights, args.device, args.dtype, args.steps, args.height,
                            args.width, args.seed, args.true_cfg_scale, args.guidance_scale, args.lora,
-                           args.scheduler_config)
+                           args.scheduler_config, num_frames=args.num_frames)
     except (FileNotFoundError, ValueError) as err:
         print(f"python -m bench run: error: {err}", file=sys.stderr)
+        if rank is not None:
+            raise  # a rank that cannot build the model ends the whole run
         return 2
-    configs = args.configs or list(QWEN_LIGHTNING_CONFIGS if model.family == "qwen-image" else FLUX_CONFIGS)
+    if rank is not None:
+        rank.attach(model)
+    configs = args.configs or list(model.default_configs or (
+        QWEN_LIGHTNING_CONFIGS if model.family == "qwen-image" else FLUX_CONFIGS))
     if args.rows is not None:
         rows = explicit_rows(args.rows, configs, reference=model.images)
     else:
         rows = plan_rows(args.modes, configs, args.peers)
     runner = Runner(model, prompts, args.compile_mode, args.graph)
+    flops_note = None
+    if rank is not None:
+        flops_note = (f"not counted under --cp {rank.world_size} (each rank runs a shard of the sequence; run without "
+                      f"--cp for the TFLOPs columns)")
+    elif not _has_adapter_file(model.pipe.transformer):
+        flops_note = (f"not counted for {type(model.pipe.transformer).__name__}: the cached forward's FLOPs are "
+                      f"counted from an adapter file's embed / blocks / project (FLUX, Qwen-Image); this family runs "
+                      f"on the generic adapter")
+    if flops_note is not None:
+        runner.flops.error = flops_note  # the runner skips counting
     started = datetime.datetime.now().astimezone()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: list[RowResult] = run_rows(
-        runner, rows, after_row=lambda done: _write(args, model, runner, configs, started, done, plot=False))
-    _write(args, model, runner, configs, started, results, plot=True)
-    print(f"wrote {args.out / 'results.md'}, results.json, speedup_vs_psnr.png")
-    ours_failed = [r for r in results if r.spec.method in ("uncached", "ours") and not r.ok]
+    gathered: list[RowResult] = []
+
+    def after_row(done: list[RowResult]) -> None:
+        if rank is not None:
+            gathered.append(rank.gather(done[-1]))  # every rank, whatever the row's status
+        else:
+            gathered.append(done[-1])
+        if main:
+            _write(args, model, runner, configs, started, gathered, rank, flops_note, plot=False)
+
+    run_rows(runner, rows, after_row=after_row)
+    if main:
+        _write(args, model, runner, configs, started, gathered, rank, flops_note, plot=True)
+        print(f"wrote {args.out / 'results.md'}, results.json, speedup_vs_psnr.png")
+    ours_failed = [r for r in gathered if r.spec.method in ("uncached", "ours") and not r.ok]
     return 1 if ours_failed else 0
 
 
+def _has_adapter_file(transformer: torch.nn.Module) -> bool:
+    """Whether the transformer has an explicit adapter (FLUX, Qwen-Image), which FLOP counting needs."""
+    try:
+        adapter_for(transformer)
+    except ValueError:
+        return False
+    return True
+
+
 def _write(args: argparse.Namespace, model: Any, runner: Runner, configs: list[str], started: datetime.datetime,
-           results: list[RowResult], plot: bool) -> None:
+           results: list[RowResult], rank: Optional[cp.RankContext], flops_note: Optional[str],
+           plot: bool) -> None:
     """Write results.md / results.json for the rows so far (and the plot at the end)."""
     unavailable = dict(runner.scorers.unavailable)
-    if runner.flops.error:
+    if rank is not None:
+        unavailable["diffusers-fbcache"] = f"not run under --cp: {cp.FBCACHE_UNDER_CP}"
+    if flops_note is not None:
+        unavailable["TFLOPs"] = flops_note
+    elif runner.flops.error:
         unavailable["TFLOPs"] = f"FLOP counting failed ({runner.flops.error})"
-    resolution = "16x16" if args.model == "tiny" else f"{args.width}x{args.height}"
+    resolution = model.resolution or f"{args.width}x{args.height}"
     meta: dict[str, Any] = {
         **metadata(args.command_line, args.device, started), "model": model.name,
         "dtype": str(args.dtype).removeprefix("torch."),
@@ -184,7 +289,12 @@ def _write(args: argparse.Namespace, model: Any, runner: Runner, configs: list[s
             "full": runner.flops.full and vars(runner.flops.full),
             "cached": {f"F{fn}B{bn}": vars(f) for (fn, bn), f in runner.flops.cached.items()}},
     }
+    if rank is not None:
+        meta["cp"] = {"ranks": rank.world_size, "ulysses_degree": rank.world_size, "backend": rank.backend,
+                      "launcher": rank.launcher, "wall_time": "per call, the max over ranks"}
     extra = model.extra_metric[0] if model.extra_metric else None
     write_results(args.out, results, meta, unavailable, extra)
+    if rank is not None:
+        cp.append_rank_table(args.out / "results.md", results, rank.world_size)
     if plot:
         write_plot(args.out / "speedup_vs_psnr.png", results, f"{model.name}, {resolution}, {args.steps} steps")

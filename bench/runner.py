@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from dbcache_compile import DBCacheConfig
 from dbcache_compile.adapters import adapter_for
 from dbcache_compile.flops import ForwardFlops, cached_forward_flops, full_forward_flops, generation_flops
+from dbcache_compile.generic import generic_adapter
 from dbcache_compile.quantize import default_filter, quantize_transformer, resolve_quantization
 
 from .measure import PeakMemory, TransformerTimer, timed_call
@@ -130,6 +131,14 @@ def _split(config: str) -> tuple[int, int]:
     return cfg.Fn_compute_blocks, cfg.Bn_compute_blocks
 
 
+def _block_lists(transformer: torch.nn.Module) -> tuple[str, ...]:
+    """The block lists of the transformer's adapter: its explicit one (FLUX, Qwen-Image), else the generic one."""
+    try:
+        return adapter_for(transformer).block_lists
+    except ValueError:
+        return generic_adapter(transformer).block_lists
+
+
 def quantization_of(mode: str) -> Optional[str]:
     """``"compile+fp8"`` → ``"fp8"``; ``None`` for unquantized modes."""
     return mode.split("+", 1)[1] if "+" in mode else None
@@ -225,7 +234,8 @@ class Runner:
         self.flops = _Counter()
         self.quantized_mode: Optional[str] = None
         first = model.make_inputs(0, prompts[0])
-        self.separate_cfg = adapter_for(model.pipe.transformer).separate_cfg(first)
+        self.separate_cfg = (model.separate_cfg if model.separate_cfg is not None
+                             else adapter_for(model.pipe.transformer).separate_cfg(first))
 
     def method(self, spec: RowSpec) -> Method:
         mode = None if spec.mode == "eager" else self.compile_mode
@@ -251,7 +261,7 @@ class Runner:
         self.model.replace_transformer()
         transformer = self.model.pipe.transformer
         config = resolve_quantization(quantize, self.model.device, self.compile_mode)
-        quantize_transformer(transformer, config, default_filter(adapter_for(transformer).block_lists))
+        quantize_transformer(transformer, config, default_filter(_block_lists(transformer)))
         self.quantized_mode = mode
 
     def run(self, spec: RowSpec, splits: set[tuple[int, int]]) -> RowResult:

@@ -532,7 +532,17 @@ class UncachedRuntime(Runtime):
         if self._graphs is None and self.regional_blocks and self.mode in CUDAGRAPH_MODES and device.type == "cuda":
             self._graphs = SegmentGraphs()
         if self._graphs is None:
-            return (self._compiled or original)(*args, **kwargs)
+            if self._compiled is None:
+                return original(*args, **kwargs)
+            # the compiled class forward replaces `original`: hooks inside ours (context-parallel input splits on
+            # the root module) run around it, as calling through would
+            inner = inner_hooks(module, HOOK_NAME)
+            for hook in inner:
+                args, kwargs = hook.pre_forward(module, *args, **kwargs)
+            out = self._compiled(*args, **kwargs)
+            for hook in reversed(inner):
+                out = hook.post_forward(module, out)
+            return out
         return_dict = kwargs.pop("return_dict", True)
         out = self._graphs("forward", original, args, dict(kwargs, return_dict=False))[0].clone()
         return transformer_output(out, return_dict)

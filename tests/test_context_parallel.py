@@ -266,3 +266,22 @@ def _mismatched_rank(rank: int, world_size: int) -> str:
 def test_ranks_with_different_configs_fail_clearly_instead_of_hanging():
     with pytest.raises(ValueError, match="run different cache configs"):
         run_ranks(_mismatched_rank, 2, timeout=120, collective_timeout=60, grace=10)
+
+
+def _uncached_rank(rank: int, world_size: int, graph: str) -> torch.Tensor:
+    from diffusers import ContextParallelConfig
+
+    pipe, inputs = _cached_inputs("flux", 1)
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    dbc.optimize(pipe.transformer, cache=None, mode="default", graph=graph, compile_options={"backend": "eager"})
+    return pipe(**inputs, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("graph", ["segments", "regional"])
+def test_uncached_compiled_baseline_keeps_the_context_parallel_split(graph):
+    """The uncached baseline compiles the class forward; diffusers' root split hook sits inside our hook and must
+    still run (it used to be bypassed: 128 tokens for 64 on each rank)."""
+    pipe, inputs = _cached_inputs("flux", 1)
+    ref = pipe(**inputs, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    for images in run_ranks(_uncached_rank, 2, args=(graph,), timeout=120, collective_timeout=60):
+        torch.testing.assert_close(images, ref, rtol=0, atol=ATOL)
