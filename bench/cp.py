@@ -51,10 +51,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 __all__ = ["rank_env", "launch", "RankContext", "setup", "cpu_accelerator_count", "append_rank_table",
-           "GRACE_S"]
+           "GRACE_S", "kill_ranks"]
 
 #: seconds the other ranks get after one rank failed, before the launcher kills them
 GRACE_S = 10.0
@@ -277,7 +277,9 @@ def _rank_main(args: Any, rank: int, world: int, port: int, conn: Any, log: Opti
     conn.close()
 
 
-def _kill(procs: list[Any], wait: float = 3.0) -> None:
+def kill_ranks(procs: Sequence[Any], wait: float = 3.0) -> None:
+    """Terminate the rank processes still alive (SIGTERM, then SIGKILL after ``wait`` seconds) and reap them; the
+    context-parallel test harness uses it too."""
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -340,7 +342,7 @@ def launch(args: Any) -> int:
                         grace_end = time.monotonic() + GRACE_S
                     failures[rank] = payload
     finally:
-        _kill(procs)
+        kill_ranks(procs)
         for recv, _ in pipes:
             recv.close()
     if failures:

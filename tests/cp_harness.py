@@ -46,12 +46,13 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import pickle
-import signal
 import socket
 import sys
 import time
 import traceback
 from typing import Any, Callable, Iterator, Optional, Sequence
+
+from bench.cp import kill_ranks
 
 __all__ = ["run_ranks", "cpu_accelerator_count", "free_port", "RankError", "RankTimeout", "RemoteTraceback"]
 
@@ -146,20 +147,6 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         message = ("error", (failed_at or time.time(), payload, tb, f"{type(exc).__name__}: {exc}"))
     conn.send(message)
     conn.close()
-
-
-def _kill(procs: Sequence[mp.process.BaseProcess], wait: float = 3.0) -> None:
-    """Terminate the ranks still alive (SIGTERM, then SIGKILL after ``wait`` seconds) and reap them."""
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + wait
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.join(1.0)
 
 
 def _start_forkserver(preload: list[str]) -> None:
@@ -260,6 +247,6 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), kwargs: Optio
             raise exc from RemoteTraceback(rank, tb)
         return [done[r] for r in range(world_size)]
     finally:
-        _kill(procs)
+        kill_ranks(procs)
         for recv, _ in pipes:
             recv.close()
