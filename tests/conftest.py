@@ -1,6 +1,3 @@
-import os
-import sys
-
 import pytest
 import torch
 
@@ -10,7 +7,6 @@ from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, measure, run_scen
 # Tiny models run fastest single-threaded, and a second process (CI runs alone, a developer may not) must not
 # oversubscribe the cores.
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 def generator(seed: int = 0) -> torch.Generator:
