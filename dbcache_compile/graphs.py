@@ -1,10 +1,11 @@
 """Golden graph records: how each (adapter, lowering) compiles on the tiny models, guarded by the test suite.
 
-``python -m dbcache_compile.graphs --update`` regenerates ``graphs/<adapter>-<lowering>.json`` (``--dir`` another
-folder, ``--only flux,family-wan`` a subset); without ``--update`` it compares. A record holds the number of compiled graphs, graph breaks, ``torch.cond`` nodes and recompiles
-after warm-up, measured over three pipeline calls that exercise warmup, hits, misses, the MC limit, a TaylorSeer
-forecast and (Qwen-Image) a CFG pair, with ``torch.compiler.set_stance("fail_on_recompile")`` after the first call.
-A change in graph structure then shows up as a reviewed diff of these files.
+``python -m dbcache_compile.graphs --update`` regenerates ``graphs/<adapter>-<lowering>.json`` of the repository
+checkout it runs from (``--dir`` another folder, required outside a checkout; ``--only flux,family-wan`` a subset);
+without ``--update`` it compares. A record holds the number of compiled graphs, graph breaks, ``torch.cond`` nodes
+and recompiles after warm-up, measured over three pipeline calls that exercise warmup, hits, misses, the MC limit, a
+TaylorSeer forecast and (Qwen-Image) a CFG pair, with ``torch.compiler.set_stance("fail_on_recompile")`` after the
+first call. A change in graph structure then shows up as a reviewed diff of these files.
 
 Families on the generic adapter (:mod:`dbcache_compile.families`) get a ``family-<name>-regional.json`` record of
 their block regions, measured with Dynamo's eager backend (the graph structure: graph count, breaks, recompiles after
@@ -31,7 +32,22 @@ from .stats import CacheSummary
 
 __all__ = ["SCENARIOS", "GraphRun", "measure", "record_path", "main"]
 
-RECORD_DIR = Path(__file__).resolve().parent.parent / "graphs"
+
+def repository_graphs(package_dir: Path = Path(__file__).resolve().parent) -> Optional[Path]:
+    """The repository's ``graphs/`` when the package runs from a checkout (``package_dir``'s parent holds the
+    project's ``pyproject.toml`` and a ``graphs/`` folder), else ``None`` (an installed package: its parent is
+    ``site-packages``, where no records belong)."""
+    root = package_dir.parent
+    pyproject = root / "pyproject.toml"
+    try:
+        ours = pyproject.is_file() and 'name = "dbcache-compile"' in pyproject.read_text()
+    except OSError:
+        ours = False
+    return root / "graphs" if ours and (root / "graphs").is_dir() else None
+
+
+#: where the golden records are: the repository's ``graphs/``; ``None`` outside a checkout (``--dir`` required)
+RECORD_DIR: Optional[Path] = repository_graphs()
 SCENARIO_CONFIG = "F1B0_W2M0MC2_T1O1_R0.45"
 STEPS = 10
 CALLS = 3
@@ -61,7 +77,11 @@ class GraphRun:
 
 
 def record_path(adapter: str, lowering: str, directory: Optional[Path] = None) -> Path:
-    return (directory or RECORD_DIR) / f"{adapter}-{lowering}.json"
+    directory = directory or RECORD_DIR
+    if directory is None:
+        raise ValueError("no repository graphs/ folder found next to the dbcache_compile package (an installed copy?): "
+                         "give the records' folder")
+    return directory / f"{adapter}-{lowering}.json"
 
 
 def run_scenario(pipe: Any, inputs: dict, calls: int = CALLS) -> tuple[list[torch.Tensor], list[CacheSummary]]:
@@ -159,10 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbcache_compile.graphs", description=__doc__.split("\n")[0])
     parser.add_argument("--update", action="store_true", help="rewrite the golden records instead of comparing")
     parser.add_argument("--dir", type=Path, default=RECORD_DIR,
-                        help=f"where the records are (default: the repository's graphs/, {RECORD_DIR})")
+                        help="where the records are (default: the repository's graphs/ when run from a checkout"
+                             + (f", {RECORD_DIR}" if RECORD_DIR is not None else "; none found here, so required")
+                             + ")")
     parser.add_argument("--only", default=None,
                         help="comma-separated subset: adapter names (flux, qwen-image) and/or family-<name>")
     args = parser.parse_args(argv)
+    if args.dir is None:
+        parser.error("--dir is required: no repository graphs/ folder was found next to the dbcache_compile package "
+                     "(it is installed, not run from a checkout), and the records do not belong in site-packages")
     torch.set_num_threads(1)
     from .testing_families import THRESHOLDS
     jobs: list[tuple[str, str, Callable[[], dict]]] = [
