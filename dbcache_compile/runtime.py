@@ -156,22 +156,33 @@ class Branches(StateManager):
 
 
 class GenerationWatch:
-    """Recognises a new generation at its first transformer call through the pipeline's scheduler, whose
-    ``step_index`` is ``None`` until the first ``scheduler.step()`` of a generation: a ``None`` after a number means
-    a new generation started, even if the last one ended with an exception. Shared by all the transformers of a
-    pipeline (Wan 2.2's ``transformer`` and ``transformer_2``). Schedulers without ``step_index`` give no signal
-    (the end-of-call reset still works)."""
+    """Recognises a new generation at its first transformer call through the pipeline's scheduler, even when the
+    last one ended with an exception (diffusers' end-of-call reset never ran). Two signals, either suffices:
+
+    * the scheduler's ``timesteps`` tensor is another object than at the last call: every pipeline call runs
+      ``scheduler.set_timesteps`` before its first transformer call, which makes a new tensor (this also catches a
+      generation that failed inside its very first step, before any ``scheduler.step()``);
+    * its ``step_index`` is ``None`` after a number (``None`` until the first ``scheduler.step()``).
+
+    Shared by all the transformers of a pipeline (Wan 2.2's ``transformer`` and ``transformer_2``). Schedulers with
+    neither attribute give no signal (the end-of-call reset still works)."""
 
     def __init__(self, pipeline: Any) -> None:
         self._pipeline = weakref.ref(pipeline)
         self._last: Optional[int] = None
+        self._timesteps: Optional[weakref.ref] = None  # the scheduler's timesteps tensor at the last call
         self.generation = 0
 
     def poll(self) -> int:
         pipeline = self._pipeline()
         scheduler = getattr(pipeline, "scheduler", None) if pipeline is not None else None
         step_index = getattr(scheduler, "step_index", -1)
-        if step_index is None and self._last is not None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        new_timesteps = False
+        if isinstance(timesteps, torch.Tensor):
+            new_timesteps = self._timesteps is not None and self._timesteps() is not timesteps
+            self._timesteps = weakref.ref(timesteps)
+        if new_timesteps or (step_index is None and self._last is not None):
             self.generation += 1
         self._last = step_index
         return self.generation

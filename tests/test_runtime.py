@@ -121,6 +121,33 @@ def test_an_interrupted_generation_leaves_the_next_bit_identical_to_a_fresh_one(
     assert dbc.summary(pipe).cached_steps == dbc.summary(fresh).cached_steps
 
 
+def test_a_generation_that_fails_inside_its_first_step_leaves_the_next_one_clean():
+    """A failure in step 0's second (uncond) call happens before any scheduler.step(), so step_index gives no
+    signal; the scheduler's fresh timesteps tensor of the next call does. Without it the next generation carried on
+    the failed one's cond state: 9 steps instead of 8 and another image."""
+    kwargs = dict(true_cfg_inputs(), num_inference_steps=8)
+    fresh = tiny_flux_pipeline()
+    dbc.optimize(fresh, cache=CONFIG)
+    expected = fresh(**kwargs, generator=generator()).images
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG)
+    calls = [0]
+
+    def fail_on_the_second_call(module, args, kw):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("out of memory in the uncond call")
+
+    handle = pipe.transformer.register_forward_pre_hook(fail_on_the_second_call, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe(**kwargs, generator=generator())
+    handle.remove()
+    assert torch.equal(pipe(**kwargs, generator=generator()).images, expected)
+    ours, reference = dbc.summary(pipe), dbc.summary(fresh)
+    assert (ours.num_steps, ours.cached_steps, ours.cfg_cached_steps) == (
+        reference.num_steps, reference.cached_steps, reference.cfg_cached_steps) and reference.num_steps == 8
+
+
 def test_the_embeddings_and_first_blocks_run_once_per_forward_on_a_new_shape(flux):
     """Buffers are sized from the one real pass: forward hooks on the embedder and the first block fire once per
     transformer call, also on the first call at a new resolution (they used to fire twice)."""
