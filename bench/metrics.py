@@ -1,4 +1,5 @@
-"""Image-quality metrics: PSNR (the library's, :func:`dbcache_compile.metrics.psnr`), torchmetrics (SSIM, LPIPS),
+"""Image-quality metrics: PSNR and SSIM (the library's, :func:`dbcache_compile.metrics.psnr` and
+:func:`dbcache_compile.calibrate.ssim`, the latter torchmetrics'), torchmetrics' LPIPS,
 transformers' CLIP (CLIP Score) and ImageReward.
 
 Images are float tensors ``(N, C, H, W)`` with values in ``[0, 1]``. PSNR and SSIM compare a row's images with the
@@ -18,17 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
 
+from dbcache_compile.calibrate import ssim
 from dbcache_compile.metrics import psnr
 
 __all__ = ["psnr", "ssim", "to_uint8", "Scorers"]
-
-
-def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5), shape ``(N,)``, in [-1, 1]; 1 for identical images."""
-    return structural_similarity_index_measure(images.float(), reference.float(), data_range=1.0,
-                                               reduction="none")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ from .decision import cache_allowed
 from .metrics import psnr
 
 __all__ = ["calibrate", "evaluate", "CalibrationResult", "Candidate", "SearchSpace", "simulate", "gap_ratios",
-           "fit_decay"]
+           "fit_decay", "ssim"]
 
 #: a threshold that never caches in practice while every step's gates still allow (and record) a diff
 RECORD_THRESHOLD = 1e-9
@@ -378,12 +378,19 @@ def _images(output: Any) -> np.ndarray:
     return array
 
 
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM, shape ``(N,)``, in [-1, 1] (1 for identical images): torchmetrics'
+    ``structural_similarity_index_measure`` (Gaussian window 11, sigma 1.5, ``data_range=1``) on float images
+    ``(N, C, H, W)`` in [0, 1]. The one SSIM of the project: the calibration table's and ``bench``'s SSIM column.
+    Needs torchmetrics (an ``ImportError`` otherwise)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    return structural_similarity_index_measure(images.float(), reference.float(), data_range=1.0,
+                                               reduction="none")
+
+
 def _ssim(images: np.ndarray, reference: np.ndarray) -> Optional[float]:
-    """Mean SSIM over the images (torchmetrics), ``None`` where torchmetrics is missing or cannot score them."""
-    try:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-    except ImportError:
-        return None
+    """Mean :func:`ssim` over a call's images (``(N, H, W)`` or channels first / last), ``None`` where torchmetrics
+    is missing or cannot score them (images under 11 pixels)."""
     a, b = torch.from_numpy(images).float(), torch.from_numpy(reference).float()
     if a.ndim == 3:
         a, b = a[:, None], b[:, None]
@@ -392,7 +399,9 @@ def _ssim(images: np.ndarray, reference: np.ndarray) -> Optional[float]:
     if a.ndim != 4 or min(a.shape[-2:]) < 11:
         return None
     try:
-        return float(structural_similarity_index_measure(a, b, data_range=1.0))
+        return float(ssim(a, b).mean())
+    except ImportError:
+        return None
     except Exception:  # noqa: BLE001 - a shape torchmetrics refuses is reported as n/a
         return None
 
@@ -550,7 +559,7 @@ class _Session:
         """Per call, the FLOPs of a cached step over an uncached one (calflops, else the block fraction)."""
         fn, bn = split
         if self.flops is not None:
-            return [f[(fn, bn)] / f["full"] for f in self.flops]
+            return [f[(fn, bn)].total / f["full"].total for f in self.flops]
         return [(fn + bn) / self.num_blocks] * len(self.baseline)
 
     def model_seconds(self, split: tuple[int, int], hits: Sequence[int]) -> float:
@@ -590,9 +599,9 @@ class _Session:
             flops = []
             for call in self.workload.calls:
                 example = capture_transformer_inputs(self.pipe, **call)
-                full = full_forward_flops(self.pipe.transformer, example).total
-                flops.append({"full": full, **{split: cached_forward_flops(self.pipe.transformer, example,
-                                                                           *split).total for split in groups}})
+                full = full_forward_flops(self.pipe.transformer, example)
+                flops.append({"full": full, **{split: cached_forward_flops(self.pipe.transformer, example, *split)
+                                               for split in groups}})
             self.flops = flops
         except Exception:  # noqa: BLE001 - no explicit adapter / positional transformer calls: block ratio
             self.flops = None
@@ -776,9 +785,9 @@ class _Session:
         quality = [float(np.mean(psnr(im, ref))) for im, ref in zip(images, self.reference)]
         ssims = [_ssim(im, ref) for im, ref in zip(images, self.reference)]
         if self.flops is not None:
-            split = (config.Fn_compute_blocks, config.Bn_compute_blocks)
-            full = sum(n * f["full"] for n, f in zip(calls, self.flops))
-            done = sum((n - h) * f["full"] + h * f[split] for n, h, f in zip(calls, hits, self.flops))
+            from .flops import generation_flops
+            full = sum(generation_flops(f["full"], f[split], n, 0) for n, f in zip(calls, self.flops))
+            done = sum(generation_flops(f["full"], f[split], n, h) for n, h, f in zip(calls, hits, self.flops))
         else:
             kept = config.Fn_compute_blocks + config.Bn_compute_blocks
             full = sum(calls) * self.num_blocks
