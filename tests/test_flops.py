@@ -68,19 +68,59 @@ def test_attention_counter_counts_qk_and_pv_and_restores_sdpa():
 
 
 def test_cached_forward_runs_fn_plus_bn_blocks(tiny):
-    """A cached F1B0 step costs one of the eight blocks' attention, more Fn/Bn blocks cost more, a generation adds
-    its full and cached forwards, and a split larger than the model is an error."""
+    """A cached F1B0 step costs one of the eight blocks' attention, more Fn/Bn blocks cost more, and a split larger
+    than the model (or more cached calls than calls) is an error."""
     pipe, kwargs = tiny
     full = full_forward_flops(pipe.transformer, kwargs)
     f1 = cached_forward_flops(pipe.transformer, kwargs, 1, 0)
     f2b1 = cached_forward_flops(pipe.transformer, kwargs, 2, 1)
     assert 0 < f1.total < f2b1.total < full.total
     assert f1.attention * 8 == full.attention  # 8 blocks with the same joint attention
-    assert generation_flops(full, f1, calls=10, cached_calls=4) == 6 * full.total + 4 * f1.total
     with pytest.raises(ValueError):
         cached_forward_flops(pipe.transformer, kwargs, 8, 1)
     with pytest.raises(ValueError):
         generation_flops(full, f1, calls=3, cached_calls=4)
+
+
+def _module_flops(pipe, call) -> dict[str, int]:
+    """FLOPs per module (FlopCounterMode's hierarchy, e.g. ``FluxTransformer2DModel.transformer_blocks.0``) of one
+    real generation, math SDPA so that attention counts as matmuls."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+    return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+def test_generation_flops_equal_what_a_real_cached_generation_executes(tiny):
+    """``generation_flops`` (the bench's TFLOPs per image, calibrate's FLOP ratio) equals the transformer FLOPs that
+    PyTorch's FlopCounterMode sees a real cached generation execute, when fed forwards counted independently: the
+    full forward from an uncached generation, the cached forward as the full one minus the per-block counts of the
+    blocks between Fn and Bn, and the cached calls that summary() reports. Swapping computed and cached calls, or
+    charging a hit its skipped blocks, fails here."""
+    pipe, _ = tiny
+    steps, config = 8, "F2B1_W2MC3_R1.0"
+    call = dict(flux_inputs(), num_inference_steps=steps)
+    root = type(pipe.transformer).__name__
+    blocks = [f"{root}.transformer_blocks.{i}" for i in range(len(pipe.transformer.transformer_blocks))] + \
+        [f"{root}.single_transformer_blocks.{i}" for i in range(len(pipe.transformer.single_transformer_blocks))]
+    uncached = _module_flops(pipe, call)
+    assert uncached[root] % steps == 0 and all(uncached[b] % steps == 0 for b in blocks)
+    full = uncached[root] // steps
+    skipped = sum(uncached[b] // steps for b in blocks[2:-1])  # F2B1: blocks 2 .. n-2 are skipped on a hit
+    dbc.optimize(pipe, cache=config)
+    try:
+        pipe(**call, generator=torch.Generator().manual_seed(0))  # allocates the cache buffers for this shape
+        cached = _module_flops(pipe, call)
+        summary = dbc.summary(pipe)
+    finally:
+        dbc.disable(pipe)
+    hits = len(summary.cached_steps)
+    assert 0 < hits < steps and summary.num_steps == steps
+    assert cached[blocks[2]] == (steps - hits) * uncached[blocks[2]] // steps  # hits really skipped the block
+    predicted = generation_flops(ForwardFlops(full, 0), ForwardFlops(full - skipped, 0), calls=steps,
+                                 cached_calls=hits)
+    assert predicted == cached[root]
+    assert generation_flops(ForwardFlops(full, 0), ForwardFlops(full - skipped, 0), calls=steps,
+                            cached_calls=0) == uncached[root]
 
 
 def _transformer_flops(pipe, kwargs) -> int:
