@@ -19,6 +19,7 @@ from .lowerings import build_lowering
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .generic import GENERIC_LOWERINGS, GenericAdapter, GenericRuntime, generic_adapter
 from .runtime import (HOOK_NAME, Applied, CachedRuntime, CacheHook, GenerationWatch, HookRegistry, Runtime,
+                      refuse_forward_replacing_hooks,
                       UncachedHook, UncachedRuntime)
 from .stats import CacheSummary
 
@@ -233,12 +234,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
             raise ValueError(f"{type(transformer).__name__} runs through the generic adapter (no adapter file), which "
                              f"supports the lowerings {', '.join(GENERIC_LOWERINGS)}; graph={graph!r} needs an explicit "
                              f"adapter (explicit: {', '.join(supported_models())})")
-    replacing = sorted({name for module in [transformer, *adapter.blocks(transformer)]
-                        for name, hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).items()
-                        if hasattr(hook, "new_forward")})
-    if replacing:
-        raise ValueError(f"the transformer or its blocks carry diffusers hooks that replace a forward "
-                         f"({', '.join(replacing)}); the cache would bypass them: remove them first")
+    refuse_forward_replacing_hooks(transformer, "at optimize()")
     if config is None and lowering == "cond":
         raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
                          "graph='regional' or 'segments' (a whole-forward compile)")

@@ -64,6 +64,8 @@ __all__ = ["HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "Runtime"
 
 HOOK_NAME = "dbcache_compile"
 REGION_HOOK_NAME = "dbcache_compile_region"
+#: diffusers hooks with a ``new_forward`` that compose with the cache (see :func:`forward_replacing_hooks`)
+_COMPATIBLE_FORWARD_HOOKS = frozenset({"peft_autocast_disable"})
 
 
 @dataclasses.dataclass
@@ -292,6 +294,7 @@ class BranchedRuntime(Runtime):
         generation = self.watch.poll() if self.watch is not None else 0
         if self.branches.finished or generation != self._generation:
             self._generation = generation
+            refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
             self.branches.start_generation(self._on_new_generation)
             group = self._cp_group()
             if group is not None:
@@ -336,6 +339,27 @@ class BranchedRuntime(Runtime):
     def compile_fallbacks(self) -> dict[str, int]:
         """Compiled function -> calls that ran uncompiled because its recompile limit was reached."""
         return {}
+
+
+def forward_replacing_hooks(transformer: torch.nn.Module) -> list[str]:
+    """Names of the diffusers hooks anywhere in ``transformer`` (its blocks and their attention/MLP modules included)
+    that replace a forward (``new_forward``: FirstBlockCache, MagCache, TaylorSeerCache, PAB, FasterCache, ...),
+    ours excluded. The cache would bypass or double them, so they are refused at ``optimize`` and at the start of
+    every generation (``apply_first_block_cache`` after ``optimize`` sets no ``_cache_config``). diffusers'
+    ``peft_autocast_disable`` hook (layerwise casting + PEFT) only wraps a LoRA layer's forward and is allowed."""
+    return sorted({name for module in transformer.modules()
+                   for name, hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).items()
+                   if hasattr(hook, "new_forward") and not name.startswith(HOOK_NAME)
+                   and name not in _COMPATIBLE_FORWARD_HOOKS})
+
+
+def refuse_forward_replacing_hooks(transformer: torch.nn.Module, when: str) -> None:
+    replacing = forward_replacing_hooks(transformer)
+    if replacing:
+        raise ValueError(f"{type(transformer).__name__} carries diffusers hooks that replace a forward "
+                         f"({', '.join(replacing)}) {when}: the DBCache would bypass or double them (two caches "
+                         f"cannot share one forward); remove them (e.g. transformer.disable_cache()) or call "
+                         f"dbcache_compile.disable()")
 
 
 def check_call(module: torch.nn.Module) -> bool:

@@ -296,6 +296,32 @@ def test_a_diffusers_cache_on_the_same_transformer_is_a_clear_error():
         dbc.disable(pipe)
 
 
+@pytest.mark.parametrize("adapter", [None, "generic"])
+@pytest.mark.parametrize("apply", ["first_block_cache", "taylorseer_cache"])
+def test_a_diffusers_cache_hook_applied_directly_after_optimize_is_refused(flux, adapter, apply):
+    """diffusers' apply_first_block_cache / apply_taylorseer_cache set no `_cache_config`; after optimize they used to
+    run silently beside (or under) DBCache. The next generation now refuses them, naming the hooks."""
+    from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, TaylorSeerCacheConfig, apply_first_block_cache,
+                                 apply_taylorseer_cache)
+
+    dbc.optimize(flux, cache=CONFIG, adapter=adapter)
+    try:
+        if apply == "first_block_cache":
+            apply_first_block_cache(flux.transformer, FirstBlockCacheConfig(threshold=0.2))
+        else:
+            apply_taylorseer_cache(flux.transformer, TaylorSeerCacheConfig(cache_interval=2))
+        with pytest.raises(ValueError, match="carries diffusers hooks that replace a forward .*added after optimize"):
+            run(flux, steps=2)
+    finally:
+        dbc.disable(flux)
+        for module in flux.transformer.modules():  # take the foreign cache hooks off the shared pipeline
+            registry = getattr(module, "_diffusers_hook", None)
+            if isinstance(registry, HookRegistry):
+                for name in list(registry.hooks):
+                    registry.remove_hook(name, recurse=False)
+    run(flux, steps=2)
+
+
 @pytest.mark.parametrize("kind", ["layerwise_casting", "group_offloading"])
 def test_module_hooks_work_eager_and_are_refused_compiled(kind):
     """diffusers' layerwise casting (bf16 storage, fp32 compute) and group offloading (block level) run under the
