@@ -1,7 +1,11 @@
-"""Cold compile time and per-step times of the compiled lowerings, each variant in a fresh process.
+"""Cold compile time and per-step times of the compiled lowerings (and eager), each variant in a fresh process.
 
     python -m bench steps --random-weights flux --height 1024 --width 1024 --graphs regional,segments \\
         --quantize none,fp8 --mode max-autotune --out bench/results/h100-steps-1024
+    # per-call host overhead on the CPU, where the host dominates (bench/results/host_overhead_redesign_cpu.md)
+    python -m bench steps --random-weights flux-tiny --height 32 --width 32 --steps 10 \\
+        --config F1B0_W2M0MC2_T0O1_R0.4 --graphs eager,regional --mode default --dtype fp32 --threads 1 \\
+        --repeats 2 --timed-generations 30 --device cpu --tag host-overhead
 
 Each (lowering, quantization, fused QKV) variant runs in its own Python process (``python -m bench steps ... --one
 VARIANT``) with an empty Inductor cache directory, so its first call pays the whole compile (and, on CUDA, the graph
@@ -11,7 +15,8 @@ captures), as a user's first call does. Per variant:
   median later generation, and ``compile s`` = their difference;
 * ``miss ms`` / ``hit ms``: median wall of the transformer calls that computed / used the cache, timed by
   :class:`bench.measure.TransformerTimer` hooks with the device synchronized before and after each call (what a step
-  costs the pipeline);
+  costs the pipeline), over the calls of ``--timed-generations`` generations after the steady ones; ``_min``: their
+  minimum, the least disturbed by other jobs on a shared machine;
 * ``miss GPU ms`` / ``hit GPU ms``: CUDA-event time of the same calls, events recorded on the stream around the
   call (includes any GPU idle time the host causes inside the call);
 * ``graph ms`` (``regional`` on CUDA): replay time of each hand-captured segment graph alone (head, miss, hit),
@@ -52,8 +57,8 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = load_model(None, args.random_weights, device, dtype, args.steps, args.height, args.width, seed=0)
     pipe = model.pipe
-    dbc.optimize(pipe, cache=args.config, mode=args.mode, graph=graph, quantize=quantize, fuse_qkv=fuse_qkv,
-                 attention=args.attention)
+    compiled = dict(mode=None) if graph == "eager" else dict(mode=args.mode, graph=graph)
+    dbc.optimize(pipe, cache=args.config, quantize=quantize, fuse_qkv=fuse_qkv, attention=args.attention, **compiled)
     transformer = pipe.transformer
     runtime = dbc.runtime_of(pipe)
     cuda = device.type == "cuda"
@@ -64,20 +69,28 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     first = generation(0)
     walls = [generation(i) for i in range(1, 1 + args.repeats)]
 
-    # per-call timing of one more generation: hooks, the device synchronized around each call
+    # per-call timing of --timed-generations more generations (the same inputs): hooks, the device synchronized
+    # around each call; each call is a hit or a miss by the summary of its own generation
     timer = TransformerTimer(transformer, device, sync_each_call=True)
+    miss: list[tuple[float, Optional[float]]] = []
+    hit: list[tuple[float, Optional[float]]] = []
+    schedule: Optional[tuple[int, int]] = None
     try:
-        pipe(**model.make_inputs(0, ""))
-        calls = timer.per_call()
+        for _ in range(args.timed_generations):
+            timer.start()
+            pipe(**model.make_inputs(0, ""))
+            calls = timer.per_call()
+            summary = dbc.summary(pipe)
+            per_step = 2 if summary.separate_cfg else 1  # with separate CFG, call 2k+1 is step k's unconditional one
+            hits = [set(summary.cached_steps), set(summary.cfg_cached_steps)]
+            is_hit = [i // per_step in hits[i % per_step] for i in range(len(calls))]
+            schedule = schedule or (sum(is_hit), len(calls))
+            miss += [c for c, h in zip(calls, is_hit) if not h]
+            hit += [c for c, h in zip(calls, is_hit) if h]
     finally:
         timer.remove()
-    summary = dbc.summary(pipe)
-    per_step = 2 if summary.separate_cfg else 1  # with separate CFG, call 2k+1 is step k's unconditional branch
-    hits = [set(summary.cached_steps), set(summary.cfg_cached_steps)]
-    is_hit = [i // per_step in hits[i % per_step] for i in range(len(calls))]
     ms = lambda xs: round(1e3 * statistics.median(xs), 3) if xs else None  # noqa: E731
-    miss = [c for c, h in zip(calls, is_hit) if not h]
-    hit = [c for c, h in zip(calls, is_hit) if h]
+    low = lambda xs: round(1e3 * min(xs), 3) if xs else None  # noqa: E731
     graph_ms: dict[str, float] = {}
     if runtime.graphs is not None and cuda:
         for key, entry in runtime.graphs.entries.items():
@@ -96,9 +109,11 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
         "first_call_s": round(first, 2), "steady_call_s": round(statistics.median(walls), 3),
         "compile_s": round(first - statistics.median(walls), 1),
         "miss_ms": ms([w for w, _ in miss]), "hit_ms": ms([w for w, _ in hit]),
+        "miss_ms_min": low([w for w, _ in miss]), "hit_ms_min": low([w for w, _ in hit]),
+        "timed_generations": args.timed_generations, "timed_hits": len(hit), "timed_misses": len(miss),
         "miss_gpu_ms": ms([g for _, g in miss]) if cuda else None,
         "hit_gpu_ms": ms([g for _, g in hit]) if cuda else None,
-        "graph_ms": graph_ms or None, "cached_calls": sum(is_hit), "calls": len(calls),
+        "graph_ms": graph_ms or None, "cached_calls": schedule[0], "calls": schedule[1],
         "cudagraphs": summary.cudagraphs, "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
         "graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"],
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -112,7 +127,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--graphs", default="regional,segments", help="comma-separated lowerings")
+    parser.add_argument("--graphs", default="regional,segments",
+                        help="comma-separated lowerings; 'eager' = optimize without a compile mode")
     parser.add_argument("--quantize", default="none", help="comma-separated: none, fp8, int8, ...")
     parser.add_argument("--fuse-qkv", default="off", help="comma-separated: off, on (diffusers fuse_qkv_projections)")
     parser.add_argument("--mode", default="max-autotune")
@@ -122,6 +138,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=2, help="steady generations after the first")
+    parser.add_argument("--timed-generations", type=int, default=1,
+                        help="generations whose transformer calls are timed one by one (hit / miss ms: median and "
+                             "minimum over all their calls); default 1")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per variant (its process group is killed)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -130,7 +149,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 COLUMNS = ["graph", "quantize", "fuse_qkv", "first_call_s", "compile_s", "steady_call_s", "miss_ms", "hit_ms",
-           "miss_gpu_ms", "hit_gpu_ms", "graph_ms", "cached_calls", "graph_breaks", "cudagraph_skips", "cudagraphs"]
+           "miss_ms_min", "hit_ms_min", "miss_gpu_ms", "hit_gpu_ms", "graph_ms", "cached_calls", "graph_breaks",
+           "cudagraph_skips", "cudagraphs"]
+
+
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.timed_generations < 1 or args.repeats < 1:
+        parser.error("--timed-generations and --repeats must be >= 1")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -176,7 +201,8 @@ def execute(args: argparse.Namespace) -> int:
             table.append([row.get(c) for c in COLUMNS])
     tag = args.tag or f"{args.random_weights}-{args.height}-{device}"
     body = [f"{meta['model']} {meta['resolution']}, {args.steps} steps, mode {args.mode}, {args.dtype}, config "
-            f"{args.config}. Each row is a fresh process with an empty Inductor cache; ms columns are medians.", "",
+            f"{args.config}. Each row is a fresh process with an empty Inductor cache; ms columns are medians (`_min`: "
+            f"minima) over the transformer calls of {args.timed_generations} timed generation(s).", "",
             *markdown_table(COLUMNS, table)]
     md, _ = write_report(args.out / f"steps_{tag}", f"Compile and step times: {meta['model']} {meta['resolution']}",
                          meta, body, {"rows": rows})

@@ -42,8 +42,11 @@ def test_every_subcommand_has_help_and_the_flags_of_run_alone_mean_run(capsys):
 
 
 def test_readme_layout_lists_every_module_and_no_old_entry_point():
-    """bench/README.md's layout names every module of bench/, and no script, doc or module of bench/ still tells
-    users to run the retired entry points ``python -m bench.steps`` / ``bench.gpu`` / ...."""
+    """bench/README.md's layout names every module of bench/, no Python script hides under bench/results/ (a
+    measurement is a subcommand of ``python -m bench``; recorded runs are data), and no script, doc or module of
+    bench/ still tells users to run the retired entry points ``python -m bench.steps`` / ``bench.gpu`` / ...."""
+    scripts = [str(p.relative_to(ROOT)) for p in (ROOT / "bench" / "results").rglob("*.py")]
+    assert not scripts, f"stand-alone scripts under bench/results/ (fold them into a subcommand): {scripts}"
     readme = (ROOT / "bench" / "README.md").read_text()
     layout = readme[readme.index("## Layout"):]
     for module in sorted((ROOT / "bench").glob("*.py")):
@@ -281,21 +284,26 @@ def test_end_to_end_digits_model_has_quality_columns(tmp_path):
 
 
 def test_bench_steps_runs_a_variant_in_a_fresh_process(tmp_path):
-    """``python -m bench steps`` end to end on the tiny FLUX (regional, Inductor default mode, CPU): a fresh process
-    compiles, the forced schedule caches its steps, hit calls (timed by the transformer hooks) are cheaper than miss
-    calls, and the report carries the same metadata as every other subcommand."""
+    """``python -m bench steps`` end to end on the tiny FLUX (eager and regional, Inductor default mode, CPU): a
+    fresh process per lowering, the compiled one compiles, the forced schedule caches its steps, hit calls (timed by
+    the transformer hooks over every timed generation: median and minimum, the host-overhead study) are cheaper than
+    miss calls, and the report carries the same metadata as every other subcommand."""
     rc = main(["steps", "--random-weights", "flux-tiny", "--height", "32", "--width", "32", "--steps", "8",
-               "--graphs", "regional", "--mode", "default", "--dtype", "fp32", "--threads", "1",
-               "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--tag", "t"])
+               "--graphs", "eager,regional", "--mode", "default", "--dtype", "fp32", "--threads", "1",
+               "--repeats", "1", "--timed-generations", "2", "--device", "cpu", "--out", str(tmp_path), "--tag", "t"])
     report = json.loads((tmp_path / "steps_t.json").read_text())
-    row = report["rows"][0]
-    assert rc == 0, row.get("error")
+    eager, row = report["rows"]
+    assert rc == 0, [r.get("error") for r in report["rows"]]
     assert row["graph"] == "regional" and row["graph_breaks"] == 0 and row["unique_graphs"] == 2
-    assert row["cached_calls"] == 4 and row["calls"] == 8  # F1B0_W4MC6_R1.0: warm-up 4, then every step a hit
-    assert row["compile_s"] > 0 and row["hit_ms"] < row["miss_ms"]
+    assert eager["graph"] == "eager" and eager["unique_graphs"] == 0  # the host-overhead baseline compiles nothing
+    for r in (eager, row):
+        assert r["cached_calls"] == 4 and r["calls"] == 8  # F1B0_W4MC6_R1.0: warm-up 4, then every step a hit
+        assert r["timed_generations"] == 2 and r["timed_hits"] == r["timed_misses"] == 8  # both generations timed
+        assert r["hit_ms_min"] <= r["hit_ms"] < r["miss_ms"] and r["miss_ms_min"] <= r["miss_ms"]
+    assert row["compile_s"] > 0
     assert report["meta"]["command"].startswith("python -m bench steps") and report["meta"]["versions"]["torch"]
     md = (tmp_path / "steps_t.md").read_text()
-    assert md.count("| regional |") == 1 and report["meta"]["device"] in md
+    assert md.count("| regional |") == 1 and md.count("| eager |") == 1 and report["meta"]["device"] in md
 
 
 def test_gpu_proof_dry_run_writes_the_summary_of_every_part(tmp_path):
