@@ -295,6 +295,7 @@ class BranchedRuntime(Runtime):
         if self.branches.finished or generation != self._generation:
             self._generation = generation
             refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
+            self._refuse_compiled_blocks()
             self.branches.start_generation(self._on_new_generation)
             group = self._cp_group()
             if group is not None:
@@ -308,6 +309,19 @@ class BranchedRuntime(Runtime):
         step = state.calls
         state.begin_step(step)
         return state, step, key
+
+    def _refuse_compiled_blocks(self) -> None:
+        """Blocks that carry our block hooks (generic adapter) and were compiled afterwards by ``module.compile()``
+        (``transformer.compile_repeated_blocks``): Dynamo would trace our per-block hook objects, one recompile per
+        block, and hit its recompile limit mid-generation; say what works instead."""
+        compiled = [block for block in self.block_hooks if getattr(block, "_compiled_call_impl", None) is not None]
+        if compiled:
+            raise ValueError(
+                f"{len(compiled)} blocks of {type(self.transformer).__name__} were compiled (compile_repeated_blocks / "
+                f"block.compile()) after an eager dbcache_compile.optimize: the {self.adapter} adapter's per-block "
+                f"cache hooks would recompile per block. Compile through the cache instead: "
+                f"dbcache_compile.optimize(pipe, cache=..., mode=\"default\", graph=\"regional\") compiles one region "
+                f"per block class")
 
     def _end(self, state: BranchState, key: tuple) -> None:
         state.key = key

@@ -227,17 +227,19 @@ def test_regional_compiles_one_region_per_block_class_without_recompiles():
         dbc.disable(pipe)
 
 
-def test_three_optimized_models_do_not_share_a_recompile_budget():
-    """Each optimized transformer compiles through its own code objects, so three models with three shapes each (9
-    graphs per segment; Dynamo's limit is 8 per function) never hit a limit another model used up."""
+@pytest.mark.parametrize("graph", ["segments", "regional"])
+def test_three_optimized_models_do_not_share_a_recompile_budget(graph):
+    """Each optimized transformer compiles through its own code objects, so three models with four shapes each (12
+    graphs per segment or block region; Dynamo's limit is 8 per function) never hit a limit another model used
+    up: no call runs uncompiled."""
     pipes = [tiny_flux_pipeline(seed=i) for i in range(3)]
     for pipe in pipes:
-        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="segments", compile_options={"backend": "eager"})
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph=graph, compile_options={"backend": "eager"})
     try:
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            for side in (32, 48, 64):
+            for side in (32, 48, 64, 80):
                 for pipe in pipes:
-                    run(pipe, steps=3, height=side, width=side)
+                    run(pipe, steps=2, height=side, width=side)  # 2 warm-up steps: head and miss compile
         assert not any(dbc.summary(pipe).compile_fallbacks for pipe in pipes)
     finally:
         for pipe in pipes:
@@ -275,6 +277,27 @@ def test_torch_compile_around_an_eager_optimized_model_is_a_clear_error(flux):
                      txt_ids=torch.zeros(4, 3), return_dict=False)
     finally:
         dbc.disable(flux)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("adapter", [None, "generic"])
+def test_compile_repeated_blocks_after_an_eager_optimize(adapter):
+    """diffusers' compile_repeated_blocks after optimize(mode=None): the FLUX adapter's blocks are plain modules, so
+    it works with the same image; the generic adapter's per-block hooks used to recompile per block until
+    FailOnRecompileLimitHit mid-generation, now a clear error naming the compiled path."""
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG, adapter=adapter)
+    expected = run(pipe, steps=6)
+    pipe.transformer.compile_repeated_blocks(backend="eager", fullgraph=True)
+    try:
+        if adapter is None:
+            assert torch.equal(run(pipe, steps=6), expected) and dbc.summary(pipe).cached_steps
+        else:
+            with pytest.raises(ValueError, match='compile_repeated_blocks.*optimize\\(pipe, cache=..., mode="default", '
+                                                 'graph="regional"\\)'):
+                run(pipe, steps=6)
+    finally:
+        dbc.disable(pipe)
         torch._dynamo.reset()
 
 
