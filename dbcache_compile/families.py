@@ -14,8 +14,9 @@ cache-dit 1.5.3, with sources: ``docs/families.md``.)
   ChronoEdit) declares ``cfg="separate"``, and its calls then alternate between the two branches whenever the
   pipeline's ``do_classifier_free_guidance`` is on. ``"batched"``: cond and uncond in one call (one decision).
 * **Unsupported inputs.** Forward arguments that feed blocks by index from outside the chain (ControlNet residuals,
-  VACE hints, skip layers): a call that passes one is refused with the argument's name instead of producing an image
-  the cache silently changed.
+  skip layers, FLUX.2's KV cache) and IP-Adapter embeddings: a call that passes one is refused with the argument's
+  name instead of producing an image the cache silently changed. Models whose forward always does so (Wan VACE's
+  hints, Wan Animate's face adapter) are refused at ``optimize`` time (``REFUSED``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,30 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-__all__ = ["Family", "FAMILIES", "contract_for", "family_for", "supported_models"]
+__all__ = ["Family", "FAMILIES", "REFUSED", "contract_for", "family_for", "supported_models"]
 
-# what the cache does not implement in any family: inputs added after block i by the model's own loop
+# what the cache does not implement in any family: inputs added after block i by the model's own loop (diffusers
+# 0.42.1 forward arguments: FLUX.1/Chroma/Bria/Sana/Z-Image/Qwen-Image ControlNet residuals, SD3's ControlNet
+# residuals and skip-layer guidance), and IP-Adapter image embeddings (they reach the blocks through the attention
+# kwargs; no test covers them with the cache). "<argument>.<key>": a key of a dict argument.
 _CONTROL = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states",
-            "controlnet_states", "controlnet_block_hidden_states", "skip_layers", "vace_hints")
+            "skip_layers")
+_IP_ADAPTER = ("joint_attention_kwargs.ip_adapter_image_embeds", "attention_kwargs.ip_adapter_image_embeds")
+
+#: transformer classes refused at ``optimize`` time (their blocks are in diffusers' registry, so the generic adapter
+#: would take them): class name -> why. Their forward adds something to the hidden stream after block i, by index,
+#: between the blocks a hit skips, so a hit would add it twice (measured on a tiny Wan VACE transformer called three
+#: times on identical inputs: the hit, which must reproduce the uncached output exactly, was 0.55 max abs off).
+REFUSED: dict[str, str] = {
+    "WanVACETransformer3DModel": (
+        "Wan VACE is not supported: its forward adds the VACE hint computed from `control_hidden_states` to the "
+        "hidden stream after each block in `vace_layers` (by index, between the blocks a cache hit skips), so the "
+        "cache would add those hints twice; cache-dit needs a patch functor for it (WanVACEPatchFunctor)"),
+    "WanAnimateTransformer3DModel": (
+        "Wan Animate is not supported: its forward adds the face adapter's output (from `face_pixel_values`) to the "
+        "hidden stream after every `inject_face_latents_blocks`-th block, by index, between the "
+        "blocks a cache hit skips, so the cache would add it twice"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +61,10 @@ class Family:
     cfg: str = "contexts"  # "contexts" | "separate" | "batched" (see the module doc)
     #: block class name -> (hidden output index, encoder output index or None, hidden argument, encoder argument)
     contracts: dict = dataclasses.field(default_factory=dict)
-    unsupported: tuple[str, ...] = _CONTROL
+    unsupported: tuple[str, ...] = _CONTROL + _IP_ADAPTER
+    #: the generic lowerings the family supports, and why a compiled one is missing
+    lowerings: tuple[str, ...] = ("eager", "regional")
+    lowering_note: str = ""
     #: whether tests/test_families.py runs a tiny pipeline of the family: a parity test against cache-dit 1.5.3
     #: (Bria: against its uncached forward, cache-dit 1.5.3 crashes on it)
     tested: bool = False
@@ -59,8 +82,10 @@ FAMILIES: tuple[Family, ...] = (
            tested=True),
     Family("sd3", "SD3Transformer2DModel", ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
            (("transformer_blocks",),), cfg="batched", tested=True),
+    # kv_cache / kv_cache_mode (FLUX.2 [klein] KV): block i reads kv_cache.get_double(i) / get_single(i)
     Family("flux2", "Flux2Transformer2DModel", ("Flux2Pipeline", "Flux2KleinPipeline"),
-           (("transformer_blocks",), ("single_transformer_blocks",)), tested=True),
+           (("transformer_blocks",), ("single_transformer_blocks",)),
+           unsupported=_CONTROL + _IP_ADAPTER + ("kv_cache", "kv_cache_mode"), tested=True),
     Family("chroma", "ChromaTransformer2DModel", ("ChromaPipeline", "ChromaImg2ImgPipeline"),
            (("transformer_blocks",), ("single_transformer_blocks",)), cfg="separate",
            contracts={"ChromaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
@@ -95,6 +120,14 @@ FAMILIES: tuple[Family, ...] = (
            (("transformer_blocks",), ("single_transformer_blocks",)),
            contracts={"OvisImageTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
                       "OvisImageSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")}, tested=True),
+    # both lists hold HiDreamBlock wrappers: double blocks return (hidden, encoder), single blocks hidden only (the
+    # one contract serves both: a tensor output has no encoder stream). The forward concatenates the i-th Llama-3
+    # layer to block i's text input and slices it off after the block: that glue runs on hits too.
+    Family("hidream", "HiDreamImageTransformer2DModel", ("HiDreamImagePipeline",),
+           (("double_stream_blocks",), ("single_stream_blocks",)), cfg="batched",
+           contracts={"HiDreamBlock": (0, 1, "hidden_states", "encoder_hidden_states")}, lowerings=("eager",),
+           lowering_note="its blocks' MoE feed-forward routes tokens with a data-dependent Python loop over experts "
+                         "(MOEFeedForwardSwiGLU.moe_infer), which a fullgraph compile cannot trace", tested=True),
     Family("bria", "BriaTransformer2DModel", ("BriaPipeline",),
            (("transformer_blocks",), ("single_transformer_blocks",)), cfg="batched",
            contracts={"BriaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
@@ -138,6 +171,6 @@ def supported_models() -> list[dict]:
          "lowerings": ["eager", "segments", "regional", "cond"], "tested": True},
     ]
     generic = [{"family": f.name, "transformer": f.transformer, "pipelines": list(f.pipelines), "adapter": "generic",
-                "chains": ["+".join(chain) for chain in f.chains], "cfg": f.cfg, "lowerings": ["eager", "regional"],
+                "chains": ["+".join(chain) for chain in f.chains], "cfg": f.cfg, "lowerings": list(f.lowerings),
                 "tested": f.tested} for f in FAMILIES]
     return explicit + generic

@@ -34,7 +34,7 @@ import torch
 from .adapters import Adapter
 from .config import DBCacheConfig
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync, relative_l1
-from .families import Family, contract_for, family_for
+from .families import REFUSED, Family, contract_for, family_for
 from .lowerings import CompiledSet, regional_options
 from .parallel import cp_group, relative_l1_over, split_like
 from .runtime import (Applied, BranchedRuntime, Branches, GenerationWatch, ModelHook, _block_region, check_call,
@@ -99,7 +99,12 @@ def _forward_order(transformer: torch.nn.Module, names: list[str]) -> list[str]:
 
 
 def generic_adapter(transformer: torch.nn.Module) -> Optional[GenericAdapter]:
-    """The generic adapter for ``transformer``, or ``None`` when none of its block lists is described."""
+    """The generic adapter for ``transformer``, or ``None`` when none of its block lists is described; a
+    ``ValueError`` for a model the cache would silently get wrong (``families.REFUSED``)."""
+    reason = REFUSED.get(type(transformer).__name__)
+    if reason is not None:
+        raise ValueError(f"{type(transformer).__name__}: {reason}. Call optimize() on the supported families only "
+                         f"(dbcache_compile.supported_models(); README 'Models')")
     family = family_for(type(transformer))
     if family is not None:
         return GenericAdapter(family.chains, family)
@@ -156,6 +161,15 @@ class _ChainStep:
         self.next = 0  # the chain index the next block call must have
 
 
+def _passed(kwargs: dict, name: str) -> bool:
+    """Whether a call passes ``name`` (not ``None``); ``"<argument>.<key>"``: a key of a dict argument."""
+    arg, _, key = name.partition(".")
+    value = kwargs.get(arg)
+    if key:
+        return isinstance(value, dict) and value.get(key) is not None
+    return value is not None
+
+
 class _Chain:
     """A chain's static layout: its blocks, Fn / middle / Bn split, and the first / last middle block of each list."""
 
@@ -193,6 +207,11 @@ class GenericRuntime(BranchedRuntime):
     def __init__(self, transformer: torch.nn.Module, adapter: GenericAdapter, config: DBCacheConfig,
                  lowering: str, mode: Optional[str], options: Optional[dict], applied: Applied,
                  watch: Optional[GenerationWatch] = None, pipeline: Any = None) -> None:
+        family = adapter.family
+        if family is not None and lowering not in family.lowerings:
+            raise ValueError(f"{type(transformer).__name__} ({family.name}) supports the lowerings "
+                             f"{', '.join(family.lowerings)} only, not {lowering!r}: {family.lowering_note}. Use "
+                             f"mode=None (the eager cache)")
         fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
         chains = []
         for names in adapter.chains:
@@ -260,7 +279,10 @@ class GenericRuntime(BranchedRuntime):
         cfg = states.get("uncond") if "uncond" in order[1:] else (states.get(order[1]) if len(order) > 1 else None)
         summary.chains = {c.name: {"cached_steps": list(main.chain(ci).cached_steps) if main else [],
                                    "cfg_cached_steps": list(cfg.chain(ci).cached_steps) if cfg else [],
-                                   "residual_diffs": dict(main.chain(ci).diffs) if main else {}}
+                                   "residual_diffs": dict(main.chain(ci).diffs) if main else {},
+                                   "num_blocks": len(c.blocks),
+                                   "branches": {n: list(states[n].chain(ci).cached_steps) for n in order
+                                                if n in states}}
                           for ci, c in enumerate(self.chains)}
         return summary
 
@@ -268,11 +290,12 @@ class GenericRuntime(BranchedRuntime):
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
         if not check_call(module):
             return original(*args, **kwargs)
-        refused = [name for name in self.unsupported if kwargs.get(name) is not None]
+        refused = [name for name in self.unsupported if _passed(kwargs, name)]
         if refused:
-            raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` (it feeds "
-                                      f"blocks by index from outside the cached chain); call dbcache_compile.disable() "
-                                      f"for this pipeline")
+            why = ("IP-Adapter image embeddings are not implemented with the cache" if "ip_adapter" in refused[0]
+                   else "it feeds blocks by index from outside the cached chain")
+            raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` ({why}); "
+                                      f"call dbcache_compile.disable() for this pipeline")
         state, step, key = self._begin(args, kwargs)
         chain_states = [state.chain(ci) for ci in range(len(self.chains))]
         if state.key != key:

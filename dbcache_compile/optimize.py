@@ -87,11 +87,14 @@ def _resolve_adapter(transformer: torch.nn.Module, name: Optional[str]) -> Adapt
             pass
     adapter = generic_adapter(transformer)
     if adapter is None:
+        from .families import supported_models as families
+        supported = "; ".join(f"{row['family']} ({row['transformer']})" for row in families())
         raise ValueError(
-            f"dbcache_compile has no adapter for {type(transformer).__name__}: it has no adapter file (explicit "
-            f"adapters: {', '.join(supported_models())}) and none of its block lists is made of blocks that diffusers "
-            f"describes in diffusers.hooks._helpers.TransformerBlockRegistry (the generic adapter's requirement). "
-            f"README 'Adding a model family' says how to write an adapter")
+            f"dbcache_compile does not support {type(transformer).__name__}: it is in no supported family, has no "
+            f"adapter file, and none of its block lists is made of blocks that diffusers describes in "
+            f"diffusers.hooks._helpers.TransformerBlockRegistry (what the generic adapter needs). Supported families "
+            f"(dbcache_compile.supported_models()): {supported}. To add one, see README 'Models' > 'Adding a model "
+            f"family' (the adapter contract: block lists per chain, each block class's stream contract, CFG mode)")
     return adapter
 
 

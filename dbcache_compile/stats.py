@@ -33,9 +33,10 @@ class CacheSummary:
             first-use order: ``{"calls": n, "cached_steps": [...]}``.
         compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
             reached (empty when all is compiled).
-        chains: generic adapter with several chains (cache-dit's contexts, e.g. HunyuanVideo's double and single
-            blocks): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs"}``; ``cached_steps`` above
-            is the first chain's.
+        chains: generic adapter (cache-dit's contexts, e.g. HunyuanVideo's double and single blocks, each deciding
+            on its own): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs", "num_blocks",
+            "branches"}`` (``branches``: cached steps per cache context, as ``branches`` above); ``cached_steps`` /
+            ``residual_diffs`` above are the first chain's.
         transformers: the pipeline's other denoisers (``"transformer_2"`` of Wan 2.2), each its own summary.
     """
 
@@ -68,17 +69,24 @@ class CacheSummary:
 
     @property
     def block_ratio(self) -> float:
-        """Transformer blocks of an uncached run divided by blocks executed (both branches); >= 1.
+        """Transformer blocks of an uncached run divided by blocks executed (all branches, all chains); >= 1.
 
-        Blocks dominate a DiT's FLOPs; ``bench`` measures the exact FLOP ratio with calflops."""
+        With several chains each skips its own middle blocks (``num_blocks - Fn - Bn`` of that chain) on its own
+        cached steps. Blocks dominate a DiT's FLOPs; ``bench`` measures the exact FLOP ratio with calflops."""
         if self.branches:
             calls = sum(b["calls"] for b in self.branches.values())
-            cached = sum(len(b["cached_steps"]) for b in self.branches.values())
         else:
             calls = self.num_steps * (2 if self.separate_cfg else 1)
-            cached = len(self.cached_steps) + len(self.cfg_cached_steps)
         full = calls * self.num_blocks
-        executed = full - cached * (self.num_blocks - self.Fn - self.Bn)
+        if self.chains:
+            skipped = sum(len(steps) * (chain["num_blocks"] - self.Fn - self.Bn)
+                          for chain in self.chains.values() for steps in chain["branches"].values())
+        elif self.branches:
+            skipped = (sum(len(b["cached_steps"]) for b in self.branches.values())
+                       * (self.num_blocks - self.Fn - self.Bn))
+        else:
+            skipped = (len(self.cached_steps) + len(self.cfg_cached_steps)) * (self.num_blocks - self.Fn - self.Bn)
+        executed = full - skipped
         return full / executed if executed else float("nan")
 
     def __str__(self) -> str:
@@ -89,20 +97,29 @@ class CacheSummary:
             + (f", quantized={self.quantized}" if self.quantized else "")
             + (f", attention={self.attention}" if self.attention else "")
             + (", fused QKV" if self.fused_qkv else ""),
-            f"  steps: {self.num_steps}, cached: {len(self.cached_steps)} {self.cached_steps}",
         ]
-        if self.separate_cfg:
-            lines.append(f"  uncond branch cached: {len(self.cfg_cached_steps)} {self.cfg_cached_steps}")
-        for name, branch in list(self.branches.items())[2:]:
-            lines.append(f"  {name} branch: {branch['calls']} calls, cached {len(branch['cached_steps'])} "
-                         f"{branch['cached_steps']}")
-        if self.residual_diffs:
-            diffs = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(self.residual_diffs.items()))
-            lines.append(f"  residual diffs: {diffs}")
+        if len(self.chains) > 1:
+            # each block list decides on its own: no one "cached" list for the model
+            lines.append(f"  steps: {self.num_steps}; {len(self.chains)} block lists, each with its own cache "
+                         f"decision:")
+            for name, chain in self.chains.items():
+                branches = chain["branches"] or {"cond": chain["cached_steps"]}
+                cached = "; ".join(f"{branch} cached {len(steps)} {steps}" for branch, steps in branches.items())
+                lines.append(f"    {name} ({chain['num_blocks']} blocks): {cached}")
+                if chain["residual_diffs"]:
+                    diffs = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(chain["residual_diffs"].items()))
+                    lines.append(f"      residual diffs ({next(iter(branches))}): {diffs}")
+        else:
+            lines.append(f"  steps: {self.num_steps}, cached: {len(self.cached_steps)} {self.cached_steps}")
+            if self.separate_cfg:
+                lines.append(f"  uncond branch cached: {len(self.cfg_cached_steps)} {self.cfg_cached_steps}")
+            for name, branch in list(self.branches.items())[2:]:
+                lines.append(f"  {name} branch: {branch['calls']} calls, cached {len(branch['cached_steps'])} "
+                             f"{branch['cached_steps']}")
+            if self.residual_diffs:
+                diffs = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(self.residual_diffs.items()))
+                lines.append(f"  residual diffs: {diffs}")
         lines.append(f"  block ratio (uncached / executed): {self.block_ratio:.2f}x")
-        for name, chain in self.chains.items():
-            lines.append(f"  chain {name}: cached {len(chain['cached_steps'])} {chain['cached_steps']}"
-                         + (f", uncond {chain['cfg_cached_steps']}" if chain["cfg_cached_steps"] else ""))
         for name, other in self.transformers.items():
             lines.append(f"  {name}: " + str(other).replace("\n", "\n  "))
         if self.compile_fallbacks:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-__all__ = ["FAMILIES", "VARIANTS"]
+__all__ = ["FAMILIES", "VARIANTS", "THRESHOLDS", "CFG_COUNT_CASES", "RECORD_FAMILIES", "record_threshold"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -955,4 +955,46 @@ THRESHOLDS: dict[str, float] = {
     "wan": 0.1, "wan_i2v": 0.05, "wan22": 0.05, "wan22_i2v": 0.05, "hunyuan_video": 0.2, "hunyuan_video15": 0.35,
     "sd35": 0.2, "flux2": 0.8, "chroma": 0.35, "zimage": 0.8, "qwen_image_edit": 0.35, "ltx": 0.05, "cogvideox": 0.2,
     "hunyuan_image": 0.35, "mochi": 0.05, "cogview4": 0.2, "lumina2": 0.1, "sana": 0.05, "pixart_sigma": 0.1,
-    "skyreels_v2": 0.1, "chronoedit": 0.05, "kandinsky5": 0.1, "auraflow": 0.5, "ovis_image": 0.35}
+    "skyreels_v2": 0.1, "chronoedit": 0.05, "kandinsky5": 0.1, "auraflow": 0.5, "ovis_image": 0.35,
+    "hidream": 0.35}
+
+#: Call modes where cache-dit 1.5.3 counts the transformer calls of a step wrongly (its separate-CFG flag comes from
+#: the adapter / pipeline name, not from the calls: docs/families.md section 3, 5.2): name -> (threshold, whether the
+#: pipeline really makes two calls per step). Told the real call pattern (``enable_separate_cfg``), cache-dit takes
+#: our decisions; with its defaults it compares residuals of different steps or branches.
+CFG_COUNT_CASES: dict[str, tuple[float, bool]] = {
+    "wan_no_cfg": (0.1, False), "qwen_image_edit_no_cfg": (0.5, False), "hunyuan_video15_no_cfg": (0.35, False),
+    "hunyuan_image_distilled": (0.35, False), "hunyuan_video_true_cfg": (0.35, True),
+    # FLUX.2 [klein] base: true CFG as a second call ("uncond" context), cache-dit's Flux adapter says no separate
+    # CFG. Its tiny diffs are ~1 (random weights): 0.99 is the smallest of the thresholds that caches.
+    "flux2_klein": (0.99, True),
+}
+
+#: Families with a golden graph record (graphs/family-<name>-regional.json): every tiny family of a supported model
+#: family (Bria too: no cache-dit parity, cache-dit crashes on it; not HiDream: eager only). ``record_threshold`` is
+#: the threshold the record runs with: the parity threshold, or a higher one where that one caches nothing in the
+#: record's 6 steps (the record must run the compiled hit path).
+RECORD_FAMILIES: tuple[str, ...] = (*(name for name in THRESHOLDS if name != "hidream"), "bria")
+_RECORD_THRESHOLDS: dict[str, float] = {"auraflow": 0.8, "chroma": 0.8, "flux2": 0.99, "kandinsky5": 0.35,
+                                         "mochi": 0.35, "sd35": 0.35, "bria": 0.5}
+
+
+def record_threshold(name: str) -> float:
+    return _RECORD_THRESHOLDS.get(name, THRESHOLDS.get(name))
+
+
+def tiny_wan_vace_transformer(seed: int = 0):
+    """A tiny ``WanVACETransformer3DModel`` (VACE hints after blocks 0 and 2) and its forward kwargs: the model
+    ``optimize`` refuses (families.REFUSED)."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=_WAN_TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=WAN_BLOCKS, rope_max_seq_len=32,
+        vace_layers=[0, 2], vace_in_channels=8).eval()
+    g = _gen(seed + 3100)
+    kwargs = {"hidden_states": torch.randn(1, 4, 2, 8, 8, generator=g), "timestep": torch.tensor([500]),
+              "encoder_hidden_states": torch.randn(1, 6, _WAN_TEXT_DIM, generator=g),
+              "control_hidden_states": torch.randn(1, 8, 2, 8, 8, generator=g), "return_dict": False}
+    return transformer, kwargs

@@ -5,6 +5,8 @@ step, as cache-dit's two contexts do), per CFG branch, and per transformer (Wan 
 steps); compiled (regional) without graph breaks or recompiles; and a forward input the cache does not implement is
 refused by name."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,6 +41,9 @@ def _ours(pipe, inputs: dict, config: str, **optimize_kwargs) -> list[dict]:
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_family_takes_cache_dits_decisions(family):
+    """A user switching from cache-dit 1.5.3 gets the same cached steps per block list, CFG branch and transformer
+    on every supported family with a tiny pipeline (HiDream included: its forward's per-block Llama-3 glue runs on
+    hits too)."""
     builder, make_inputs, threshold = CASES[family]
     config = _config(threshold)
     ours, summary, _ = _ours(builder(), make_inputs(), config)
@@ -51,6 +56,74 @@ def test_family_takes_cache_dits_decisions(family):
         assert mine["cached"] == cd["cached"], (family, cd["list"], mine, cd)
         assert mine["cfg_cached"] == cd["cfg_cached"], (family, cd["list"], mine, cd)
     assert summary.num_steps > 0
+
+
+def _cache_dit_told(pipe, config: str, separate_cfg: bool, **call_kwargs) -> list[dict]:
+    """cache-dit 1.5.3 with ``enable_separate_cfg`` set to the pipeline's real call pattern (instead of its default
+    from the adapter / pipeline name): per cache context, in creation order."""
+    import cache_dit
+
+    cfg = dbc.DBCacheConfig.from_string(config)
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+        Fn_compute_blocks=cfg.Fn_compute_blocks, Bn_compute_blocks=cfg.Bn_compute_blocks,
+        residual_diff_threshold=cfg.residual_diff_threshold, max_warmup_steps=cfg.max_warmup_steps,
+        max_continuous_cached_steps=cfg.max_continuous_cached_steps, enable_separate_cfg=separate_cfg))
+    try:
+        pipe(**call_kwargs)
+        return [{"list": name.rsplit("_", 1)[0], "cached": list(ctx.cached_steps),
+                 "cfg_cached": list(ctx.cfg_cached_steps or [])}
+                for name, ctx in pipe._context_manager._cached_context_manager.items()]
+    finally:
+        cache_dit.disable_cache(pipe)
+
+
+@pytest.mark.parametrize("case", list(tf.CFG_COUNT_CASES))
+def test_where_cache_dit_miscounts_cfg_calls_we_take_its_decisions_on_the_real_calls(case):
+    """Where cache-dit 1.5.3's CFG counting is wrong (Wan / Qwen-Image-Edit / HunyuanVideo 1.5 / distilled
+    HunyuanImage without CFG: one call per step read as cond+uncond pairs; HunyuanVideo true CFG and FLUX.2 [klein]
+    base: two calls per step read as two steps), we do not copy its mistake: our cached steps per block list and
+    branch are the ones cache-dit itself takes when told the real call pattern (enable_separate_cfg), i.e. each branch
+    compares its residual with the same branch's previous step. README 'Models' names these cases."""
+    builder, make_inputs = tf.VARIANTS.get(case) or tf.FAMILIES[case]
+    threshold, separate = tf.CFG_COUNT_CASES[case]
+    config = _config(threshold)
+    ours, summary, _ = _ours(builder(), make_inputs(), config)
+    theirs = _cache_dit_told(builder(), config, separate, num_inference_steps=STEPS,
+                             generator=torch.Generator().manual_seed(0), **make_inputs())
+    assert any(c["cached"] or c["cfg_cached"] for c in theirs), "the threshold must make cache-dit cache something"
+    assert summary.separate_cfg == separate and summary.num_steps == STEPS
+    assert [(c["cached"], c["cfg_cached"]) for c in ours] == [(c["cached"], c["cfg_cached"]) for c in theirs], \
+        (case, ours, theirs)
+
+
+def test_hidream_refuses_compiled_lowerings_and_caches_exactly_on_identical_inputs():
+    """HiDream (eager only): a compiled lowering is refused at optimize time with the reason, leaving the pipeline
+    untouched; and a hit on a call with the same inputs as the previous compute step reproduces the uncached output
+    exactly (the per-block Llama-3 concatenation and slicing the forward does between the skipped blocks is neither
+    lost nor applied twice)."""
+    pipe = tf.tiny_hidream_pipeline()
+    with pytest.raises(ValueError, match="hidream.*eager only.*moe_infer"):
+        dbc.optimize(pipe, cache=_config(0.35), mode="default", graph="regional")
+    with pytest.raises(ValueError, match="not optimized"):
+        dbc.runtime_of(pipe)
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(5)
+    kwargs = dict(hidden_states=torch.randn(2, 4, 16, 16, generator=g), timesteps=torch.tensor([500.0, 500.0]),
+                  encoder_hidden_states_t5=torch.randn(2, 8, 16, generator=g),
+                  encoder_hidden_states_llama3=torch.randn(2, 2, 8, 16, generator=g),
+                  pooled_embeds=torch.randn(2, 16, generator=g), return_dict=False)
+    with torch.no_grad():
+        reference = transformer(**kwargs)[0]
+        dbc.optimize(transformer, cache="F1B0_W2M0MC2_T0O1_R1.0")  # every step after the warm-up is a hit
+        try:
+            outs = [transformer(**kwargs)[0] for _ in range(3)]
+            summary = dbc.summary(transformer)
+        finally:
+            dbc.disable(transformer)
+    assert summary.chains["double_stream_blocks"]["cached_steps"] == [2]
+    assert summary.chains["single_stream_blocks"]["cached_steps"] == [2]
+    for out in outs:
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_wan22_second_transformer_counts_its_own_steps():
@@ -91,6 +164,8 @@ def test_family_compiles_regionally_without_breaks_or_recompiles(family):
 
 
 def test_unsupported_inputs_are_refused_by_name():
+    """SD3's skip-layer guidance input (block indices to skip) is refused by name, not silently mixed with the
+    cache's own skipping."""
     pipe = tf.tiny_sd35_pipeline()
     dbc.optimize(pipe, cache=_config(0.2))
     try:
@@ -102,11 +177,178 @@ def test_unsupported_inputs_are_refused_by_name():
         dbc.disable(pipe)
 
 
+def _transformer_call(pipe, inputs: dict) -> dict:
+    """The keyword arguments the pipeline passes to its transformer on its first call (a real call to replay)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("kwargs", dict(kwargs))
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return seen["kwargs"]
+
+
+def _residuals(transformer, hidden: torch.Tensor, count: int) -> list:
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return [torch.full((hidden.shape[0], hidden.shape[1], width), 0.1) for _ in range(count)]
+
+
+@pytest.mark.parametrize("family, argument", [("chroma", "controlnet_block_samples"),
+                                              ("chroma", "controlnet_single_block_samples"),
+                                              ("sd35", "block_controlnet_hidden_states")])
+def test_controlnet_residuals_are_refused_by_name_on_generic_families(family, argument):
+    """ControlNet residuals (added after block i by the model's own loop, where a hit skips the blocks) are a clear
+    error naming the argument with the cache on; the same call runs with the cache off, so without the refusal the
+    cached call would silently return a different image."""
+    builder, make_inputs = tf.FAMILIES[family]
+    pipe = builder()
+    kwargs = _transformer_call(pipe, make_inputs())
+    hidden = kwargs["hidden_states"]
+    tokens = hidden if hidden.ndim == 3 else hidden.flatten(2).transpose(1, 2)[:, ::4]  # SD3: 2x2 patches
+    kwargs[argument] = _residuals(pipe.transformer, tokens, 2)
+    with torch.no_grad():
+        pipe.transformer(**kwargs)  # a valid call without the cache
+    dbc.optimize(pipe, cache=_config(0.2))
+    try:
+        with pytest.raises(NotImplementedError, match=f"`{argument}`"), torch.no_grad():
+            pipe.transformer(**kwargs)
+    finally:
+        dbc.disable(pipe)
+
+
+def test_controlnet_residuals_are_refused_by_name_on_flux():
+    """The explicit FLUX adapter refuses FLUX ControlNet residuals (`controlnet_block_samples`) by name; the same call
+    runs without the cache."""
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    kwargs = _transformer_call(pipe, flux_inputs())
+    kwargs["controlnet_block_samples"] = _residuals(pipe.transformer, kwargs["hidden_states"], 2)
+    with torch.no_grad():
+        pipe.transformer(**kwargs)
+    dbc.optimize(pipe, cache=_config(0.35))
+    try:
+        with pytest.raises(NotImplementedError, match="`controlnet_block_samples`"), torch.no_grad():
+            pipe.transformer(**kwargs)
+    finally:
+        dbc.disable(pipe)
+
+
+@pytest.mark.parametrize("family, argument, value, match", [
+    ("flux2", "kv_cache_mode", "extract", "`kv_cache_mode`"),
+    ("sd35", "joint_attention_kwargs", {"ip_adapter_image_embeds": [torch.zeros(1, 1, 16)]}, "ip_adapter_image_embeds"),
+    ("chroma", "joint_attention_kwargs", {"ip_adapter_image_embeds": [torch.zeros(1, 1, 16)]}, "ip_adapter_image_embeds"),
+])
+def test_kv_cache_and_ip_adapter_inputs_are_refused_by_name(family, argument, value, match):
+    """FLUX.2's KV-cache mode (block i reads the i-th cached K/V) and IP-Adapter image embeddings (diffusers passes
+    them in the attention kwargs) are refused by name on a real call of the family's transformer."""
+    builder, make_inputs = tf.FAMILIES[family]
+    pipe = builder()
+    kwargs = _transformer_call(pipe, make_inputs())
+    kwargs[argument] = value
+    dbc.optimize(pipe, cache=_config(0.2))
+    try:
+        with pytest.raises(NotImplementedError, match=match), torch.no_grad():
+            pipe.transformer(**kwargs)
+    finally:
+        dbc.disable(pipe)
+
+
+@pytest.mark.parametrize("adapter", [None, "generic"])
+def test_wan_vace_is_refused_at_optimize_naming_the_input(adapter):
+    """Wan VACE adds each VACE hint (from `control_hidden_states`) after its block, by index, between the blocks a hit
+    skips: optimize() refuses the model, naming it and the input, instead of caching a wrong video (the generic
+    adapter would otherwise take it: its blocks are in diffusers' registry); the model is left untouched."""
+    transformer, kwargs = tf.tiny_wan_vace_transformer()
+    with torch.no_grad():
+        reference = transformer(**kwargs)[0]
+    with pytest.raises(ValueError, match="WanVACETransformer3DModel.*not supported.*control_hidden_states"):
+        dbc.optimize(transformer, cache=_config(0.1), adapter=adapter)
+    with pytest.raises(ValueError, match="not optimized"):
+        dbc.runtime_of(transformer)
+    with torch.no_grad():
+        assert torch.equal(transformer(**kwargs)[0], reference)
+
+
+def test_unsupported_family_error_lists_the_families_and_the_adapter_contract():
+    """optimize() on a model of no supported family (HunyuanDiT: its blocks are in no family and not in diffusers'
+    registry) says so, lists every supported family with its transformer class, and points at the README's adapter
+    contract."""
+    from diffusers import HunyuanDiT2DModel
+
+    model = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=16, patch_size=2,
+                              num_layers=2, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8,
+                              text_len=4, text_len_t5=4)
+    with pytest.raises(ValueError) as error:
+        dbc.optimize(model, cache=_config(0.2))
+    message = str(error.value)
+    assert "does not support HunyuanDiT2DModel" in message
+    for row in dbc.supported_models():
+        assert f"{row['family']} ({row['transformer']})" in message
+    assert "README 'Models' > 'Adding a model family'" in message
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "**Adding a model family.**" in readme.split("### Models")[1].split("\n## ")[0]
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "hunyuan_image"])
+def test_block_ratio_counts_every_block_list(family):
+    """summary().block_ratio with two block lists deciding on their own (and, for HunyuanImage, two CFG branches):
+    equal to uncached blocks / executed blocks counted independently (a hook on each block's attention, which runs
+    only when the block does), and the printed summary shows each list's own cached steps."""
+    builder, make_inputs = tf.FAMILIES[family]
+    pipe = builder()
+    transformer = pipe.transformer
+    blocks = [block for name in ("transformer_blocks", "single_transformer_blocks")
+              for block in getattr(transformer, name)]
+    executed, calls = [], []
+    handles = [block.attn.register_forward_hook(lambda *_: executed.append(1)) for block in blocks]
+    handles.append(transformer.register_forward_hook(lambda *_: calls.append(1)))
+    try:
+        _, summary, _ = _ours(pipe, make_inputs(), _config(tf.THRESHOLDS[family]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert summary.block_ratio == pytest.approx(len(calls) * len(blocks) / len(executed))
+    assert summary.block_ratio > 1
+    text = str(summary)
+    for name, chain in summary.chains.items():
+        assert chain["num_blocks"] == len(getattr(transformer, name))
+        line = "; ".join(f"{branch} cached {len(steps)} {steps}" for branch, steps in chain["branches"].items())
+        assert f"    {name} ({chain['num_blocks']} blocks): {line}" in text
+    assert "block lists, each with its own cache decision" in text and "\n  steps: 8, cached:" not in text
+
+
 def test_supported_models_lists_the_families_and_their_lowerings():
+    """supported_models() tells users which lowerings each family takes (HiDream: eager only)."""
     table = {row["family"]: row for row in dbc.supported_models()}
     assert table["flux"]["lowerings"] == ["eager", "segments", "regional", "cond"]
     assert table["wan"]["lowerings"] == ["eager", "regional"] and table["wan"]["tested"]
     assert table["hunyuan-video"]["chains"] == ["transformer_blocks", "single_transformer_blocks"]
+    assert table["hidream"]["lowerings"] == ["eager"] and table["hidream"]["tested"]
+
+
+def test_every_tested_family_has_a_parity_test_and_every_compiled_one_a_graph_record():
+    """The README's 'tested: yes' and the golden graph records cover every family (pipeline class included) they
+    claim: each family marked tested has a tiny pipeline in the parity tests (Bria: its own test, cache-dit crashes on
+    it), and each generic family with the regional lowering has a graph record."""
+    from dbcache_compile.families import FAMILIES, family_for
+    from dbcache_compile.graphs import record_path
+
+    def families_of(names):
+        pipes = {name: tf.FAMILIES[name][0]() for name in names}
+        return ({family_for(type(p.transformer)).name for p in pipes.values() if family_for(type(p.transformer))},
+                {type(p).__name__ for p in pipes.values()})
+
+    parity, parity_pipelines = families_of([*CASES, *tf.CFG_COUNT_CASES.keys() & tf.FAMILIES.keys()])
+    assert parity | {"bria"} == {f.name for f in FAMILIES if f.tested}
+    assert "Flux2KleinPipeline" in parity_pipelines  # the README lists it: tested through CFG_COUNT_CASES
+    recorded, _ = families_of(tf.RECORD_FAMILIES)
+    assert recorded == {f.name for f in FAMILIES if "regional" in f.lowerings}
+    assert all(record_path(f"family-{name}", "regional").exists() for name in tf.RECORD_FAMILIES)
 
 
 def test_bria_where_cache_dit_crashes_caches_and_never_caching_is_exact():
@@ -123,8 +365,6 @@ def test_bria_where_cache_dit_crashes_caches_and_never_caching_is_exact():
 def test_readme_model_table_is_supported_models():
     """The README's model table is generated from supported_models(): a family added or changed in one is in the
     other."""
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("<!-- supported_models table: generated from dbcache_compile.supported_models() -->\n")[1]
     rows = [line for line in table.split("<!-- end of table -->")[0].splitlines() if line.startswith("| ")][1:]
