@@ -9,7 +9,8 @@ hook and leaves nothing behind.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional, Union
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -19,7 +20,7 @@ from .lowerings import build_lowering
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .generic import GENERIC_LOWERINGS, GenericAdapter, GenericRuntime, generic_adapter
 from .runtime import (HOOK_NAME, Applied, CachedRuntime, CacheHook, GenerationWatch, HookRegistry, Runtime,
-                      refuse_forward_replacing_hooks,
+                      refuse_forward_replacing_hooks, refuse_offload,
                       UncachedHook, UncachedRuntime)
 from .stats import CacheSummary
 
@@ -199,9 +200,29 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     # validate every transformer before changing any
     apply = [_prepare(pipeline, t, watch, cache, mode, graph, quantize, compile_options, quantize_filter, attention,
                       fuse_qkv, adapter) for t in transformers]
-    for step in apply:
-        step()
+    with _model_offload_paused(pipeline):
+        for step in apply:
+            step()
     return pipe
+
+
+@contextlib.contextmanager
+def _model_offload_paused(pipeline: Any) -> Iterator[None]:
+    """diffusers' ``enable_model_cpu_offload()`` wraps each model's forward in accelerate hooks and re-installs them
+    after every call (``maybe_free_model_hooks``), restoring the forward it saw first: a cache hook attached beneath
+    them would silently vanish after the first generation, one removed beneath them would come back. So take the
+    offload hooks off, attach or remove ours, and enable the offload again on the same device."""
+    if pipeline is None or not getattr(pipeline, "_all_hooks", None):
+        yield
+        return
+    device = pipeline._offload_device
+    pipeline.remove_all_hooks()
+    try:
+        yield
+    finally:
+        pipeline.enable_model_cpu_offload(device=device)
+
+
 
 
 def _extra_transformers(pipeline: Any) -> list[torch.nn.Module]:
@@ -238,6 +259,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
                              f"supports the lowerings {', '.join(GENERIC_LOWERINGS)}; graph={graph!r} needs an explicit "
                              f"adapter (explicit: {', '.join(supported_models())})")
     refuse_forward_replacing_hooks(transformer, "at optimize()")
+    refuse_offload(transformer, pipeline, "at optimize()")
     if config is None and lowering == "cond":
         raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
                          "graph='regional' or 'segments' (a whole-forward compile)")
@@ -316,10 +338,15 @@ def disable(pipe: Any) -> Any:
     if isinstance(transformer, Runtime):
         raise ValueError("this pipeline runs a package loaded with dbcache_compile.load(), which replaced "
                          "pipe.transformer; assign your original transformer back to pipe.transformer instead")
-    for extra in [] if pipeline is None else _extra_transformers(pipeline):
-        if _hook(extra) is not None:
-            _disable(extra)
-    _disable(transformer)
+    if pipeline is None and type(getattr(transformer, "_hf_hook", None)).__name__ == "CpuOffload":
+        raise ValueError("this transformer carries model CPU offload hooks (enable_model_cpu_offload): call "
+                         "dbcache_compile.disable(pipe) on the pipeline, so the offload hooks are re-installed around "
+                         "the original forward")
+    with _model_offload_paused(pipeline):
+        for extra in [] if pipeline is None else _extra_transformers(pipeline):
+            if _hook(extra) is not None:
+                _disable(extra)
+        _disable(transformer)
     return pipe
 
 

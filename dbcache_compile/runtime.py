@@ -295,6 +295,7 @@ class BranchedRuntime(Runtime):
         if self.branches.finished or generation != self._generation:
             self._generation = generation
             refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
+            refuse_offload(self.transformer, True, "after optimize()")
             self._refuse_compiled_blocks()
             self.branches.start_generation(self._on_new_generation)
             group = self._cp_group()
@@ -374,6 +375,20 @@ def refuse_forward_replacing_hooks(transformer: torch.nn.Module, when: str) -> N
                          f"({', '.join(replacing)}) {when}: the DBCache would bypass or double them (two caches "
                          f"cannot share one forward); remove them (e.g. transformer.disable_cache()) or call "
                          f"dbcache_compile.disable()")
+
+
+def refuse_offload(transformer: torch.nn.Module, pipeline: Any, when: str) -> None:
+    """Sequential CPU offload streams every layer's weights in during its own forward (parameters on ``meta``);
+    model CPU offload on a bare transformer cannot be paused without its pipeline (:func:`_model_offload_paused`)."""
+    if next(transformer.parameters()).device.type == "meta":
+        raise ValueError(f"{type(transformer).__name__}'s weights are on the meta device {when} "
+                         f"(enable_sequential_cpu_offload() streams each layer's weights during its forward), which the "
+                         f"cache's own block loop does not drive: use pipe.enable_model_cpu_offload() or group "
+                         f"offloading (eager cache) instead")
+    if pipeline is None and getattr(transformer, "_hf_hook", None) is not None:
+        raise ValueError(f"{type(transformer).__name__} carries accelerate offload hooks (enable_model_cpu_offload): "
+                         f"pass the pipeline to dbcache_compile.optimize / disable, not the bare transformer, so the "
+                         f"offload hooks can be re-installed around the cache")
 
 
 def check_call(module: torch.nn.Module) -> bool:

@@ -189,6 +189,56 @@ def test_a_dtype_move_after_a_forward_gets_new_state(flux):
         dbc.disable(pipe)
 
 
+@pytest.fixture(scope="module")
+def plain_and_cached_images():
+    """The image of an unoptimized tiny FLUX and of the eager cache, 6 steps."""
+    plain = run(tiny_flux_pipeline(), steps=6)
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG)
+    return plain, run(pipe, steps=6), dbc.summary(pipe).cached_steps
+
+
+@pytest.mark.parametrize("graph", ["eager", "regional"])
+@pytest.mark.parametrize("order", ["offload-then-optimize", "optimize-then-offload"])
+def test_model_cpu_offload_keeps_the_cache_across_generations_and_disable(plain_and_cached_images, order, graph):
+    """enable_model_cpu_offload() re-installs its accelerate hooks after every call around the forward it saw first:
+    optimized after enabling it, the cache used to vanish from the second generation on (uncached image, stale
+    summary). Both orders now cache every generation, and disable() gives back the plain model's image, with the
+    offload still on. (CPU offload to the CPU here: the hooks are the same ones that move to a GPU.)"""
+    plain, cached, cached_steps = plain_and_cached_images
+    pipe = tiny_flux_pipeline()
+    kwargs = {} if graph == "eager" else dict(mode="default", graph="regional", compile_options={"backend": "eager"})
+    if order == "offload-then-optimize":
+        pipe.enable_model_cpu_offload(device="cpu")
+        dbc.optimize(pipe, cache=CONFIG, **kwargs)
+    else:
+        dbc.optimize(pipe, cache=CONFIG, **kwargs)
+        pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        for _ in range(2):
+            dbc.reset(pipe)
+            assert torch.equal(run(pipe, steps=6), cached) and dbc.summary(pipe).cached_steps == cached_steps
+        with pytest.raises(ValueError, match="disable\\(pipe\\) on the pipeline"):
+            dbc.disable(pipe.transformer)
+    finally:
+        dbc.disable(pipe)
+    assert pipe._all_hooks and torch.equal(run(pipe, steps=6), plain) and torch.equal(run(pipe, steps=6), plain)
+
+
+def test_sequential_cpu_offload_is_refused_before_and_after_optimize():
+    """enable_sequential_cpu_offload() leaves the weights on the meta device and streams them per layer: refused at
+    optimize, and at the next generation when enabled afterwards (it used to fail deep inside with a TypeError)."""
+    pipe = tiny_flux_pipeline()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="meta device at optimize.*enable_model_cpu_offload"):
+        dbc.optimize(pipe, cache=CONFIG)
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=CONFIG)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="meta device after optimize"):
+        run(pipe, steps=2)
+
+
 def test_gradient_checkpointing_runs_the_models_own_forward(flux):
     """With gradients on and checkpointing enabled (training, fine-tuning), the forward is the model's own: every
     block goes through the checkpoint function, the cache stays out of it."""
