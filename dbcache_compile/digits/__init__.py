@@ -14,8 +14,34 @@ See :mod:`.model` for the data/packing conventions, :mod:`.train` to reproduce t
 :mod:`.classifier` for the scoring classifier.
 """
 
-from .model import TRANSFORMER_CONFIG, DigitClassConditioner
-from .pipeline import WEIGHTS_DIR, DigitsPipeline, DigitsPipelineOutput, load_digits_pipeline
+import contextlib
+import logging
+from typing import Iterator
+
+#: diffusers' torchao quantizer module. Imported with diffusers' model classes, it warns "Unable to import `torchao`
+#: Tensor objects. This may affect loading checkpoints serialized with `torchao`" when the installed torchao lacks a
+#: tensor class it registers for ``torch.load`` (diffusers 0.42.1 with torchao 0.18: ``torchao.dtypes.NF4Tensor`` is
+#: gone). The digits weights are plain safetensors, never torchao-serialized, so that warning says nothing here.
+TORCHAO_QUANTIZER_LOGGER = "diffusers.quantizers.torchao.torchao_quantizer"
+
+
+@contextlib.contextmanager
+def _quiet_torchao_quantizer() -> Iterator[None]:
+    """Drop that one logger's warnings while this package imports diffusers' models (the warning fires once per
+    process, at that import); its errors, every other logger and every exception pass as usual, and its level is
+    restored."""
+    logger = logging.getLogger(TORCHAO_QUANTIZER_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+with _quiet_torchao_quantizer():
+    from .model import TRANSFORMER_CONFIG, DigitClassConditioner
+    from .pipeline import WEIGHTS_DIR, DigitsPipeline, DigitsPipelineOutput, load_digits_pipeline
 
 __all__ = [
     "TRANSFORMER_CONFIG",
