@@ -84,6 +84,29 @@ def test_calls_outside_any_cache_context(flux):
             dbc.disable(transformer)
 
 
+def test_a_never_caching_config_on_a_bare_transformer_equals_the_model(flux):
+    """diffusers' own model tests call a bare transformer repeatedly with changing inputs (e.g. the deprecated 3-D
+    ids) and no reset: with a config that can never hit, every call is exactly the model's own forward, and a
+    change of input signature between calls is a new generation, never an error."""
+    transformer = flux.transformer
+    base = dict(hidden_states=torch.randn(1, 16, 16, generator=generator(1)),
+                encoder_hidden_states=torch.randn(1, 4, 32, generator=generator(2)),
+                pooled_projections=torch.randn(1, 32, generator=generator(3)), timestep=torch.tensor([0.7]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3), return_dict=False)
+    calls = [base, dict(base, img_ids=torch.zeros(1, 16, 3), txt_ids=torch.zeros(1, 4, 3)),  # deprecated 3-D ids
+             dict(base, timestep=torch.tensor([0.3])), base]
+    with torch.no_grad():
+        expected = [transformer(**kwargs)[0] for kwargs in calls]
+        dbc.optimize(transformer, cache=NEVER)
+        try:
+            got = [transformer(**kwargs)[0] for kwargs in calls]
+            assert dbc.summary(transformer).cached_steps == []
+        finally:
+            dbc.disable(transformer)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_one_call_pipeline_with_forced_separate_cfg_keeps_its_step_count(flux):
     dbc.optimize(flux, cache=dbc.DBCacheConfig.from_string(CONFIG, enable_separate_cfg=True))
     try:
@@ -168,12 +191,15 @@ def test_the_embeddings_and_first_blocks_run_once_per_forward_on_a_new_shape(flu
     assert calls == {"embed": 8, "block0": 8, "forward": 8}
 
 
-def test_a_dtype_move_after_a_forward_gets_new_state(flux):
+@pytest.mark.parametrize("graph", ["eager", "segments", "regional"])
+def test_a_dtype_move_after_a_forward_gets_new_state(graph):
     """Buffers belong to the inputs' shapes, dtypes and devices: after .to(float64) the same shapes run with new
-    buffers, exactly like a transformer optimized after the move (CPU stand-in for a device move)."""
+    buffers (and, compiled, new graphs), exactly like a transformer optimized after the move (CPU stand-in for a
+    device move)."""
     pipe = tiny_flux_pipeline()
     inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
-    dbc.optimize(pipe, cache=CONFIG)
+    kwargs = {} if graph == "eager" else dict(mode="default", graph=graph, compile_options={"backend": "eager"})
+    dbc.optimize(pipe, cache=CONFIG, **kwargs)
     try:
         run(pipe)
         pipe.to(torch.float64)
