@@ -140,7 +140,8 @@ class CalibrationResult:
     writes JSON that ``optimize(pipe, cache="calibration.json")`` reads.
 
     Attributes:
-        config: the recommended :class:`DBCacheConfig`.
+        config: the recommended :class:`DBCacheConfig` (its measured wall-clock speedup and FLOP ratio:
+            ``chosen.speedup`` / ``chosen.flop_ratio``, also at the top of :meth:`to_dict`).
         target: ``{"min_psnr": ..., "speedup": ...}`` as asked (``None`` where not given).
         met: whether ``config`` meets every target given.
         message: what was chosen and why, and by how much a target is missed when it is.
@@ -168,6 +169,7 @@ class CalibrationResult:
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({
             "config": str(self.config), "target": self.target, "met": self.met, "message": self.message,
+            "speedup": self.chosen.speedup, "flop_ratio": self.chosen.flop_ratio,
             "settings": self.settings, "baseline_seconds": self.baseline_seconds,
             "noise_floor_psnr": self.noise_floor_psnr, "cost": self.cost,
             "psnr": "dB against the uncached output of the same seeds: mean over a call's images, worst call",
@@ -843,7 +845,8 @@ def calibrate(pipe: Any, calls: Sequence[Mapping[str, Any]], *, min_psnr: Option
         min_psnr: the fastest config whose worst-call PSNR (dB, against the uncached images) meets this.
         speedup: the best-quality config whose measured wall-clock speedup over uncached meets this. With both,
             min_psnr wins when they conflict (module doc).
-        target: the same as a mapping, ``{"min_psnr": 35}``.
+        target: the same as a mapping, ``{"min_psnr": 35}``; giving it together with ``min_psnr`` or ``speedup``
+            is an error (no silent precedence between the two spellings).
         mode / graph / quantize / compile_options / optimize_kwargs: how the pipeline runs, as in
             :func:`dbcache_compile.optimize` (``graph='cond'`` is refused: its gates are compiled in).
         search: the :class:`SearchSpace` (default: Fn 1-2, B0, TaylorSeer off/order 1, W 1-8, MC 1-6/unlimited).
@@ -852,14 +855,18 @@ def calibrate(pipe: Any, calls: Sequence[Mapping[str, Any]], *, min_psnr: Option
     """
     from tqdm.auto import tqdm
 
-    targets = dict(target or {})
-    unknown = set(targets) - {"min_psnr", "speedup"}
-    if unknown:
-        raise ValueError(f"target keys are 'min_psnr' and 'speedup', got {sorted(unknown)}")
-    min_psnr = _check_number("min_psnr", targets.get("min_psnr", min_psnr), *PSNR_RANGE,
-                             "dB against the uncached output")
-    speedup = _check_number("speedup", targets.get("speedup", speedup), *SPEEDUP_RANGE,
-                            "wall-clock speedup over uncached")
+    if target is not None:
+        if min_psnr is not None or speedup is not None:
+            raise ValueError(f"give the targets either as target={dict(target)!r} or as min_psnr= / speedup=, not "
+                             f"both (got min_psnr={min_psnr!r}, speedup={speedup!r} as well)")
+        if not isinstance(target, Mapping):
+            raise TypeError(f"target must be a mapping like {{'min_psnr': 35}}, got {type(target).__name__}")
+        unknown = set(target) - {"min_psnr", "speedup"}
+        if unknown:
+            raise ValueError(f"target keys are 'min_psnr' and 'speedup', got {sorted(unknown)}")
+        min_psnr, speedup = target.get("min_psnr"), target.get("speedup")
+    min_psnr = _check_number("min_psnr", min_psnr, *PSNR_RANGE, "dB against the uncached output")
+    speedup = _check_number("speedup", speedup, *SPEEDUP_RANGE, "wall-clock speedup over uncached")
     if min_psnr is None and speedup is None:
         raise ValueError("give a target: min_psnr=... (dB) and/or speedup=... (x over uncached)")
     budget = _check_number("budget", budget, 0.0, 1000.0, "uncached generations per call")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "F1B0_W4M0MC2_T0O1_R0.2"
 #: hand-picked configs the calibrated one is compared with: the demo's default, the README's, cache-dit's FLUX ones
+#: (README "Calibration" shows this table; tests/test_calibrate.py checks that the two agree)
 HAND_PICKED = {
     DEFAULT_CONFIG: "demo default",
     "F1B0_W4MC6_R0.24": "README / cache-dit FLUX",
@@ -35,7 +36,13 @@ HAND_PICKED = {
     "F8B0_W8M0MC0_T0O1_R0.08": "README notation",
     "F8B0_W4MC0_R0.08": "cache-dit FLUX",
     "F4B0_W4MC3_R0.12": "cache-dit FLUX",
+    "F4B0_W4MC4_R0.12": "cache-dit FLUX",
 }
+#: the held-out comparison with the hand-picked configs meeting the target: the calibrated config must execute fewer
+#: FLOPs than each (a higher FLOP ratio: deterministic) and be no slower than any by more than this fraction of wall
+#: clock. Wall speedups of a few seconds of CPU work on a shared machine are noisy: two configs caching the very
+#: same steps measured 1.57x and 1.90x in one run. Whether it is strictly faster on the wall clock is reported too.
+WALL_TOLERANCE = 0.15
 #: the tiny model's calibration workload (even digits) and held-out workload (odd digits, other seeds)
 CALIBRATION_DIGITS, CALIBRATION_SEEDS = (0, 2, 4, 6, 8), (0, 1)
 HELD_OUT_DIGITS, HELD_OUT_SEEDS = (1, 3, 5, 7, 9), (100, 101)
@@ -190,7 +197,8 @@ def run_calibration(out: Path, min_psnr: Optional[float] = None, speedup: Option
                                  "miss_x": max(0.0, speedup - ours.speedup)}
         if min_psnr is not None:  # the fastest meeting the PSNR: faster than every hand-picked config meeting it
             rivals = [r for r in hand if r.psnr >= min_psnr]
-            beats = all(ours.speedup > r.speedup for r in rivals)
+            beats = all(ours.flop_ratio > r.flop_ratio and ours.speedup >= r.speedup * (1 - WALL_TOLERANCE)
+                        for r in rivals)
         else:  # the best quality meeting the speedup: at least the PSNR of every hand-picked config meeting it
             rivals = [r for r in hand if r.speedup >= speedup]
             beats = all(ours.psnr >= r.psnr for r in rivals)
@@ -200,7 +208,13 @@ def run_calibration(out: Path, min_psnr: Optional[float] = None, speedup: Option
             "table": [r.to_dict() for r in rows], "checks": checks, "met": all(c["met"] for c in checks.values()),
             "hand_picked_meeting_target": [str(r.config) for r in rivals],
             "comparison": "faster" if min_psnr is not None else "higher or equal PSNR",
-            "beats_hand_picked": beats,
+            # None: no hand-picked config meets the target, nothing to compare with
+            "beats_hand_picked": beats if rivals else None,
+            "rule": (f"higher FLOP ratio than each, wall speedup no more than {WALL_TOLERANCE:.0%} below any"
+                     if min_psnr is not None else "PSNR at least each one's"),
+            "faster_wall": all(ours.speedup > r.speedup for r in rivals) if rivals else None,
+            "rivals": [{"config": str(r.config), "speedup": r.speedup, "flop_ratio": r.flop_ratio, "psnr": r.psnr}
+                       for r in rivals],
             "skipped": skipped, "printed": format_rows(rows),
         }
     out.write_text(json.dumps(report, indent=2))
@@ -220,8 +234,18 @@ def format_validation(validation: dict) -> str:
             lines.append(f"speedup {check['target']:g}x: calibrated config gives {check['measured']:.2f}x on "
                          f"held-out calls: {verdict}")
     rivals = validation["hand_picked_meeting_target"]
-    lines.append(f"{validation['comparison']} than every hand-picked config meeting the target "
-                 f"({', '.join(rivals) or 'none'}): {'yes' if validation['beats_hand_picked'] else 'NO'}")
+    if not rivals:
+        lines.append("no hand-picked config meets the target: nothing to compare with")
+    else:
+        ours = validation["table"][0]
+        lines.append(f"{validation['comparison']} than every hand-picked config meeting the target "
+                     f"({', '.join(rivals)}; {validation['rule']}): "
+                     f"{'yes' if validation['beats_hand_picked'] else 'NO'}")
+        if validation["comparison"] == "faster":
+            best = max(validation["rivals"], key=lambda r: r["speedup"])
+            lines.append(f"  calibrated {ours['speedup']:.2f}x wall / {ours['flop_ratio']:.2f}x FLOPs; fastest of them "
+                         f"{best['config']} {best['speedup']:.2f}x wall / {best['flop_ratio']:.2f}x FLOPs; strictly "
+                         f"faster on the wall clock than each: {'yes' if validation['faster_wall'] else 'no'}")
     for text, why in validation["skipped"].items():
         lines.append(f"not compared: {text} ({why})")
     return "\n".join(lines)
