@@ -65,8 +65,8 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
         raise NotImplementedError("export(quantize=...) is not supported: torch.cond has no rule for torchao "
                                   "tensor-subclass weights in torch 2.11-2.14; export unquantized")
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    from .optimize import _hook
-    if _hook(transformer) is not None:
+    from .optimize import is_optimized
+    if is_optimized(transformer):
         raise ValueError("export() takes an un-optimized transformer; call dbcache_compile.disable() first")
     missing = [k for k in _LEADING if not isinstance(example_inputs.get(k), torch.Tensor)]
     if missing:
@@ -118,6 +118,9 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
 
     lowering = "aoti"
     adapter = ""
+
+    def _check_generation_start(self) -> None:
+        """The package replaced the transformer: no diffusers hooks, offload or compiled blocks to check."""
 
     def __init__(self, path: Union[str, Path]) -> None:
         super().__init__()

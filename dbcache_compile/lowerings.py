@@ -13,8 +13,10 @@
   Inductor disables CUDA graphs for any graph with a cond (torch 2.11-2.14), which :meth:`Lowering.cudagraph_status`
   reports.
 
-Every lowering runs the first step of a branch at a new input signature as :meth:`CacheStep.first_step` (a forced
-compute that allocates the branch's buffers from its own Fn outputs), then :meth:`Lowering.run` for every later step.
+Every lowering runs the first step of a branch at a new input signature as :meth:`Lowering.first_step`: the buffers
+are allocated from the shapes the adapter predicts, then the step runs like every later one (:meth:`Lowering.run`),
+so the embeddings and Fn blocks run once per forward; only an adapter that predicts no shapes falls back to
+:meth:`CacheStep.first_step` (segments uncompiled, buffers from their real outputs).
 """
 
 from __future__ import annotations

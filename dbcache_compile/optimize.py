@@ -24,7 +24,7 @@ from .runtime import (HOOK_NAME, Applied, CachedRuntime, CacheHook, GenerationWa
                       UncachedHook, UncachedRuntime)
 from .stats import CacheSummary
 
-__all__ = ["optimize", "disable", "reset", "summary", "runtime_of", "COMPILE_MODES", "GRAPHS"]
+__all__ = ["optimize", "disable", "reset", "summary", "runtime_of", "is_optimized", "COMPILE_MODES", "GRAPHS"]
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHS = ("auto", "segments", "cond", "regional")
@@ -50,6 +50,12 @@ def _split(obj: Any) -> tuple[Optional[Any], torch.nn.Module]:
 def _hook(transformer: torch.nn.Module) -> Any:
     registry = getattr(transformer, "_diffusers_hook", None)
     return registry.get_hook(HOOK_NAME) if registry is not None else None
+
+
+def is_optimized(pipe_or_transformer: Any) -> bool:
+    """Whether :func:`optimize` attached a runtime (or :func:`dbcache_compile.load` put a package in place)."""
+    _, transformer = _split(pipe_or_transformer)
+    return isinstance(transformer, Runtime) or _hook(transformer) is not None
 
 
 def runtime_of(pipe_or_transformer: Any) -> Runtime:

@@ -213,6 +213,14 @@ class Runtime:
     #: hooks this runtime puts on the transformer's blocks (registered and removed by optimize / disable)
     block_hooks: dict = {}
     block_hook_name = ""
+    #: the blocks compiled as regions (``graph="regional"``), empty otherwise
+    regional_blocks: tuple | list = ()
+
+    @property
+    def compile_fallbacks(self) -> dict[str, int]:
+        """Compiled function -> calls that ran uncompiled because its recompile limit was reached (also for the
+        uncached compiled baseline, whose ``summary()`` has no cache decisions to report)."""
+        return {}
 
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
@@ -294,9 +302,7 @@ class BranchedRuntime(Runtime):
         generation = self.watch.poll() if self.watch is not None else 0
         if self.branches.finished or generation != self._generation:
             self._generation = generation
-            refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
-            refuse_offload(self.transformer, True, "after optimize()")
-            self._refuse_compiled_blocks()
+            self._check_generation_start()
             self.branches.start_generation(self._on_new_generation)
             group = self._cp_group()
             if group is not None:
@@ -310,6 +316,12 @@ class BranchedRuntime(Runtime):
         step = state.calls
         state.begin_step(step)
         return state, step, key
+
+    def _check_generation_start(self) -> None:
+        """What users may have changed on the transformer since optimize (a loaded package has nothing to check)."""
+        refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
+        refuse_offload(self.transformer, True, "after optimize()")
+        self._refuse_compiled_blocks()
 
     def _refuse_compiled_blocks(self) -> None:
         """Blocks that carry our block hooks (generic adapter) and were compiled afterwards by ``module.compile()``
@@ -349,11 +361,6 @@ class BranchedRuntime(Runtime):
             attention=self.applied.attention, fused_qkv=self.applied.fused_qkv, adapter=self.adapter,
             branches={n: {"calls": states[n].calls, "cached_steps": list(states[n].cached_steps)} for n in order
                       if n in states}, compile_fallbacks=dict(self.compile_fallbacks))
-
-    @property
-    def compile_fallbacks(self) -> dict[str, int]:
-        """Compiled function -> calls that ran uncompiled because its recompile limit was reached."""
-        return {}
 
 
 def forward_replacing_hooks(transformer: torch.nn.Module) -> list[str]:
@@ -578,6 +585,10 @@ class UncachedRuntime(Runtime):
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
         return self._graphs
+
+    @property
+    def compile_fallbacks(self) -> dict[str, int]:
+        return self.compiled.fallbacks
 
     def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
         """``regional``: run the forward as a hand-captured CUDA graph (automatic on CUDA with a CUDA-graph mode);
