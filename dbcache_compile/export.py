@@ -119,6 +119,8 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
     lowering = "aoti"
     adapter = ""
 
+    supported_lowerings = ("aoti",)
+
     def _check_generation_start(self) -> None:
         """The package replaced the transformer: no diffusers hooks, offload or compiled blocks to check."""
 

@@ -224,6 +224,7 @@ class GenericRuntime(BranchedRuntime):
         super().__init__(transformer, config, applied, watch, sum(len(c.blocks) for c in chains), GenericState)
         self.adapter = adapter.name
         self.family = adapter.family
+        self.supported_lowerings = tuple(family.lowerings) if family is not None else GENERIC_LOWERINGS
         self.block_lists = adapter.block_lists
         self.chains = chains
         self.lowering = lowering

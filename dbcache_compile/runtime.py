@@ -213,6 +213,8 @@ class Runtime:
     #: hooks this runtime puts on the transformer's blocks (registered and removed by optimize / disable)
     block_hooks: dict = {}
     block_hook_name = ""
+    #: the lowerings the adapter can run for this model (reported by ``summary()``)
+    supported_lowerings: tuple[str, ...] = ()
     #: the blocks compiled as regions (``graph="regional"``), empty otherwise
     regional_blocks: tuple | list = ()
 
@@ -360,7 +362,8 @@ class BranchedRuntime(Runtime):
             Bn=config.Bn_compute_blocks, cudagraphs=self.cudagraph_status(), quantized=self.applied.quantized,
             attention=self.applied.attention, fused_qkv=self.applied.fused_qkv, adapter=self.adapter,
             branches={n: {"calls": states[n].calls, "cached_steps": list(states[n].cached_steps)} for n in order
-                      if n in states}, compile_fallbacks=dict(self.compile_fallbacks))
+                      if n in states}, compile_fallbacks=dict(self.compile_fallbacks),
+            lowerings=tuple(self.supported_lowerings))
 
 
 def forward_replacing_hooks(transformer: torch.nn.Module) -> list[str]:
@@ -419,6 +422,7 @@ class CachedRuntime(BranchedRuntime):
                  applied: Applied, watch: Optional[GenerationWatch] = None) -> None:
         super().__init__(transformer, config, applied, watch, lowering.step.num_blocks)
         self.adapter = adapter.name
+        self.supported_lowerings = ("eager", "segments", "regional", "cond")
         self._attention_kwargs = adapter.attention_kwargs
         self.impl = lowering
         self.lowering = lowering.name

@@ -37,6 +37,7 @@ class CacheSummary:
             on its own): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs", "num_blocks",
             "branches"}`` (``branches``: cached steps per cache context, as ``branches`` above); ``cached_steps`` /
             ``residual_diffs`` above are the first chain's.
+        lowerings: the lowerings the adapter can run (``optimize(graph=...)``) for this model.
         transformers: the pipeline's other denoisers (``"transformer_2"`` of Wan 2.2), each its own summary.
     """
 
@@ -61,6 +62,7 @@ class CacheSummary:
     compile_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     chains: dict[str, dict] = dataclasses.field(default_factory=dict)
     transformers: dict[str, "CacheSummary"] = dataclasses.field(default_factory=dict)
+    lowerings: tuple[str, ...] = ()
 
     @property
     def compute_steps(self) -> list[int]:
@@ -93,6 +95,8 @@ class CacheSummary:
         lines = [
             f"DBCache {self.config} on {self.num_blocks} blocks (Fn={self.Fn}, Bn={self.Bn}); "
             f"lowering={self.lowering}, mode={self.mode}"
+            + (f", adapter={self.adapter}" if self.adapter else "")
+            + (f" (lowerings: {', '.join(self.lowerings)})" if self.lowerings else "")
             + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else "")
             + (f", quantized={self.quantized}" if self.quantized else "")
             + (f", attention={self.attention}" if self.attention else "")

@@ -65,6 +65,20 @@ def test_flux_true_cfg_runs_one_state_per_cache_context_like_cache_dit(flux):
     torch.testing.assert_close(ours, images, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("adapter, lowerings", [(None, ("eager", "segments", "regional", "cond")),
+                                                 ("generic", ("eager", "regional"))])
+def test_summary_names_the_adapter_and_the_lowerings_it_can_run(flux, adapter, lowerings):
+    """summary() says which adapter runs the model and which lowerings optimize(graph=...) accepts for it."""
+    dbc.optimize(flux, cache=CONFIG, adapter=adapter)
+    try:
+        run(flux, steps=4)
+        summary = dbc.summary(flux)
+    finally:
+        dbc.disable(flux)
+    assert summary.lowerings == lowerings and summary.adapter == (adapter or "flux")
+    assert f"adapter={summary.adapter} (lowerings: {', '.join(lowerings)})" in str(summary)
+
+
 def test_calls_outside_any_cache_context(flux):
     """A bare transformer (no pipeline contexts): one branch, or alternating cond/uncond with
     enable_separate_cfg=True, cache-dit's rule for callers that give no context."""
