@@ -106,13 +106,7 @@ def test_generation_flops_equal_what_a_real_cached_generation_executes(tiny):
     assert uncached[root] % steps == 0 and all(uncached[b] % steps == 0 for b in blocks)
     full = uncached[root] // steps
     skipped = sum(uncached[b] // steps for b in blocks[2:-1])  # F2B1: blocks 2 .. n-2 are skipped on a hit
-    dbc.optimize(pipe, cache=config)
-    try:
-        pipe(**call, generator=torch.Generator().manual_seed(0))  # allocates the cache buffers for this shape
-        cached = _module_flops(pipe, call)
-        summary = dbc.summary(pipe)
-    finally:
-        dbc.disable(pipe)
+    cached, summary = _count_cached_generation(pipe, config, call, _module_flops)
     hits = len(summary.cached_steps)
     assert 0 < hits < steps and summary.num_steps == steps
     assert cached[blocks[2]] == (steps - hits) * uncached[blocks[2]] // steps  # hits really skipped the block
@@ -121,6 +115,17 @@ def test_generation_flops_equal_what_a_real_cached_generation_executes(tiny):
     assert predicted == cached[root]
     assert generation_flops(ForwardFlops(full, 0), ForwardFlops(full - skipped, 0), calls=steps,
                             cached_calls=0) == uncached[root]
+
+
+def _count_cached_generation(pipe, config, call, count):
+    """``count(pipe, call)`` on a cached generation (after one that allocates the cache buffers for this shape), and
+    that generation's summary."""
+    dbc.optimize(pipe, cache=config)
+    try:
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+        return count(pipe, call), dbc.summary(pipe)
+    finally:
+        dbc.disable(pipe)
 
 
 def _transformer_flops(pipe, kwargs) -> int:
@@ -139,12 +144,6 @@ def test_flop_ratio_is_the_ratio_of_the_flops_the_generations_execute(tiny, conf
     pipe, kwargs = tiny
     call = dict(flux_inputs(), num_inference_steps=8)
     uncached = _transformer_flops(pipe, call)
-    dbc.optimize(pipe, cache=config)
-    try:
-        pipe(**call, generator=torch.Generator().manual_seed(0))  # allocates the cache buffers for this shape
-        cached = _transformer_flops(pipe, call)
-        summary = dbc.summary(pipe)
-    finally:
-        dbc.disable(pipe)
+    cached, summary = _count_cached_generation(pipe, config, call, _transformer_flops)
     assert summary.cached_steps, "the forced config must cache steps"
     assert flop_ratio(pipe.transformer, summary, kwargs) == pytest.approx(uncached / cached, rel=5e-3)
