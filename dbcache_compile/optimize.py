@@ -20,7 +20,7 @@ from .lowerings import build_lowering
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .generic import GENERIC_LOWERINGS, GenericAdapter, GenericRuntime, generic_adapter
 from .runtime import (HOOK_NAME, Applied, CachedRuntime, CacheHook, GenerationWatch, HookRegistry, Runtime,
-                      refuse_forward_replacing_hooks, refuse_offload,
+                      refuse_forward_replacing_hooks, refuse_offload, refuse_offload_with_cuda_graphs,
                       UncachedHook, UncachedRuntime)
 from .stats import CacheSummary
 
@@ -266,6 +266,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
                              f"adapter (explicit: {', '.join(supported_models())})")
     refuse_forward_replacing_hooks(transformer, "at optimize()")
     refuse_offload(transformer, pipeline, "at optimize()")
+    refuse_offload_with_cuda_graphs(transformer, pipeline, mode, "at optimize()")
     if config is None and lowering == "cond":
         raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
                          "graph='regional' or 'segments' (a whole-forward compile)")

@@ -323,6 +323,7 @@ class BranchedRuntime(Runtime):
         """What users may have changed on the transformer since optimize (a loaded package has nothing to check)."""
         refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
         refuse_offload(self.transformer, True, "after optimize()")
+        refuse_offload_with_cuda_graphs(self.transformer, None, self.mode, "enabled after optimize()")
         self._refuse_compiled_blocks()
 
     def _refuse_compiled_blocks(self) -> None:
@@ -399,6 +400,23 @@ def refuse_offload(transformer: torch.nn.Module, pipeline: Any, when: str) -> No
         raise ValueError(f"{type(transformer).__name__} carries accelerate offload hooks (enable_model_cpu_offload): "
                          f"pass the pipeline to dbcache_compile.optimize / disable, not the bare transformer, so the "
                          f"offload hooks can be re-installed around the cache")
+
+
+def refuse_offload_with_cuda_graphs(transformer: torch.nn.Module, pipeline: Any, mode: Optional[str],
+                                    when: str) -> None:
+    """Model CPU offload moves the weights to the GPU again at every call, to new addresses; a CUDA graph replays
+    the addresses it captured (stale weights: a wrong image). Refused with a CUDA-graph mode when the offload
+    executes on CUDA."""
+    if mode not in CUDAGRAPH_MODES:
+        return
+    device = getattr(pipeline, "_offload_device", None) if getattr(pipeline, "_all_hooks", None) else None
+    hook = getattr(transformer, "_hf_hook", None)
+    if device is None and type(hook).__name__ == "CpuOffload":
+        device = getattr(hook, "execution_device", None)
+    if device is not None and torch.device(device).type == "cuda":
+        raise ValueError(f"enable_model_cpu_offload() with mode={mode!r} {when}: the offload moves the weights to new "
+                         f"GPU memory at every call and CUDA graphs replay the addresses they captured; use "
+                         f"mode='max-autotune-no-cudagraphs' or 'default' with offload, or keep the model on the GPU")
 
 
 def check_call(module: torch.nn.Module) -> bool:

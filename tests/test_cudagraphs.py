@@ -157,6 +157,50 @@ def test_uncached_baseline_on_cuda_is_one_hand_captured_graph():
         dbc.disable(pipe)
 
 
+@needs_cuda
+def test_device_move_and_model_cpu_offload_on_cuda():
+    """On a real GPU: a pipeline optimized and run on the CPU, then moved with pipe.to("cuda"), caches on CUDA with
+    hand-captured graphs and the eager cache's image; enable_model_cpu_offload() runs regional without CUDA graphs
+    (weights back on the CPU between calls, same image twice), and with a CUDA-graph mode is refused (graphs would
+    replay the addresses of weights the offload has moved)."""
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    config = "F1B0_W2M0MC2_T0O1_R0.4"
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
+    run = lambda p: p(**inputs, num_inference_steps=6,  # noqa: E731
+                      generator=torch.Generator("cuda").manual_seed(0)).images
+    reference_pipe = tiny_flux_pipeline().to("cuda")
+    dbc.optimize(reference_pipe, cache=config)
+    reference, reference_steps = run(reference_pipe), dbc.summary(reference_pipe).cached_steps
+    dbc.disable(reference_pipe)
+    del reference_pipe
+    torch._dynamo.reset()
+
+    moved = tiny_flux_pipeline()
+    dbc.optimize(moved, cache=config, mode="reduce-overhead", graph="regional")
+    try:
+        moved(**flux_inputs(), num_inference_steps=2, generator=torch.Generator().manual_seed(0))  # on the CPU
+        moved.to("cuda")
+        torch.testing.assert_close(run(moved), reference, rtol=2e-3, atol=2e-3)
+        assert dbc.summary(moved).cached_steps == reference_steps and dbc.runtime_of(moved).graphs.captures >= 3
+    finally:
+        dbc.disable(moved)
+    del moved
+    torch._dynamo.reset()
+
+    offloaded = tiny_flux_pipeline()
+    offloaded.enable_model_cpu_offload(device="cuda")
+    with pytest.raises(ValueError, match="enable_model_cpu_offload\\(\\) with mode='reduce-overhead'"):
+        dbc.optimize(offloaded, cache=config, mode="reduce-overhead", graph="regional")
+    dbc.optimize(offloaded, cache=config, mode="max-autotune-no-cudagraphs", graph="regional")
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(run(offloaded), reference, rtol=2e-3, atol=2e-3)
+            assert next(offloaded.transformer.parameters()).device.type == "cpu"  # offloaded after the call
+    finally:
+        dbc.disable(offloaded)
+
+
 # last in the file: a failed capture may leave the CUDA context unusable for later tests in the process
 @needs_cuda
 def test_a_host_sync_inside_a_segment_fails_capture_with_a_clear_error():
