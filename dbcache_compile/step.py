@@ -90,6 +90,8 @@ def _hooked_call(region: Callable, block: torch.nn.Module, kwargs: dict[str, Any
     args: tuple = ()
     for hook in hooks:
         args, kwargs = hook.pre_forward(block, *args, **kwargs)
+    # a split's chunk is a view with the full tensor's strides: the other blocks' inputs are not (a recompile)
+    kwargs = {k: standard_strides(v) if getattr(v, "_base", None) is not None else v for k, v in kwargs.items()}
     if args:
         raise RuntimeError(f"a diffusers hook on {type(block).__name__} turned keyword arguments into positional "
                            f"ones; the regional lowering cannot run it")
@@ -255,14 +257,17 @@ class CacheStep:
 
         def hit_fn(h, e, coeffs, ladder_h, ladder_e):
             dh, de = taylor_forecast(ladder_h, coeffs), taylor_forecast(ladder_e, coeffs)
-            return (dh.clone(), de.clone()) if terms == 1 else (dh, de)
+            return (dh.clone().flatten(), de.clone().flatten()) if terms == 1 else (dh.flatten(), de.flatten())
 
         def miss_fn(h, e, coeffs, ladder_h, ladder_e):
             mid_h, mid_e = self.middle(h, e, kw)
-            # both branches must return the same layout; block outputs can be strided slices (FLUX single blocks)
-            return (mid_h - h).contiguous(), (mid_e - e).contiguous()
+            # both branches must return the same layout; block outputs can be strided slices (FLUX single blocks).
+            # Flat (1-D) outputs: torch.cond cannot merge the strides of a dim whose symbolic size is an expression
+            # (a context-parallel shard of a dynamic length, 32*Max(1, (s+1)//2): KeyError; docs/context_parallel.md)
+            return (mid_h - h).contiguous().flatten(), (mid_e - e).contiguous().flatten()
 
         dh, de = torch.cond(pred, hit_fn, miss_fn, (hidden, encoder, coeffs, list(ladder_h), list(ladder_e)))
+        dh, de = dh.view(hidden.shape), de.view(encoder.shape)
         out = self.tail((hidden + dh).contiguous(), (encoder + de).contiguous(), kw)
 
         n = torch.where(step > 2, torch.clamp(counters[VALID], max=terms - 1), 0)

@@ -25,7 +25,9 @@ Failure handling — nothing may hang:
   collective waiting for the dead rank), kills them, and re-raises the failing rank's exception — the original type
   when it unpickles, else :class:`RankError` — with the rank's formatted traceback chained as ``__cause__``
   (:class:`RemoteTraceback`), so pytest shows where in the child it failed;
-* a rank that dies without reporting (segfault, ``os._exit``) raises :class:`RankError` with its exit code.
+* a rank that dies without reporting (segfault, ``os._exit``) raises :class:`RankError` with its exit code, after
+  the other ranks had ``grace`` seconds to report how their collectives failed (added as notes: a surviving rank
+  must fail, not hang — within ``collective_timeout`` at worst).
 
 **diffusers 0.42.1 on a CPU-only machine.** ``ModelMixin._resolve_parallel_config`` (called by
 ``enable_parallelism``, ``diffusers/models/modeling_utils.py``) computes
@@ -205,6 +207,7 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), kwargs: Optio
     readers = {pipes[r][0]: r for r in range(world_size)}
     done: dict[int, Any] = {}
     failures: dict[int, Any] = {}
+    died: list[int] = []
     deadline = time.monotonic() + timeout
     grace_end = float("inf")
     try:
@@ -222,29 +225,31 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), kwargs: Optio
                 rank = readers.pop(conn)
                 try:
                     status, payload = conn.recv()
-                except EOFError:
+                except EOFError:  # the rank is gone without a word (segfault, os._exit, killed)
                     procs[rank].join(1.0)
-                    if failures:
-                        continue
-                    raise RankError(f"rank {rank} died without reporting (exit code {procs[rank].exitcode})")
+                    status, payload = "died", (time.time(), None, "",
+                                               f"died without reporting (exit code {procs[rank].exitcode})")
                 if status == "ok":
                     done[rank] = pickle.loads(payload)
                 else:
                     if not failures:
                         grace_end = time.monotonic() + grace
                     failures[rank] = payload
+                    if status == "died":
+                        died.append(rank)
         if failures:
-            # the first failure in time is the cause; the others are usually collectives that lost their peer
-            rank = min(failures, key=lambda r: failures[r][0])
+            # a rank that died silently is the cause (its peers' collectives fail because it is gone); otherwise the
+            # first failure in time is, the others are usually collectives that lost their peer
+            rank = died[0] if died else min(failures, key=lambda r: failures[r][0])
             _, exc_bytes, tb, summary = failures[rank]
-            exc: BaseException = RankError(f"rank {rank} failed: {summary}")
+            exc: BaseException = RankError(f"rank {rank} {summary}" if died else f"rank {rank} failed: {summary}")
             if exc_bytes is not None:
                 with contextlib.suppress(Exception):
                     exc = pickle.loads(exc_bytes)
             for other in sorted(set(failures) - {rank}):
                 with contextlib.suppress(Exception):
                     exc.add_note(f"(rank {other} failed after it: {failures[other][3]})")
-            raise exc from RemoteTraceback(rank, tb)
+            raise exc from (RemoteTraceback(rank, tb) if tb else None)
         return [done[r] for r in range(world_size)]
     finally:
         kill_ranks(procs)
