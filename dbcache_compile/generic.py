@@ -272,6 +272,10 @@ class GenericRuntime(BranchedRuntime):
     def release(self) -> None:
         self.compiled.release()
 
+    def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
+        return [(list(c.blocks), self.cache_config.Fn_compute_blocks, self.cache_config.Bn_compute_blocks)
+                for c in self.chains]
+
     def summary(self) -> Any:
         summary = super().summary()
         states = self.branches.states

@@ -54,7 +54,7 @@ HookRegistry, ModelHook, StateManager = _hooks.HookRegistry, _hooks.ModelHook, _
 from .config import DBCacheConfig
 from .cudagraphs import SegmentGraphs
 from .lowerings import CUDAGRAPH_MODES, Lowering, Regional
-from .parallel import check_same_config, cp_group, inner_hooks
+from .parallel import check_plan, check_same_config, cp_group, inner_hooks
 from .state import BranchState
 from .stats import CacheSummary
 from .step import fresh_function, no_views, standard_strides, transformer_output
@@ -308,6 +308,7 @@ class BranchedRuntime(Runtime):
             self.branches.start_generation(self._on_new_generation)
             group = self._cp_group()
             if group is not None:
+                check_plan(self.transformer, self._plan_chains())
                 check_same_config(self.cache_config, group, next(self.transformer.parameters()).device)
         name, state = self.branches.current()
         key = input_key(args, kwargs)
@@ -318,6 +319,10 @@ class BranchedRuntime(Runtime):
         step = state.calls
         state.begin_step(step)
         return state, step, key
+
+    def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
+        """``(blocks, Fn, Bn)`` per chain, for the context-parallel plan check (:func:`parallel.check_plan`)."""
+        return []
 
     def _check_generation_start(self) -> None:
         """What users may have changed on the transformer since optimize (a loaded package has nothing to check)."""
@@ -453,6 +458,10 @@ class CachedRuntime(BranchedRuntime):
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
         return getattr(self.impl, "graphs", None)
+
+    def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
+        step = self.impl.step
+        return [([*step.fn_blocks, *step.mid_blocks, *step.bn_blocks], len(step.fn_blocks), len(step.bn_blocks))]
 
     def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
         """``regional``: run the segments as hand-captured CUDA graphs (automatic on CUDA with a CUDA-graph mode);

@@ -421,9 +421,23 @@ def _plan_check_rank(rank: int, world_size: int) -> dict:
             return str(exc)
         return "ok"
 
+    def through_optimize() -> str:
+        import dbcache_compile as dbc
+        pipe, inputs = _cached_inputs("flux", 1)
+        pipe.transformer._cp_plan = _gather_and_resplit_plan(pipe.transformer)
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        dbc.optimize(pipe, cache="F2B0_W0_R0.4")
+        try:
+            pipe(**inputs, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        except ValueError as exc:
+            return str(exc)
+        finally:
+            dbc.disable(pipe)
+        return "ok"
+
     return {"flux": check("flux", False, 1, 0), "qwen": check("qwen", False, 1, 0),
             "F2B0": check("flux", True, 2, 0), "F1B6": check("flux", True, 1, 6), "F1B7": check("flux", True, 1, 7),
-            "F2B0 before enable": check("flux", True, 2, 0, enable=False)}
+            "F2B0 before enable": check("flux", True, 2, 0, enable=False), "F2B0 optimize": through_optimize()}
 
 
 def test_a_cache_split_across_a_context_parallel_boundary_is_refused():
@@ -437,7 +451,7 @@ def test_a_cache_split_across_a_context_parallel_boundary_is_refused():
     r0, r1 = run_ranks(_plan_check_rank, 2, timeout=120, collective_timeout=60)
     assert r0 == r1
     assert r0["flux"] == r0["qwen"] == r0["F1B7"] == "ok"
-    for key in ("F2B0", "F2B0 before enable"):
+    for key in ("F2B0", "F2B0 before enable", "F2B0 optimize"):  # the last: raised by the first generation
         assert "context-parallel plan of FluxTransformer2DModel" in r0[key]
         assert "'transformer_blocks.1' gathers its outputs: it is block 1 of the chain, one of the first 2" in r0[key]
         assert "'single_transformer_blocks.0' splits its inputs encoder_hidden_states, hidden_states" in r0[key]
