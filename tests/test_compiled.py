@@ -16,6 +16,8 @@ CASES = [(a, lo) for a in SCENARIOS for lo in LOWERINGS]
 
 @pytest.mark.parametrize("adapter, lowering", CASES)
 def test_graph_structure_matches_golden_record(compiled_run, adapter, lowering):
+    """Every (adapter, lowering) compiles with zero graph breaks and zero recompiles after warm-up, and its graph
+    structure equals the checked-in golden record, so a structural change cannot slip in unreviewed."""
     record = compiled_run(adapter, lowering).record
     assert record["graph_breaks"] == 0
     assert record["recompiles_after_warmup"] == 0
@@ -25,6 +27,8 @@ def test_graph_structure_matches_golden_record(compiled_run, adapter, lowering):
 
 @pytest.mark.parametrize("adapter, lowering", CASES)
 def test_compiled_decisions_and_images_match_eager(compiled_run, eager_run, adapter, lowering):
+    """A compiled lowering takes the eager runtime's cached steps (both CFG branches) and diffs and gives its
+    images, on a scenario that exercises warm-up, hits, misses and the MC limit."""
     run = compiled_run(adapter, lowering)
     eager_images, eager_summaries = eager_run(adapter)
     for img, summary, ref_img, ref in zip(run.images, run.summaries, eager_images, eager_summaries):
@@ -44,6 +48,8 @@ def test_compiled_decisions_and_images_match_eager(compiled_run, eager_run, adap
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_new_resolution_or_batch_costs_at_most_one_recompile(lowering):
+    """A new resolution or batch size compiles at most one step's worth of new graphs (cond 1, segments 3, regional
+    2), and going back to a shape already seen recompiles nothing."""
     from torch._dynamo.utils import counters
 
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
@@ -73,6 +79,8 @@ def test_new_resolution_or_batch_costs_at_most_one_recompile(lowering):
 
 
 def test_summary_reports_lowering_and_cudagraph_status(compiled_run):
+    """summary() names the lowering and mode and the CUDA-graph status: 'n/a (cpu)' for cond on CPU, the emulated
+    hand-captured segment graphs for regional."""
     summary = compiled_run("flux", "cond").summaries[-1]
     assert "lowering=cond" in str(summary) and "mode=default" in str(summary)
     assert summary.cudagraphs == "n/a (cpu)"
@@ -100,6 +108,8 @@ def test_cond_with_fn_ending_inside_single_blocks(config):
 
 
 def test_uncached_compiled_baseline_on_a_pipeline():
+    """optimize(cache=None, mode=...) compiles the uncached pipeline with unchanged images; summary() refuses it
+    naming cache=None, and disable() removes the forward override."""
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()

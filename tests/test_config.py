@@ -8,12 +8,16 @@ from dbcache_compile import DBCacheConfig
                                   "F1B0_W4M0MC6_T0O1_R-0.5", "F1B0_W4M0MC6_T0O1_R0.2_SCM11110101_CFG1",
                                   "F1B0_W4M0MC6_T1O4_R0.2_CFG0"])
 def test_canonical_strings_round_trip(text):
+    """A canonical config string prints back unchanged and re-parses to an equal config, so a printed config (or a
+    cache-dit table entry) can be pasted back."""
     cfg = DBCacheConfig.from_string(text)
     assert str(cfg) == text
     assert DBCacheConfig.from_string(str(cfg)) == cfg
 
 
 def test_fields_and_defaults():
+    """Config tokens set the cache-dit fields, absent tokens take the defaults, M0/MC0 mean unlimited (-1), T1O2
+    keeps three Taylor terms, and from_string overrides set fields."""
     cfg = DBCacheConfig.from_string("F1B0_W4I2MC2_R0.2")
     assert (cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, cfg.max_warmup_steps, cfg.warmup_interval) == (1, 0, 4, 2)
     assert cfg.max_cached_steps == -1 and cfg.max_continuous_cached_steps == 2
@@ -41,6 +45,8 @@ def test_fields_and_defaults():
     ("", "non-empty"),
 ])
 def test_bad_strings_name_the_problem(text, needle):
+    """A malformed config string (unknown/repeated token, out of range, non-integer, empty) raises a ValueError
+    naming what is wrong."""
     with pytest.raises(ValueError, match=needle):
         DBCacheConfig.from_string(text)
 
@@ -64,16 +70,19 @@ def test_bad_strings_name_the_problem(text, needle):
     ({"Bn_compute_blocks": True}, "Bn_compute_blocks"),
 ])
 def test_bad_fields_raise_value_error_naming_the_field(kwargs, field):
+    """Building DBCacheConfig with an out-of-range or wrongly typed field raises ValueError naming that field."""
     with pytest.raises(ValueError, match=field):
         DBCacheConfig(**kwargs)
 
 
 def test_unknown_override_is_rejected():
+    """from_string() rejects a keyword override that is not a DBCacheConfig field: a typo is an error."""
     with pytest.raises(ValueError, match="unknown DBCacheConfig fields"):
         DBCacheConfig.from_string("F1B0", Fn_blocks=3)
 
 
 def test_fn_plus_bn_checked_against_model():
+    """validate_for() accepts Fn + Bn up to the model's block count and rejects more, naming the block count."""
     cfg = DBCacheConfig.from_string("F6B3")
     cfg.validate_for(9)
     with pytest.raises(ValueError, match="exceeds the 8 transformer blocks"):
@@ -81,6 +90,7 @@ def test_fn_plus_bn_checked_against_model():
 
 
 def test_coerce():
+    """coerce() returns a config object as is, parses a config string, and raises TypeError for anything else."""
     cfg = DBCacheConfig()
     assert DBCacheConfig.coerce(cfg) is cfg
     assert DBCacheConfig.coerce("F2B0") == DBCacheConfig(Fn_compute_blocks=2, Bn_compute_blocks=0)

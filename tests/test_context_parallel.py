@@ -89,6 +89,8 @@ def single_process():
 
 @pytest.mark.parametrize("model", ["flux", "qwen"])
 def test_ulysses_matches_single_process(model, single_process):
+    """Without our cache, diffusers' Ulysses-2 on 2 gloo ranks puts its CP hooks where documented and gives both
+    ranks identical images equal to one process's within ATOL."""
     ref = single_process(model)
     results = run_ranks(_cp_rank, 2, args=(model, {"ulysses_degree": 2}), timeout=120, collective_timeout=60)
     for r in results:
@@ -100,6 +102,8 @@ def test_ulysses_matches_single_process(model, single_process):
 
 @pytest.mark.parametrize("model", ["flux", "qwen"])
 def test_ring_needs_return_lse_which_native_attention_lacks(model):
+    """Ring-2 context parallelism fails on CPU with diffusers' own error: native attention cannot return the LSE
+    that ring attention needs."""
     # TemplatedRingAttention (diffusers/models/attention_dispatch.py) calls the backend's forward op with
     # return_lse=True to merge the per-chunk softmaxes; _native_attention_forward_op raises for it. The backends
     # that return an LSE (flash, cuDNN, sage, ...) need CUDA.
@@ -117,6 +121,8 @@ def _enable_only(rank: int, world_size: int) -> str:
 
 @pytest.mark.skipif(torch.accelerator.device_count() > 0, reason="the division by zero needs a CPU-only machine")
 def test_enable_parallelism_divides_by_the_accelerator_count_on_cpu():
+    """On a CPU-only machine enable_parallelism() divides by a zero accelerator count; the harness's patched count
+    of 1 lets both ranks enable it."""
     # ModelMixin._resolve_parallel_config: rank % torch.accelerator.device_count(); the harness patches the count to 1
     with pytest.raises(ZeroDivisionError):
         run_ranks(_enable_only, 2, timeout=60, collective_timeout=30, patch_device_count=False)
@@ -146,6 +152,8 @@ def _relative_l1_rank(rank: int, world_size: int) -> dict:
 
 
 def test_all_reduced_relative_l1_is_the_single_process_diff_on_every_rank():
+    """The all-reduced relative L1 diff (compiled fullgraph) equals the single-process diff bit for bit on every
+    rank, so all ranks take one decision; the local-shard diffs would differ."""
     r0, r1 = run_ranks(_relative_l1_rank, 2, timeout=120, collective_timeout=60)
     assert r0["diff"] == r1["diff"] == r0["eager"] == r1["eager"]  # bit-identical: one decision for all ranks
     assert r0["hit"] == r1["hit"]
@@ -158,6 +166,7 @@ def _sleep(rank: int, world_size: int) -> None:
 
 
 def test_harness_kills_ranks_past_the_timeout():
+    """The CP test harness kills ranks running past its timeout and raises RankTimeout naming them (no hang)."""
     start = time.monotonic()
     with pytest.raises(RankTimeout, match=r"ranks \[0, 1\]"):
         run_ranks(_sleep, 2, timeout=3, collective_timeout=30)
@@ -288,6 +297,8 @@ def _mismatched_rank(rank: int, world_size: int) -> str:
 
 
 def test_ranks_with_different_configs_fail_clearly_instead_of_hanging():
+    """Ranks optimized with different cache configs raise a ValueError saying so ('run different cache configs')
+    instead of hanging in a collective."""
     with pytest.raises(ValueError, match="run different cache configs"):
         run_ranks(_mismatched_rank, 2, timeout=120, collective_timeout=60, grace=10)
 

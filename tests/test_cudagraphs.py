@@ -28,6 +28,8 @@ def _step(state, x):  # a "miss": updates the static state in place, returns a n
 
 @pytest.mark.parametrize("device_name", DEVICES)
 def test_warmup_leaves_no_trace_and_outputs_are_static(device_name):
+    """Capturing a segment leaves no trace of its warm-up calls in the cache state, and each replay writes into the
+    same captured output tensor (one capture, then replays)."""
     graphs, device = _setup(device_name)
     state = torch.zeros(4, device=device)
     graphs.mark_static([state])
@@ -42,6 +44,8 @@ def test_warmup_leaves_no_trace_and_outputs_are_static(device_name):
 
 @pytest.mark.parametrize("device_name", DEVICES)
 def test_static_tensors_are_read_in_place_and_dynamic_inputs_copied(device_name):
+    """Static tensors (cache state, captured outputs) are read in place by later segments without copies, while new
+    input tensors are copied into the graph's own inputs."""
     graphs, device = _setup(device_name)
     state = torch.zeros(4, device=device)
     graphs.mark_static([state])
@@ -59,6 +63,8 @@ def test_static_tensors_are_read_in_place_and_dynamic_inputs_copied(device_name)
 
 @pytest.mark.parametrize("device_name", DEVICES)
 def test_new_shape_or_constant_captures_a_new_graph(device_name):
+    """A call with a new input shape or a new non-tensor constant captures a new graph; an identical call replays
+    the existing one."""
     graphs, device = _setup(device_name)
     fn = lambda x, scale: x * scale  # noqa: E731
     graphs("f", fn, (torch.ones(4, device=device), 2.0))
@@ -138,6 +144,8 @@ def test_cuda_graphs_on_cuda_with_one_sync_per_free_step(graph):
 
 @needs_cuda
 def test_uncached_baseline_on_cuda_is_one_hand_captured_graph():
+    """On CUDA, optimize(cache=None, mode='reduce-overhead') picks the regional lowering and captures the whole
+    uncached forward as one real CUDA graph, with images matching eager."""
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline().to("cuda")
@@ -204,6 +212,7 @@ def test_device_move_and_model_cpu_offload_on_cuda():
 # last in the file: a failed capture may leave the CUDA context unusable for later tests in the process
 @needs_cuda
 def test_a_host_sync_inside_a_segment_fails_capture_with_a_clear_error():
+    """A host sync inside a segment makes CUDA-graph capture fail with a RuntimeError naming the segment."""
     graphs = SegmentGraphs()
     with pytest.raises(RuntimeError, match="capturing the 'bad' segment"):
         graphs("bad", lambda x: x * float(x.sum().item()), (torch.ones(4, device="cuda"),))

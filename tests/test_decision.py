@@ -13,6 +13,8 @@ def allowed(cfg, step, cached=0, consecutive=0, has_prev=True):
 
 
 def test_warmup_gate():
+    """Warm-up steps range(0, W, I) always compute: W4 blocks steps 0-3, W4I2 only steps 0 and 2, W0 allows caching
+    from step 0."""
     cfg = DBCacheConfig.from_string("F1B0_W4_R0.5")
     assert [allowed(cfg, s) for s in range(6)] == [False] * 4 + [True] * 2
     cfg = DBCacheConfig.from_string("F1B0_W4I2_R0.5")  # warmup set {0, 2}: 1 and 3 may cache
@@ -22,17 +24,21 @@ def test_warmup_gate():
 
 
 def test_steps_mask_gate_and_warmup_truncation():
+    """A steps_computation_mask forces compute on its 1 steps, cuts warm-up to its leading run of 1s, and allows
+    caching past its end."""
     cfg = DBCacheConfig(max_warmup_steps=8, residual_diff_threshold=0.5, steps_computation_mask=(1, 1, 0, 1, 0))
     assert list(warmup_steps(cfg)) == [0, 1]  # truncated to the leading run of 1s
     assert [allowed(cfg, s) for s in range(7)] == [False, False, True, False, True, True, True]
 
 
 def test_max_cached_steps_gate():
+    """max_cached_steps (M) stops caching once that many steps of the generation were cached."""
     cfg = DBCacheConfig.from_string("F1B0_W0M3_R0.5")
     assert allowed(cfg, 5, cached=2) and not allowed(cfg, 5, cached=3)
 
 
 def test_max_continuous_gate():
+    """max_continuous_cached_steps (MC) caps the cached steps in a row; MC0 means unlimited."""
     cfg = DBCacheConfig.from_string("F1B0_W0MC2_R0.5")
     assert allowed(cfg, 5, consecutive=1) and not allowed(cfg, 5, consecutive=2)
     unlimited = DBCacheConfig.from_string("F1B0_W0MC0_R0.5")
@@ -40,6 +46,7 @@ def test_max_continuous_gate():
 
 
 def test_previous_residual_and_threshold_gates():
+    """No step is cached without a previous Fn residual, nor when the threshold is <= 0 (never cache)."""
     cfg = DBCacheConfig.from_string("F1B0_W0_R0.5")
     assert not allowed(cfg, 3, has_prev=False)
     assert not allowed(DBCacheConfig.from_string("F1B0_W0_R0"), 3)
@@ -47,6 +54,8 @@ def test_previous_residual_and_threshold_gates():
 
 
 def test_gates_agree_on_ints_and_tensors():
+    """The gates decide the same on host ints (eager, segments) and device tensors (cond lowering), returning a
+    bool and a bool tensor respectively."""
     cfgs = [DBCacheConfig.from_string(s) for s in ("F1B0_W4I2M3MC2_R0.5", "F1B0_W2_R0", "F1B0_W0MC1_R1.0")]
     cfgs.append(DBCacheConfig(max_warmup_steps=3, steps_computation_mask=(1, 0, 1, 1, 0, 1), residual_diff_threshold=0.3))
     for cfg, step, cached, cons, prev in itertools.product(cfgs, range(9), range(4), range(3), (0, 1)):
@@ -57,6 +66,7 @@ def test_gates_agree_on_ints_and_tensors():
 
 
 def test_relative_l1_matches_definition():
+    """The decision diff is cache-dit's mean|prev - cur| / mean|prev| over all elements, 0 for equal residuals."""
     prev = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
     cur = torch.tensor([[1.5, -2.0], [2.0, 4.0]])
     expected = (0.5 + 0 + 1 + 0) / 4 / ((1 + 2 + 3 + 4) / 4)
@@ -65,6 +75,8 @@ def test_relative_l1_matches_definition():
 
 
 def test_hit_predicate_threshold_and_single_sync_read():
+    """A hit needs diff < R strictly, compared in float64 like cache-dit; R >= 1 hits without the diff; predicate
+    and diff reach the host in one read."""
     cfg = DBCacheConfig.from_string("F1B0_W0_R0.25")
     diff = torch.tensor(0.2)
     hit, value = read_decision_sync(hit_predicate(cfg, True, diff), diff)

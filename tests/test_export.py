@@ -25,6 +25,8 @@ def package(tmp_path_factory):
 
 
 def test_loaded_package_reproduces_the_live_compiled_path(package, compiled_run):
+    """load(path, pipe=...) installs the exported package as the pipeline's transformer and reproduces the live
+    cond path's cached steps and images; disable() then asks for the original back."""
     path, _ = package
     live = compiled_run("flux", "cond")
     pipe, inputs = SCENARIOS["flux"]()
@@ -64,6 +66,8 @@ def test_loaded_package_keeps_one_state_per_cache_context(package):
 
 
 def test_export_errors(package):
+    """export() refuses quantization, missing example tensors and an optimized transformer with clear errors;
+    load() of a missing package raises FileNotFoundError."""
     pipe, _ = SCENARIOS["flux"]()
     with pytest.raises(NotImplementedError, match="tensor-subclass"):
         dbc.export(pipe, {}, "x.pt2", quantize="int8")
@@ -84,6 +88,8 @@ def _missing_build_tools():
 
 @pytest.mark.skipif(_missing_build_tools() is not None, reason=str(_missing_build_tools()))
 def test_cpp_runner_matches_python(package, tmp_path):
+    """The C++ runner built with CMake runs an exported package to the same latents and cache hits as the Python
+    Euler loop."""
     path, example = package
     build = tmp_path / "build"
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"], check=True,

@@ -137,6 +137,8 @@ def test_wan22_second_transformer_counts_its_own_steps():
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video", "sd35", "flux2"])
 def test_family_compiles_regionally_without_breaks_or_recompiles(family):
+    """Wan, HunyuanVideo, SD3.5 and FLUX.2 compile with graph='regional' without graph breaks or recompiles, and
+    take eager's per-chain decisions with eager's outputs."""
     from torch._dynamo.utils import counters
 
     builder, make_inputs, threshold = CASES[family]

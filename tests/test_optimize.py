@@ -21,6 +21,8 @@ def run(pipe, steps=10, seed=0, **overrides):
 
 
 def test_disable_restores_bit_identical_outputs_and_leaves_nothing_behind(flux):
+    """disable() after a caching run restores bit-identical images, keeps the pipeline class and leaves no new
+    attribute on the transformer."""
     before = run(flux)
     transformer_attrs = set(vars(flux.transformer))
     dbc.optimize(flux, cache=CONFIG)
@@ -34,6 +36,7 @@ def test_disable_restores_bit_identical_outputs_and_leaves_nothing_behind(flux):
 
 
 def test_uncached_config_matches_the_original_forward_exactly(flux):
+    """A never-caching config (R0) reproduces the original forward bit for bit and reports no cached steps."""
     before = run(flux)
     dbc.optimize(flux, cache="F1B0_W0_R0")  # threshold 0: never cache, our forward computes every block
     try:
@@ -44,6 +47,7 @@ def test_uncached_config_matches_the_original_forward_exactly(flux):
 
 
 def test_each_call_resets_state_and_identical_calls_give_identical_images(flux):
+    """Each pipeline call starts a fresh generation: identical calls give the same images, steps and diffs."""
     dbc.optimize(flux, cache=CONFIG)
     try:
         first = run(flux)
@@ -58,6 +62,7 @@ def test_each_call_resets_state_and_identical_calls_give_identical_images(flux):
 
 
 def test_interrupted_generation_leaves_the_next_call_correct(flux):
+    """A generation aborted by a failing callback leaves no stale cache state: the next call equals a clean run."""
     dbc.optimize(flux, cache=CONFIG)
     try:
         clean = run(flux)
@@ -75,6 +80,8 @@ def test_interrupted_generation_leaves_the_next_call_correct(flux):
 
 
 def test_two_pipelines_keep_separate_state():
+    """Two optimized pipelines keep separate cache state: interleaved runs change neither's images, decisions or
+    step counts, and disabling one leaves the other."""
     a, b = tiny_flux_pipeline(seed=0), tiny_flux_pipeline(seed=1)
     dbc.optimize(a, cache=CONFIG)
     dbc.optimize(b, cache="F1B0_W3M0MC1_T0O1_R0.4")
@@ -149,6 +156,8 @@ def test_summary_is_readable(flux):
 
 
 def test_qwen_separate_cfg_follows_the_call():
+    """Qwen-Image keeps separate CFG state exactly when the call runs true CFG; forcing enable_separate_cfg=False
+    on a true-CFG call is a clear error."""
     pipe = tiny_qwen_pipeline()
     dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35")
     pipe(**qwen_inputs(cfg=True), num_inference_steps=6, generator=generator())
@@ -165,6 +174,8 @@ def test_qwen_separate_cfg_follows_the_call():
 
 
 def test_errors_are_clear(flux):
+    """optimize() rejects bad configs, modes, graphs, unsupported objects and a second optimize with clear
+    ValueErrors, and summary() an unoptimized pipeline."""
     with pytest.raises(ValueError, match="exceeds the 8 transformer blocks"):
         dbc.optimize(flux, cache="F6B3_R0.1")
     with pytest.raises(ValueError, match="unknown token"):
@@ -189,6 +200,8 @@ def test_errors_are_clear(flux):
 
 
 def test_attention_backend_choice_is_applied_reported_and_reset(flux):
+    """optimize(attention=...) applies the diffusers attention backend ('auto' is native on CPU), reports it in
+    summary(), resets it on disable() and rejects unknown names."""
     before = run(flux)
     dbc.optimize(flux, cache=CONFIG, attention="auto")
     try:
@@ -210,6 +223,7 @@ def test_attention_backend_choice_is_applied_reported_and_reset(flux):
 
 
 def test_fuse_qkv_gives_the_same_images_and_decisions_and_is_undone(flux):
+    """fuse_qkv=True keeps images and cached steps, shows in summary(), and disable() unfuses the projections."""
     dbc.optimize(flux, cache=CONFIG)
     reference, ref_steps = run(flux), dbc.summary(flux).cached_steps
     dbc.disable(flux)
@@ -226,6 +240,8 @@ def test_fuse_qkv_gives_the_same_images_and_decisions_and_is_undone(flux):
 
 
 def test_fuse_qkv_is_refused_where_the_processor_ignores_it():
+    """fuse_qkv=True is refused for Qwen-Image, whose attention processor ignores fused projections, leaving no
+    to_qkv behind."""
     pipe = tiny_qwen_pipeline()
     with pytest.raises(ValueError, match="do not use fused QKV"):
         dbc.optimize(pipe, cache=CONFIG, fuse_qkv=True)

@@ -49,6 +49,8 @@ def _assert_parity(ours, summary, theirs):
 
 @pytest.mark.parametrize("config", FLUX_CONFIGS)
 def test_flux_parity(flux, config):
+    """FLUX with each config (TaylorSeer, Bn, warm-up interval, R1.0) takes cache-dit 1.5.3's cached steps and
+    diffs, with images equal within float32 rounding."""
     kwargs = dict(flux_inputs(), num_inference_steps=12)
     ours, summary = _ours(flux, config, generator=generator(), **kwargs)
     theirs = run_cache_dit(flux, dbc.DBCacheConfig.from_string(config), False, generator=generator(), **kwargs)
@@ -57,6 +59,8 @@ def test_flux_parity(flux, config):
 
 
 def test_flux_parity_batch_two_one_decision_per_step(flux):
+    """With two images per prompt, FLUX takes one decision per step for the whole batch, matching cache-dit's
+    steps, diffs and images."""
     kwargs = dict(flux_inputs(), num_inference_steps=10, num_images_per_prompt=2)
     ours, summary = _ours(flux, "F1B0_W2M0MC2_T0O1_R0.4", generator=generator(), **kwargs)
     theirs = run_cache_dit(flux, dbc.DBCacheConfig.from_string("F1B0_W2M0MC2_T0O1_R0.4"), False,
@@ -66,6 +70,7 @@ def test_flux_parity_batch_two_one_decision_per_step(flux):
 
 
 def test_flux_parity_with_steps_mask(flux):
+    """With a steps_computation_mask FLUX matches cache-dit's decisions and images; masked-1 steps 4, 8 compute."""
     cfg = dbc.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.4,
                             max_warmup_steps=4, steps_computation_mask=(1, 1, 0, 0, 1, 0, 0, 0, 1, 0))
     kwargs = dict(flux_inputs(), num_inference_steps=10)
@@ -77,6 +82,8 @@ def test_flux_parity_with_steps_mask(flux):
 
 @pytest.mark.parametrize("config", ["F1B0_W2M0MC2_T0O1_R0.35", "F2B1_W2M0MC3_T1O1_R0.45"])
 def test_qwen_image_parity_true_cfg(qwen, config):
+    """Qwen-Image with true CFG keeps separate cond/uncond state and matches cache-dit's cached steps in both
+    branches, its diffs and its images."""
     kwargs = dict(qwen_inputs(cfg=True), num_inference_steps=10)
     ours, summary = _ours(qwen, config, generator=generator(), **kwargs)
     assert summary.separate_cfg, "true CFG with a negative prompt must run separate CFG state"
@@ -86,6 +93,7 @@ def test_qwen_image_parity_true_cfg(qwen, config):
 
 
 def test_qwen_image_parity_without_cfg(qwen):
+    """Qwen-Image without true CFG keeps one cache state and matches cache-dit's cached steps, diffs and images."""
     kwargs = dict(qwen_inputs(cfg=False), num_inference_steps=10)
     ours, summary = _ours(qwen, "F1B0_W2M0MC2_T0O1_R0.35", generator=generator(), **kwargs)
     assert not summary.separate_cfg

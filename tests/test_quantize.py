@@ -16,6 +16,8 @@ def run(pipe, steps=10):
 
 
 def test_default_filter_keeps_embedders_modulation_and_output_in_full_precision():
+    """The default quantization filter picks the attention and MLP linears inside the blocks and keeps embedders,
+    norm/modulation linears and the output projection in full precision."""
     pipe = tiny_flux_pipeline()
     keep = default_filter(("transformer_blocks", "single_transformer_blocks"))
     chosen = [n for n, m in pipe.transformer.named_modules() if keep(m, n)]
@@ -27,6 +29,8 @@ def test_default_filter_keeps_embedders_modulation_and_output_in_full_precision(
 
 @pytest.mark.parametrize("name", ["int8", "int8-wo"])
 def test_int8_eager_cache_stays_close_to_full_precision(name):
+    """quantize='int8' / 'int8-wo' keeps the cache's decisions, stays within 0.05 of full precision, shows in
+    summary(), and disable() warns the weights stay quantized."""
     pipe = tiny_flux_pipeline()
     dbc.optimize(pipe, cache=CONFIG)
     reference = run(pipe)
@@ -85,6 +89,8 @@ def test_int8_compiles_with_cache_without_graph_breaks_and_matches_eager_quantiz
 
 
 def test_quantize_errors_are_clear():
+    """Bad quantize requests (fp8 without a capable GPU, unknown name, a filter selecting nothing, nothing to do)
+    raise clear ValueErrors and quantize nothing."""
     pipe = tiny_flux_pipeline()
     with pytest.raises(ValueError, match=r"compute capability >= 8.9.*Use quantize='int8'"):
         dbc.optimize(pipe, cache=CONFIG, mode="max-autotune", quantize="fp8")
@@ -101,6 +107,8 @@ def test_quantize_errors_are_clear():
                     reason="fp8 needs a CUDA GPU with compute capability >= 8.9 (none here)")
 @pytest.mark.parametrize("graph", ["regional", "segments"])
 def test_fp8_compiled_on_gpu(graph):
+    """fp8 on a capable GPU is refused without a compile mode; with reduce-overhead (regional or segments) it
+    caches, gives finite images and captures CUDA graphs."""
     pipe = tiny_flux_pipeline().to("cuda", torch.bfloat16)
     with pytest.raises(ValueError, match="without torch.compile"):
         dbc.optimize(pipe, cache=CONFIG, quantize="fp8")
@@ -113,6 +121,8 @@ def test_fp8_compiled_on_gpu(graph):
 
 
 def test_a_rejected_optimize_leaves_the_transformer_untouched():
+    """An optimize() rejected for its quantize filter applies no attention backend, QKV fusion or forward override,
+    so the pipeline can still be optimized."""
     pipe = tiny_flux_pipeline()
     attn = pipe.transformer.transformer_blocks[0].attn
     with pytest.raises(ValueError, match="selected no linear"):

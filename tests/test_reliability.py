@@ -110,6 +110,8 @@ def random_config_string(rng: random.Random) -> str:
 
 
 def test_string_fuzzer_accepts_only_bounded_configs_and_names_every_problem():
+    """Fuzzed config strings either parse into bounded configs that round-trip through str(), or raise an error
+    naming the token or field, and parsing stays fast."""
     rng = random.Random(1212)
     accepted, started = 0, time.perf_counter()
     for _ in range(5000):
@@ -172,6 +174,8 @@ def expected_valid(name: str, value) -> bool:
 
 
 def test_keyword_fuzzer_matches_the_field_rules_and_round_trips():
+    """Fuzzed keyword configs are accepted exactly when every value meets its field's rule, errors name a bad
+    field, and accepted configs are bounded and round-trip."""
     rng = random.Random(812)
     accepted, started = 0, time.perf_counter()
     for _ in range(3000):
@@ -209,6 +213,8 @@ def test_keyword_fuzzer_matches_the_field_rules_and_round_trips():
     ("R1e999", "residual_diff_threshold", "finite"),
 ])
 def test_numeric_tokens_are_bounded_with_the_field_and_range_named(text, field, allowed):
+    """A huge, overflowing or non-finite numeric token raises ValueError naming the field and its allowed range,
+    instead of overflowing or allocating later."""
     with pytest.raises(ValueError) as info:
         DBCacheConfig.from_string(text)
     assert field in str(info.value) and allowed in str(info.value)
@@ -220,11 +226,14 @@ def test_numeric_tokens_are_bounded_with_the_field_and_range_named(text, field, 
     ("steps_computation_mask", (1, 0) * MAX_STEPS),
 ], ids=lambda v: v if isinstance(v, str) else "value")
 def test_keyword_fields_are_bounded_too(field, value):
+    """Huge keyword values (step counts, Taylor order, blocks, a long mask) raise ValueError naming the field."""
     with pytest.raises(ValueError, match=field):
         DBCacheConfig(**{field: value})
 
 
 def test_largest_accepted_values():
+    """The largest accepted value of every field round-trips through the string form, and step bounds fit a 32-bit
+    device counter."""
     cfg = DBCacheConfig(Fn_compute_blocks=MAX_BLOCKS, Bn_compute_blocks=MAX_BLOCKS, max_warmup_steps=MAX_STEPS,
                         warmup_interval=MAX_STEPS, max_cached_steps=MAX_STEPS, max_continuous_cached_steps=MAX_STEPS,
                         taylorseer=True, taylorseer_order=MAX_TAYLORSEER_ORDER, residual_diff_threshold=1e300)
@@ -245,12 +254,15 @@ def test_largest_accepted_values():
     ({"residual_diff_threshold": 2e+20}, "F8B0_W8M0MC0_T0O1_R2e+20"),
 ])
 def test_every_field_survives_the_string_form(kwargs, text):
+    """enable_separate_cfg (CFG), steps_computation_mask (SCM) and any finite threshold are written in the string
+    form and parse back to the same config."""
     cfg = DBCacheConfig(**kwargs)
     assert str(cfg) == text
     assert_round_trip(cfg)
 
 
 def test_string_form_is_backward_compatible_and_order_free():
+    """Configs without SCM/CFG print as before, tokens parse in any order, an override equals its token."""
     assert str(DBCacheConfig()) == "F8B0_W8M0MC0_T0O1_R0.08"  # configs without the new fields print as before
     cfg = DBCacheConfig.from_string("CFG0_SCM1100_F2B1_R-1")
     assert (cfg.enable_separate_cfg, cfg.steps_computation_mask, cfg.residual_diff_threshold) == (False, (1, 1, 0, 0),
@@ -264,6 +276,8 @@ def test_string_form_is_backward_compatible_and_order_free():
     ("SCM", "unknown token 'SCM'"), ("CFG1_CFG0", "appears twice"),
 ])
 def test_new_tokens_reject_bad_values(text, needle):
+    """Bad CFG/SCM values, negative integers, a bare SCM token and repeated tokens raise ValueError naming the
+    field or problem."""
     with pytest.raises(ValueError, match=needle):
         DBCacheConfig.from_string(text)
 
@@ -271,17 +285,21 @@ def test_new_tokens_reject_bad_values(text, needle):
 # -------------------------------------------------------------- issue #12 item 8: inputs accepted by mistake
 @pytest.mark.parametrize("text", ["_", "__", " _ ", "_\t_", "   "])
 def test_config_of_only_separators_or_whitespace_is_rejected(text):
+    """A config string of only separators or whitespace raises ValueError instead of meaning the default config."""
     with pytest.raises(ValueError, match="no tokens|non-empty|unknown token"):
         DBCacheConfig.from_string(text)
 
 
 @pytest.mark.parametrize("value", [0.0, 1.0, 0, 1, "True", np.float64(1.0), np.int64(1)])
 def test_enable_separate_cfg_takes_only_none_and_bools(value):
+    """enable_separate_cfg takes only None, True or False: ints, floats, strings and NumPy numbers are refused."""
     with pytest.raises(ValueError, match="enable_separate_cfg must be None, True or False"):
         DBCacheConfig(enable_separate_cfg=value)
 
 
 def test_numpy_values_are_accepted_and_normalized():
+    """NumPy ints, bools, floats and arrays are accepted and normalized to plain Python values, so the config
+    equals, hashes and prints like the plain one."""
     cfg = DBCacheConfig(Fn_compute_blocks=np.int64(2), Bn_compute_blocks=np.int32(1), max_warmup_steps=np.uint16(4),
                         max_cached_steps=np.int8(-1), max_continuous_cached_steps=np.int64(3),
                         taylorseer=np.bool_(True), taylorseer_order=np.int64(2), enable_separate_cfg=np.bool_(False),
@@ -295,6 +313,7 @@ def test_numpy_values_are_accepted_and_normalized():
 
 @pytest.mark.parametrize("field", list(INT_RANGES))
 def test_bools_are_not_ints(field):
+    """A Python or NumPy bool for an integer field raises ValueError naming the field (True is not read as 1)."""
     with pytest.raises(ValueError, match=field):
         DBCacheConfig(**{field: True})
     with pytest.raises(ValueError, match=field):
@@ -302,6 +321,8 @@ def test_bools_are_not_ints(field):
 
 
 def test_coerce_names_the_foreign_type_fully():
+    """coerce() of a foreign look-alike class raises TypeError naming its full module path, so it never reads like
+    our own DBCacheConfig."""
     @dataclasses.dataclass
     class DBCacheConfig_:  # a look-alike of another library: the message must not read like our own class
         Fn_compute_blocks: int = 1
@@ -341,6 +362,8 @@ def test_cache_dit_config_is_converted():
 
 # ---------------------------------------------------------------------- quantization requests (item 8, #16)
 def test_fp8_wo_on_cpu_names_what_was_asked_and_why():
+    """fp8 / fp8-wo on CPU raise ValueError saying what was asked, why it needs compute capability >= 8.9 and which
+    int8 name to use instead; bad names are refused."""
     cpu = torch.device("cpu")
     with pytest.raises(ValueError) as info:
         resolve_quantization("fp8-wo", cpu, "default")

@@ -33,6 +33,8 @@ def flux():
 
 
 def test_the_pipeline_keeps_its_class_and_the_hook_is_in_the_registry(flux, tmp_path):
+    """optimize() keeps the pipeline's class and hooks into the transformer's HookRegistry, so a from_pipe()
+    pipeline shares the cache and save_pretrained() still works."""
     dbc.optimize(flux, cache=CONFIG)
     try:
         assert type(flux) is FluxPipeline
@@ -122,6 +124,8 @@ def test_a_never_caching_config_on_a_bare_transformer_equals_the_model(flux):
 
 
 def test_one_call_pipeline_with_forced_separate_cfg_keeps_its_step_count(flux):
+    """enable_separate_cfg=True on a pipeline with one call per step (FLUX without true CFG) counts 8 steps for 8
+    and reports no separate CFG."""
     dbc.optimize(flux, cache=dbc.DBCacheConfig.from_string(CONFIG, enable_separate_cfg=True))
     try:
         run(flux, steps=8)
@@ -358,6 +362,8 @@ def test_a_spent_recompile_budget_runs_uncompiled_and_says_so():
 
 
 def test_torch_compile_around_an_eager_optimized_model_is_a_clear_error(flux):
+    """torch.compile around an eagerly optimized transformer fails with an error pointing to optimize(pipe,
+    cache=..., mode=...)."""
     dbc.optimize(flux, cache=CONFIG)
     try:
         compiled = torch.compile(flux.transformer, backend="eager", fullgraph=True)
@@ -392,6 +398,8 @@ def test_compile_repeated_blocks_after_an_eager_optimize(adapter):
 
 
 def test_a_diffusers_cache_on_the_same_transformer_is_a_clear_error():
+    """A diffusers cache (FirstBlockCache) on the same transformer is refused at optimize(), and at the next call
+    when enabled afterwards."""
     from diffusers.hooks import FirstBlockCacheConfig
 
     pipe = tiny_flux_pipeline()
@@ -480,6 +488,8 @@ def test_lora_scale_is_applied_like_the_models_own_forward():
 
 
 def test_refused_arguments_are_clear_and_leave_the_model_untouched(flux):
+    """Refused optimize() arguments (cond with quantization, non-dict compile_options, cuDNN attention on CPU,
+    graph without mode) leave weights and hooks untouched."""
     params = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
     with pytest.raises(NotImplementedError, match="cond.*quantized"):
         dbc.optimize(flux, cache=CONFIG, mode="default", graph="cond", quantize="int8")
@@ -494,6 +504,7 @@ def test_refused_arguments_are_clear_and_leave_the_model_untouched(flux):
 
 
 def test_disable_on_the_transformer_of_an_optimized_pipeline(flux):
+    """disable(pipe.transformer) undoes an optimized pipeline: its class stays and its images are unoptimized."""
     before = run(flux)
     dbc.optimize(flux, cache=CONFIG)
     run(flux)
@@ -502,6 +513,7 @@ def test_disable_on_the_transformer_of_an_optimized_pipeline(flux):
 
 
 def test_fused_projections_leave_no_attribute_behind(flux):
+    """optimize(fuse_qkv=True) then disable() leaves the attention's fused_projections attribute as it found it."""
     attn = flux.transformer.transformer_blocks[0].attn
     had = "fused_projections" in vars(attn)
     dbc.optimize(flux, cache=CONFIG, fuse_qkv=True)
@@ -532,6 +544,8 @@ def test_the_generic_adapter_takes_cache_dits_decisions_on_flux(flux, config):
 
 
 def test_the_generic_adapter_with_true_cfg_and_regional_compile():
+    """adapter='generic' on Qwen-Image with true CFG compiles regionally without graph breaks, matches the
+    dedicated adapter's decisions and images, and refuses segments."""
     pipe = tiny_qwen_pipeline()
     call = lambda: pipe(**qwen_inputs(cfg=True), num_inference_steps=8, generator=generator()).images  # noqa: E731
     dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35")
@@ -556,6 +570,7 @@ def test_the_generic_adapter_with_true_cfg_and_regional_compile():
 
 
 def test_a_model_without_any_adapter_says_what_is_supported():
+    """optimize() on a model no adapter supports raises ValueError listing what is supported."""
     with pytest.raises(ValueError, match="TransformerBlockRegistry"):
         dbc.optimize(torch.nn.Sequential(torch.nn.Linear(2, 2)), cache=CONFIG)
 

@@ -6,6 +6,8 @@ from dbcache_compile.state import BranchState, taylor_coefficients, taylor_forec
 
 
 def test_taylor_forecast_reproduces_a_polynomial():
+    """TaylorSeer's divided differences over compute steps forecast a quadratic residual exactly at the following
+    cached steps."""
     # y(s) = 2 + 3 s + 0.5 s^2 sampled at compute steps 3, 5, 7 (window 2): order-2 divided differences
     y = lambda s: torch.full((2, 3), 2 + 3 * s + 0.5 * s * s, dtype=torch.float64)
     state = BranchState(terms=3)
@@ -27,6 +29,8 @@ def test_taylor_forecast_reproduces_a_polynomial():
 
 
 def test_no_derivatives_until_step_three_like_cache_dit():
+    """Like cache-dit's lagging counter, TaylorSeer forms no derivative on compute steps up to 2; the first comes
+    at step 3."""
     state = BranchState(terms=2)
     assert state.derivatives_for_update(0) == 0
     state.record_compute(0, 0)
@@ -36,16 +40,19 @@ def test_no_derivatives_until_step_three_like_cache_dit():
 
 
 def test_coefficients_mask_invalid_entries():
+    """Forecast weights are k^i / i! for valid ladder entries and 0 for entries not yet valid."""
     assert taylor_coefficients(elapsed=2, valid=2, terms=3) == [1.0, 2.0, 0.0]
     assert taylor_coefficients(elapsed=3, valid=3, terms=3) == [1.0, 3.0, 4.5]
 
 
 def test_single_term_forecast_is_the_cached_residual_itself():
+    """Without TaylorSeer (one term) a cached step reuses the cached residual tensor itself, with no arithmetic."""
     r = torch.randn(4)
     assert taylor_forecast([r], [1.0]) is r
 
 
 def test_consecutive_counter_resets_after_a_compute_step():
+    """The consecutive-cached counter (for MC) continues across cached steps and resets after a computed step."""
     state = BranchState(terms=1)
     state.begin_step(3); state.record_hit(3)
     state.begin_step(4); state.record_hit(4)
