@@ -184,7 +184,7 @@ def test_errors_are_clear(flux):
         dbc.optimize(flux, cache=CONFIG, mode="fast")
     with pytest.raises(ValueError, match="graph must be one of"):
         dbc.optimize(flux, cache=CONFIG, graph="tree")
-    with pytest.raises(ValueError, match="no adapter for Linear"):
+    with pytest.raises(ValueError, match="does not support Linear: .*Supported families"):
         dbc.optimize(torch.nn.Linear(2, 2), cache=CONFIG)
     with pytest.raises(ValueError, match="neither a transformer module nor a pipeline"):
         dbc.optimize(object(), cache=CONFIG)
