@@ -447,6 +447,7 @@ class CachedRuntime(BranchedRuntime):
         self.adapter = adapter.name
         self.supported_lowerings = ("eager", "segments", "regional", "cond")
         self._attention_kwargs = adapter.attention_kwargs
+        self._eager_inputs = adapter.eager_inputs
         self.impl = lowering
         self.lowering = lowering.name
         self.mode = lowering.mode
@@ -501,6 +502,7 @@ class CachedRuntime(BranchedRuntime):
 
     def _cached_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
+        kwargs = self._eager_inputs(module, args, kwargs)
         if self._whole_graphs:
             # a view passed into a compile keeps its fake-tensor state alive after the compile (torch 2.13): plain
             # tensors into the whole-segment graphs (FluxPipeline's img_ids is a view; one small copy)

@@ -621,3 +621,30 @@ def test_disable_releases_what_the_runtime_compiled():
     for _ in range(3):
         cycle()
     assert len(weakref.finalize._registry) - finalizers < 10  # it was ~240 per cycle before
+
+
+def test_qwen_image_compiles_leave_no_fake_tensor_world_behind():
+    """Qwen-Image's rotary embedding slices module tensors; traced inside the compiled head, the slices were fake
+    views whose fake base torch keeps alive from C++, with its whole FakeTensorMode, after disable(): ~11k objects
+    per optimize/generate/disable cycle. The RoPE is now an eager input, so static-shape cycles leave nothing."""
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pipe = tiny_qwen_pipeline()
+
+    def cycle():
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="segments", compile_options={"backend": "eager"})
+        pipe(**qwen_inputs(), num_inference_steps=3, generator=generator())
+        dbc.disable(pipe)
+        gc.collect()
+
+    def fake_modes():
+        return sum(isinstance(o, FakeTensorMode) for o in gc.get_objects())
+
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        cycle()
+        before = fake_modes()
+        cycle()
+        cycle()
+    assert fake_modes() == before

@@ -75,6 +75,11 @@ class Adapter:
         return (((hidden.shape[0], hidden.shape[1], width), hidden.dtype),
                 ((batch, encoder.shape[1], width), encoder.dtype))
 
+    def eager_inputs(self, transformer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs computed outside the compiled graphs, before every step (added to ``kwargs``, read by
+        :meth:`embed`). Default: none."""
+        return kwargs
+
     def separate_cfg(self, call_kwargs: dict[str, Any]) -> bool:
         """Whether a pipeline call with these kwargs runs conditional and unconditional as separate forwards (FLUX's
         and Qwen-Image's pipelines: ``true_cfg_scale > 1`` and a negative prompt). The runtime does not need this (it

@@ -16,6 +16,10 @@ _SIGNATURE = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_m
               "guidance", "attention_kwargs", "controlnet_block_samples", "additional_t_cond", "return_dict")
 
 
+#: the keyword under which :meth:`QwenImageAdapter.eager_inputs` passes the rotary embedding to :meth:`embed`
+_ROTARY = "_dbcache_image_rotary_emb"
+
+
 class QwenImageAdapter(Adapter):
     name = "qwen-image"
     block_lists = ("transformer_blocks",)
@@ -45,11 +49,27 @@ class QwenImageAdapter(Adapter):
             temb = transformer.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, hidden, t_cond)
         else:
             temb = transformer.time_text_embed(timestep, hidden, t_cond)
-        rotary = transformer.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden.device)
+        rotary = kwargs.get(_ROTARY)
+        if rotary is None:
+            rotary = transformer.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden.device)
         block_kwargs = {"encoder_hidden_states_mask": mask, "temb": temb, "image_rotary_emb": rotary,
                         "joint_attention_kwargs": kwargs.get("attention_kwargs"), "modulate_index": modulate_index}
         out_temb = temb.chunk(2, dim=0)[0] if transformer.zero_cond_t else temb
         return Embedded(hidden, encoder, block_kwargs, {"temb": out_temb})
+
+    def eager_inputs(self, transformer: QwenImageTransformer2DModel, args: tuple,
+                     kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The rotary embedding, computed before the compiled head instead of inside it. Its ``pos_embed`` slices
+        the module's ``pos_freqs`` / ``neg_freqs`` tensors; traced, those slices are fake views of a fake base, which
+        torch 2.13 keeps alive from C++ after the compile is released (with its whole fake-tensor world, ~5 MiB per
+        compile of the tiny model). Computed here, the head receives plain input tensors; the values are the same
+        (``pos_embed`` is cached by shape in diffusers, so this costs a lookup and a small copy per step)."""
+        named = dict(zip(_SIGNATURE, args), **kwargs)
+        hidden, encoder, img_shapes = (named.get(k) for k in ("hidden_states", "encoder_hidden_states", "img_shapes"))
+        if not isinstance(hidden, torch.Tensor) or not isinstance(encoder, torch.Tensor) or img_shapes is None:
+            return kwargs
+        rotary = transformer.pos_embed(img_shapes, max_txt_seq_len=encoder.shape[1], device=hidden.device)
+        return dict(kwargs, **{_ROTARY: tuple(r.clone() for r in rotary)})
 
     def project(self, transformer: QwenImageTransformer2DModel, hidden: torch.Tensor,
                 out_kwargs: dict[str, Any]) -> torch.Tensor:
