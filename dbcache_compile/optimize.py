@@ -8,8 +8,8 @@ hook and leaves nothing behind.
 
 from __future__ import annotations
 
-import warnings
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -227,8 +227,6 @@ def _model_offload_paused(pipeline: Any) -> Iterator[None]:
         yield
     finally:
         pipeline.enable_model_cpu_offload(device=device)
-
-
 
 
 def _extra_transformers(pipeline: Any) -> list[torch.nn.Module]:
