@@ -32,6 +32,21 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _masked_text_inputs(seed: int, batch: int, cfg: bool, tokens: int, guidance: float,
+                        mask_dtype: torch.dtype = torch.long, **call: Any) -> dict:
+    """Prompt embeddings (width 16) with an all-ones attention mask, and the same for the negative prompt when
+    ``cfg`` (drawn after the positive ones from one generator), plus the pipeline call's other ``call`` arguments."""
+    g = _gen(seed)
+    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
+              "prompt_attention_mask": torch.ones(batch, tokens, dtype=mask_dtype),
+              "output_type": "pt", "guidance_scale": guidance if cfg else 1.0, **call}
+    if cfg:
+        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
+        kwargs["negative_prompt_attention_mask"] = torch.ones(batch, tokens, dtype=mask_dtype)
+    return kwargs
+
+
+
 def _finish(pipe):
     # modules built from a config start in training mode (from_pretrained returns eval mode); HiDream's unpatchify
     # and MoE gate, for one, branch on `self.training`
@@ -324,15 +339,8 @@ def tiny_chroma_pipeline(seed: int = 0):
 
 
 def chroma_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8) -> dict:
-    g = _gen(seed + 7000)
-    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
-              # bool: the pipeline appends bool ones for the image tokens and SDPA rejects integer masks
-              "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.bool),
-              "height": 32, "width": 32, "output_type": "pt", "guidance_scale": 4.0 if cfg else 1.0}
-    if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
-        kwargs["negative_prompt_attention_mask"] = torch.ones(batch, tokens, dtype=torch.bool)
-    return kwargs
+    # bool mask: the pipeline appends bool ones for the image tokens and SDPA rejects integer masks
+    return _masked_text_inputs(seed + 7000, batch, cfg, tokens, 4.0, torch.bool, height=32, width=32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,15 +438,7 @@ def tiny_ltx_pipeline(seed: int = 0):
 
 
 def ltx_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 6, frames: int = 9) -> dict:
-    g = _gen(seed + 10000)
-    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
-              "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-              "height": 32, "width": 32, "num_frames": frames, "output_type": "pt",
-              "guidance_scale": 3.0 if cfg else 1.0}
-    if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
-        kwargs["negative_prompt_attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
-    return kwargs
+    return _masked_text_inputs(seed + 10000, batch, cfg, tokens, 3.0, height=32, width=32, num_frames=frames)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,15 +614,7 @@ def tiny_mochi_pipeline(seed: int = 0):
 
 
 def mochi_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8, frames: int = 7) -> dict:
-    g = _gen(seed + 15000)
-    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
-              "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-              "height": 32, "width": 32, "num_frames": frames, "output_type": "pt",
-              "guidance_scale": 4.5 if cfg else 1.0}
-    if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
-        kwargs["negative_prompt_attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
-    return kwargs
+    return _masked_text_inputs(seed + 15000, batch, cfg, tokens, 4.5, height=32, width=32, num_frames=frames)
 
 
 def tiny_cogview4_pipeline(seed: int = 0):
@@ -660,14 +652,7 @@ def tiny_lumina2_pipeline(seed: int = 0):
 
 
 def lumina2_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8) -> dict:
-    g = _gen(seed + 17000)
-    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
-              "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-              "height": 64, "width": 64, "output_type": "pt", "guidance_scale": 4.0 if cfg else 1.0}
-    if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
-        kwargs["negative_prompt_attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
-    return kwargs
+    return _masked_text_inputs(seed + 17000, batch, cfg, tokens, 4.0, height=64, width=64)
 
 
 def tiny_sana_pipeline(seed: int = 0):
@@ -692,16 +677,9 @@ def tiny_sana_pipeline(seed: int = 0):
 
 
 def sana_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8) -> dict:
-    g = _gen(seed + 18000)
-    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
-              "prompt_attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-              "height": 32, "width": 32, "output_type": "pt", "use_resolution_binning": False,
-              "negative_prompt": None,  # defaults to "" (a text to encode) in these pipelines
-              "guidance_scale": 4.5 if cfg else 1.0}
-    if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
-        kwargs["negative_prompt_attention_mask"] = torch.ones(batch, tokens, dtype=torch.long)
-    return kwargs
+    return _masked_text_inputs(seed + 18000, batch, cfg, tokens, 4.5, height=32, width=32,
+                               use_resolution_binning=False,
+                               negative_prompt=None)  # defaults to "" (a text to encode) in these pipelines
 
 
 def tiny_pixart_sigma_pipeline(seed: int = 0):
