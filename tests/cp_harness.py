@@ -52,9 +52,9 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from bench.cp import kill_ranks
+from bench.cp import cpu_accelerator_count, kill_ranks
 
 __all__ = ["run_ranks", "cpu_accelerator_count", "free_port", "RankError", "RankTimeout", "RemoteTraceback"]
 
@@ -81,23 +81,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def cpu_accelerator_count() -> Iterator[None]:
-    """Make ``torch.accelerator.device_count()`` return 1 instead of 0 for the duration (see the module docstring:
-    diffusers 0.42.1's ``enable_parallelism`` divides the rank by it). A no-op when an accelerator is present."""
-    import torch
-
-    original = torch.accelerator.device_count
-    if original() > 0:
-        yield
-        return
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = original
 
 
 def _thread_lock_for_tqdm() -> None:
