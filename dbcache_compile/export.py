@@ -23,7 +23,7 @@ import torch
 
 from .adapters import adapter_for, adapter_named
 from .config import DBCacheConfig
-from .runtime import Applied, BranchedRuntime, Branches, refuse_while_compiling
+from .runtime import Applied, BranchedRuntime, Branches, InputWatch, refuse_while_compiling
 from .state import BranchState
 from .step import CacheStep, fold_records, initial_counters, transformer_output
 
@@ -144,6 +144,7 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
         self.adapter = adapter_named(self.meta["adapter"]).name
         self.branches = Branches(self.meta["terms"], self.meta["enable_separate_cfg"])
         self.watch = None
+        self.inputs = InputWatch(self)
         self._generation = 0
         self._flat: dict[int, list[torch.Tensor]] = {}  # per branch state (id): the package's state tensors
 
@@ -182,6 +183,13 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
         return None  # a package runs in one process
 
     def forward(self, return_dict: bool = True, **kwargs: Any) -> Any:
+        try:
+            return self._forward(return_dict, kwargs)
+        except BaseException:
+            self.reset()  # a failed call may leave its branch's state half updated: the next call starts afresh
+            raise
+
+    def _forward(self, return_dict: bool, kwargs: dict[str, Any]) -> Any:
         refuse_while_compiling()
         state, step, key = self._begin((), kwargs)
         flat = self._flat.get(id(state))

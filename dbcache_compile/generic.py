@@ -454,11 +454,11 @@ class _FamilyBranches(Branches):
         super().__init__(base._init_args[0], base.separate, base._state_cls)
         self._separate_calls = separate_calls
 
-    def current(self) -> tuple[str, BranchState]:
+    def peek(self) -> str:
         if self._context is None and self.separate is None and self._separate_calls():
             self.separate = True
             try:
-                return super().current()
+                return super().peek()
             finally:
                 self.separate = None
-        return super().current()
+        return super().peek()

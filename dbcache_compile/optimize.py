@@ -19,7 +19,7 @@ from .config import DBCacheConfig
 from .lowerings import build_lowering
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
 from .generic import GENERIC_LOWERINGS, GenericAdapter, GenericRuntime, generic_adapter
-from .runtime import (HOOK_NAME, Applied, CachedRuntime, CacheHook, GenerationWatch, HookRegistry, Runtime,
+from .runtime import (HOOK_NAME, Applied, BranchedRuntime, CachedRuntime, CacheHook, GenerationWatch, HookRegistry, Runtime,
                       refuse_forward_replacing_hooks, refuse_offload, refuse_offload_with_cuda_graphs,
                       UncachedHook, UncachedRuntime)
 from .stats import CacheSummary
@@ -159,7 +159,8 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
 
     Args:
         pipe: a pipeline with a ``.transformer`` (FluxPipeline, QwenImagePipeline, ...) or the transformer itself.
-            With a bare transformer outside a pipeline, call :func:`reset` before each new generation.
+            A new generation starts when a call passes new conditioning tensors (README "When a generation
+            starts"); a model called without any needs :func:`reset` between generations.
         cache: a :class:`DBCacheConfig`, its string form (``"F8B0_W8M0MC0_T0O1_R0.08"``) or ``None`` (no cache: the
             original forward, compiled per ``graph`` — ``regional`` blocks, captured whole as one CUDA graph on CUDA
             with a CUDA-graph mode, or one fullgraph compile — the baseline to measure cached runs against).
@@ -328,6 +329,8 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
             raise
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(hook, HOOK_NAME)
+        if isinstance(rt, BranchedRuntime):  # the generation rule sees the inputs as the caller passed them
+            rt.input_hook = transformer.register_forward_pre_hook(rt.inputs.capture, with_kwargs=True)
         for block, block_hook in rt.block_hooks.items():
             HookRegistry.check_if_exists_or_initialize(block).register_hook(block_hook, rt.block_hook_name)
         registry.invalidate_child_registries_cache()
@@ -363,6 +366,8 @@ def _disable(transformer: torch.nn.Module) -> None:
         warnings.warn("dbcache_compile.disable(): the transformer stays quantized (torchao weights); reload it "
                       "for the original weights", stacklevel=2)
     registry = transformer._diffusers_hook
+    if getattr(rt, "input_hook", None) is not None:
+        rt.input_hook.remove()
     _remove(transformer, HOOK_NAME, rt.applied.created_registry)
     for block in rt.block_hooks:
         _remove(block, rt.block_hook_name, created_registry=True)
@@ -384,8 +389,8 @@ def _remove(module: torch.nn.Module, name: str, created_registry: bool) -> None:
 
 
 def reset(pipe_or_transformer: Any) -> None:
-    """Start a new generation at the next forward (pipelines do this themselves; a bare transformer driven by your
-    own loop needs it between generations)."""
+    """Start a new generation at the next forward. Rarely needed: a call with new conditioning tensors starts one by
+    itself (README "When a generation starts"); a transformer called without any conditioning tensor needs it."""
     runtime_of(pipe_or_transformer).reset()
 
 

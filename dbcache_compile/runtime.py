@@ -9,13 +9,13 @@ state kept per cache context.
   parity. Calls outside any context (a bare transformer, a custom loop) form one branch, or, with
   ``enable_separate_cfg=True``, alternate between ``cond`` and ``uncond`` (cache-dit's rule). With
   ``enable_separate_cfg=False`` every context shares one branch (each call is a step, as cache-dit counts it).
-* **Generations.** A generation ends with the pipeline's ``maybe_free_model_hooks()``, which resets stateful hooks
-  (:meth:`CacheHook.reset_state`); the next forward then starts a new one. A generation interrupted by an exception
-  never reaches that reset, so a new one is also recognised at its start: the pipeline's scheduler has
-  ``step_index is None`` until the first ``scheduler.step()`` of a generation (:class:`GenerationWatch`). A branch
-  whose inputs change shape, dtype or device starts over too (its stored residual cannot be compared). A bare
-  transformer is reset with :func:`dbcache_compile.reset`. What the last generation decided stays readable in
-  :func:`dbcache_compile.summary` until the next one starts.
+* **Generations.** A call continues its branch's generation only when it passes the very conditioning tensors the
+  previous call of the same kind passed (:class:`InputWatch`: no device read); a call that raised ends the
+  generation (its state may be half updated); so do the pipeline's end-of-call reset ``maybe_free_model_hooks()``
+  (:meth:`CacheHook.reset_state`), the optimized pipeline's scheduler starting over (:class:`GenerationWatch`) and
+  :func:`dbcache_compile.reset`. A branch whose inputs change shape, dtype or device starts over too (its stored
+  residual cannot be compared). What the last generation decided stays readable in :func:`dbcache_compile.summary`
+  until the next one starts.
 * **One interface.** :class:`CachedRuntime`, :class:`UncachedRuntime` and the loaded AOTInductor package share the
   :class:`Runtime` attributes that ``summary()``, ``disable()``, the bench and the graph records read, through the
   public accessor :func:`dbcache_compile.runtime_of`.
@@ -59,7 +59,8 @@ from .state import BranchState
 from .stats import CacheSummary
 from .step import fresh_function, no_views, standard_strides, transformer_output
 
-__all__ = ["HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "Runtime", "BranchedRuntime", "CachedRuntime",
+__all__ = ["HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime", "BranchedRuntime",
+           "CachedRuntime",
            "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch", "input_key", "check_call", "run_region"]
 
 HOOK_NAME = "dbcache_compile"
@@ -116,19 +117,28 @@ class Branches(StateManager):
     def states(self) -> dict[str, BranchState]:
         return self._state_cache
 
+    def peek(self) -> str:
+        """The branch name the call about to run gets (no side effect)."""
+        context = self._context.name if self._context is not None else None
+        if self.separate is False:
+            return "cond"
+        if context is not None:
+            return context
+        if self.separate:
+            return "cond" if self.calls % 2 == 0 else "uncond"
+        return "cond"
+
+    def input_slot(self) -> str:
+        """Where the call's conditioning inputs are compared with those of the previous call of the same kind: its
+        cache context, else its branch (``enable_separate_cfg=False`` merges contexts whose inputs differ)."""
+        return self._context.name if self._context is not None else self.peek()
+
     def current(self) -> tuple[str, BranchState]:
         """The branch of the call about to run."""
         context = self._context.name if self._context is not None else None
         if context is not None and context not in self.contexts:
             self.contexts.append(context)
-        if self.separate is False:
-            name = "cond"
-        elif context is not None:
-            name = context
-        elif self.separate:
-            name = "cond" if self.calls % 2 == 0 else "uncond"
-        else:
-            name = "cond"
+        name = self.peek()
         state = self._state_cache.get(name)
         if state is None:
             state = self._state_cache[name] = self._state_cls(*self._init_args)
@@ -191,6 +201,99 @@ class GenerationWatch:
 
     def finished(self) -> None:
         self._last = None
+
+
+#: names of per-step forward inputs (the latents and the timestep; the forward's first parameter counts too): they
+#: change at every step
+STEP_INPUT_NAMES = frozenset({"hidden_states", "timestep", "timesteps", "t"})
+
+
+def _tensor_leaves(value: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensor_leaves(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensor_leaves(item, out)
+
+
+class InputWatch:
+    """The generation rule that holds whatever object was optimized (a pipeline, its bare transformer, a transformer
+    shared by ``from_pipe`` pipelines with other schedulers, a loaded package): **a call continues the generation of
+    its branch only when every conditioning tensor it passes is the very object the previous call of the same kind
+    passed.** Conditioning = every tensor input (nested in lists, tuples and dicts too) except the per-step ones: the
+    forward's first parameter (the latents) and the timestep. diffusers pipelines encode the prompt (and build ids,
+    masks, guidance, rotary tables) once per call and pass those same tensors at every step, so a new pipeline call
+    always brings new objects (checked for every supported family's pipeline: only the latents and the timestep change
+    between steps). Identity is held through weak references, so a freed tensor whose address Python reuses never
+    looks like the old one. No device value is read: no host sync.
+
+    "Of the same kind" is the call's cache context, else its branch (calls without a context alternate cond/uncond
+    with ``enable_separate_cfg``). A call with no conditioning tensor at all proves nothing and continues; a bare
+    caller then ends generations with :func:`dbcache_compile.reset`."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        import inspect
+        try:
+            params = list(inspect.signature(type(transformer).forward).parameters)[1:]
+        except (TypeError, ValueError):
+            params = []
+        self.params = params
+        self.step_inputs = STEP_INPUT_NAMES | set(params[:1])
+        self._last: dict[str, list[weakref.ref]] = {}
+        #: the conditioning tensors of the call in progress as its caller passed them (:meth:`capture`)
+        self._pending: Optional[list[torch.Tensor]] = None
+        #: generations in a row that the rule started after a single call (a caller passing new tensors every step)
+        self._short_runs = 0
+        self.warned = False
+
+    def conditioning(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for name, value in zip(self.params, args):
+            if name not in self.step_inputs:
+                _tensor_leaves(value, out)
+        for name, value in kwargs.items():
+            if name not in self.step_inputs:
+                _tensor_leaves(value, out)
+        return out
+
+    def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """A ``torch`` forward pre-hook (registered with ``with_kwargs=True``): it runs in ``Module.__call__``,
+        before any wrapper of ``forward`` — accelerate's offload hooks copy every input to the execution device at
+        each call, so identity is only meaningful as the caller passed the tensors."""
+        self._pending = self.conditioning(args, kwargs)
+
+    def take(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The conditioning tensors of this call: as captured by :meth:`capture`, else from these arguments."""
+        pending, self._pending = self._pending, None
+        return pending if pending is not None else self.conditioning(args, kwargs)
+
+    def moved_on(self, slot: str, tensors: list[torch.Tensor]) -> bool:
+        """Whether these conditioning tensors differ from those of the previous call in ``slot``."""
+        last = self._last.get(slot)
+        if last is None:
+            return False
+        return len(last) != len(tensors) or any(ref() is not t for ref, t in zip(last, tensors))
+
+    def record(self, slot: str, tensors: list[torch.Tensor]) -> None:
+        self._last[slot] = [weakref.ref(t) for t in tensors]
+
+    def clear(self) -> None:
+        self._last = {}
+
+    def note_restart(self, calls_in_last_generation: int) -> None:
+        """Warn once when every generation the rule starts had one call: the caller passes new conditioning tensors at
+        every step, so nothing can ever be cached (a silent slow path otherwise)."""
+        self._short_runs = self._short_runs + 1 if calls_in_last_generation <= 1 else 0
+        if self._short_runs >= 3 and not self.warned:
+            self.warned = True
+            import warnings
+            warnings.warn("dbcache_compile: each of the last calls passed new conditioning tensors (e.g. "
+                          "encoder_hidden_states), which starts a new generation every time, so no step can be "
+                          "cached. Pass the same tensor objects at every step of a generation (as diffusers "
+                          "pipelines do) and call dbcache_compile.reset() between generations", stacklevel=5)
 
 
 class Runtime:
@@ -257,6 +360,7 @@ class BranchedRuntime(Runtime):
         self.num_blocks = num_blocks
         self.branches = Branches(config.taylorseer_terms, config.enable_separate_cfg, state_cls)
         self.watch = watch
+        self.inputs = InputWatch(transformer)
         self._generation = 0
 
     def reset(self) -> None:
@@ -302,7 +406,13 @@ class BranchedRuntime(Runtime):
     def _begin(self, args: tuple, kwargs: dict) -> tuple[BranchState, int, tuple]:
         """Pick the branch of this call (starting a generation where one starts): ``(state, step, input key)``."""
         generation = self.watch.poll() if self.watch is not None else 0
-        if self.branches.finished or generation != self._generation:
+        slot = self.branches.input_slot()
+        conditioning = self.inputs.take(args, kwargs)
+        moved_on = not self.branches.finished and self.inputs.moved_on(slot, conditioning)
+        if self.branches.finished or generation != self._generation or moved_on:
+            if moved_on:
+                self.inputs.note_restart(self.branches.calls)
+            self.inputs.clear()
             self._generation = generation
             self._check_generation_start()
             self.branches.start_generation(self._on_new_generation)
@@ -310,6 +420,7 @@ class BranchedRuntime(Runtime):
             if group is not None:
                 check_plan(self.transformer, self._plan_chains())
                 check_same_config(self.cache_config, group, next(self.transformer.parameters()).device)
+        self.inputs.record(slot, conditioning)
         name, state = self.branches.current()
         key = input_key(args, kwargs)
         if state.calls and state.key != key:  # new inputs mid-generation: this branch starts over
@@ -543,7 +654,13 @@ class CacheHook(ModelHook):
         self.branches = runtime.branches  # a StateManager attribute: diffusers sets the cache context on it
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.runtime.forward(module, self.fn_ref.original_forward, args, kwargs)
+        try:
+            return self.runtime.forward(module, self.fn_ref.original_forward, args, kwargs)
+        except BaseException:
+            # a call that raised (Ctrl-C, out of memory, a refused input) may have left its branch's state half
+            # updated: the next call starts a new generation, whatever it passes
+            self.runtime.reset()
+            raise
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.finish()

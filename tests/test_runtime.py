@@ -189,6 +189,120 @@ def test_a_generation_that_fails_inside_its_first_step_leaves_the_next_one_clean
         reference.num_steps, reference.cached_steps, reference.cfg_cached_steps) and reference.num_steps == 8
 
 
+PATHS = ("pipeline", "bare transformer", "from_pipe, another scheduler")
+
+
+def _interruption_case(path, lowering):
+    """A fresh optimized pipeline for ``path``: what optimize() gets, and the pipeline that runs the generations."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    pipe = tiny_flux_pipeline()
+    target = pipe.transformer if path == "bare transformer" else pipe
+    if lowering == "eager":
+        dbc.optimize(target, cache=CONFIG_T)
+    else:
+        dbc.optimize(target, cache=CONFIG_T, mode="default", graph="regional", compile_options={"backend": "eager"})
+        dbc.runtime_of(target).use_segment_graphs(emulate=True)
+    if path.startswith("from_pipe"):
+        pipe = FluxPipeline.from_pipe(pipe, scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+    return target, pipe
+
+
+CONFIG_T = "F1B0_W2M0MC2_T1O2_R0.4"  # TaylorSeer order 2: the most state a failed generation can leave behind
+
+
+@pytest.mark.parametrize("lowering", ["eager", "regional"])
+@pytest.mark.parametrize("path", PATHS)
+def test_any_interruption_on_any_path_leaves_the_next_generation_bit_identical(path, lowering):
+    """The generation rule does not depend on which object was optimized: after a generation that raised (in a
+    callback after step k, or inside the transformer in call c, after the cache buffers were updated and before the step was
+    recorded), the next one is
+    bit-identical to a generation on a freshly optimized pipeline, with the same cached steps, whether optimize()
+    got the pipeline, its bare transformer (which the pipeline still drives), or the transformer runs in a
+    from_pipe() pipeline with another scheduler (whose timesteps the pipeline watch never sees). Property test over
+    seeded random failure points. Before the rule, the bare-transformer and from_pipe paths carried the dead
+    generation's counters and residuals into the next one."""
+    import random
+    steps = 8
+    target, fresh = _interruption_case(path, lowering)
+    expected = run(fresh, steps=steps)
+    cached = dbc.summary(target).cached_steps
+    assert cached, "the case must cache something, or an interruption could not leave a residual behind"
+    rng = random.Random(f"{path}/{lowering}")
+    for trial in range(3):
+        target, pipe = _interruption_case(path, lowering)
+        if trial == 0 or (trial == 2 and rng.random() < 0.5):
+            k = rng.randrange(steps - 1)
+
+            def boom(p, step, timestep, kwargs, k=k):
+                if step == k:
+                    raise RuntimeError("user callback failed")
+                return kwargs
+
+            with pytest.raises(RuntimeError, match="user callback failed"):
+                run(pipe, steps=steps, callback_on_step_end=boom)
+        else:
+            # the output norm runs after the middle blocks updated the cache buffers, before the step is recorded
+            c, calls = rng.randrange(1, steps + 1), [0]
+            block = pipe.transformer.norm_out
+
+            def fail(module, args, kwargs, c=c):
+                calls[0] += 1
+                if calls[0] == c:
+                    raise KeyboardInterrupt
+            hook = block.register_forward_pre_hook(fail, with_kwargs=True)
+            with pytest.raises(KeyboardInterrupt):
+                run(pipe, steps=steps)
+            hook.remove()
+        assert torch.equal(run(pipe, steps=steps), expected)
+        assert dbc.summary(target).cached_steps == cached and dbc.summary(target).num_steps == steps
+
+
+def test_a_bare_transformer_in_its_own_loop_starts_a_generation_with_new_conditioning(flux):
+    """A caller that drives the bare transformer itself gets a new generation whenever it passes new conditioning
+    tensors (a new prompt), without dbc.reset(); the same tensors at every step continue the generation."""
+    transformer = flux.transformer
+    dbc.optimize(transformer, cache=CONFIG)
+    try:
+        def generation(seed):
+            g = torch.Generator().manual_seed(seed)
+            kw = dict(encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                      pooled_projections=torch.randn(1, 32, generator=g), txt_ids=torch.zeros(8, 3),
+                      img_ids=torch.zeros(16, 3), return_dict=False)
+            x = torch.randn(1, 16, 16, generator=g)
+            for i in range(8):
+                x = x - 0.1 * transformer(hidden_states=x, timestep=torch.full((1,), 1.0 - i / 8), **kw)[0]
+            return x, dbc.summary(transformer).cached_steps
+
+        first, cached = generation(0)
+        assert cached and dbc.summary(transformer).num_steps == 8
+        again, cached_again = generation(0)  # new tensors with the same values: a new generation, same result
+        assert torch.equal(again, first) and cached_again == cached
+    finally:
+        dbc.disable(transformer)
+
+
+def test_new_conditioning_at_every_step_warns_that_nothing_can_be_cached(flux):
+    """A caller that builds new conditioning tensors at every call would restart the generation every call and never
+    cache: that slow path is named in a warning, once."""
+    import warnings
+    transformer = flux.transformer
+    dbc.optimize(transformer, cache=CONFIG)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(6):
+                transformer(hidden_states=torch.randn(1, 16, 16), timestep=torch.full((1,), 1.0 - i / 8),
+                            encoder_hidden_states=torch.randn(1, 8, 32), pooled_projections=torch.randn(1, 32),
+                            txt_ids=torch.zeros(8, 3), img_ids=torch.zeros(16, 3))
+        messages = [str(w.message) for w in caught if "new conditioning tensors" in str(w.message)]
+        assert len(messages) == 1 and "dbcache_compile.reset()" in messages[0]
+        assert dbc.summary(transformer).num_steps == 1
+    finally:
+        dbc.disable(transformer)
+
+
 def test_the_embeddings_and_first_blocks_run_once_per_forward_on_a_new_shape(flux):
     """Buffers are sized from the one real pass: forward hooks on the embedder and the first block fire once per
     transformer call, also on the first call at a new resolution (they used to fire twice)."""
