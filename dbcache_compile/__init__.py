@@ -4,9 +4,10 @@ from .calibrate import CalibrationResult, calibrate
 from .config import DBCacheConfig
 from .export import LoadedCachedTransformer, export, load
 from .families import supported_models
-from .optimize import disable, optimize, reset, runtime_of, summary
+from .optimize import disable, is_optimized, optimize, reset, runtime_of, summary
 from .stats import CacheSummary
 
-__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "runtime_of", "export", "load",
+__all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "runtime_of", "is_optimized",
+           "export", "load",
            "LoadedCachedTransformer", "supported_models", "calibrate", "CalibrationResult"]
 __version__ = "0.1.0"

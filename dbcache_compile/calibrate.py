@@ -103,7 +103,7 @@ class Candidate:
         cached_per_call: the same per call.
         cached_steps: per call, the cached step indices of its first branch.
         flop_ratio: uncached FLOPs / executed FLOPs over all calls (calflops, :mod:`dbcache_compile.flops`), or the
-            block ratio where the model has no explicit adapter (``flops`` says which).
+            block ratio where the family writes out no prologue (``flops`` says which).
         speedup: uncached wall time / this config's, summed over calls (each the minimum over its runs).
         seconds: per call, wall time (minimum over runs).
         runs: timed runs per call.
@@ -493,11 +493,13 @@ class _Session:
 
     def __init__(self, pipe: Any, workload: _Workload, mode: Optional[str], graph: str, quantize: Any,
                  compile_options: Optional[dict], optimize_kwargs: dict) -> None:
-        from .optimize import COMPILE_MODES, GRAPHS, _hook, _resolve_adapter
+        from .families import family_for
+        from .lowerings import GRAPHS, lowering_named
+        from .optimize import COMPILE_MODES, is_optimized
         if isinstance(pipe, torch.nn.Module) or not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
             raise ValueError(f"calibrate needs a pipeline with a `.transformer` (it replays pipeline calls), got "
                              f"{type(pipe).__name__}")
-        if _hook(pipe.transformer) is not None:
+        if is_optimized(pipe):
             raise ValueError("this pipeline is already optimized: call dbcache_compile.disable(pipe) and pass mode / "
                              "graph / quantize to calibrate, which optimizes it the same way for every candidate")
         if mode not in COMPILE_MODES:
@@ -507,21 +509,20 @@ class _Session:
         if compile_options is not None and not isinstance(compile_options, dict):
             raise TypeError(f"compile_options must be a dict of torch.compile arguments, got "
                             f"{type(compile_options).__name__}")
-        from .optimize import _extra_transformers
-        if _extra_transformers(pipe):
+        if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
             raise NotImplementedError("calibrate models one denoiser per pipeline; this pipeline also has "
                                       "transformer_2 (Wan 2.2): calibrate each stage's config by hand for now")
-        if graph == "cond":
-            raise ValueError("calibrate swaps candidate configs with reconfigure(), which graph='cond' cannot (its "
-                             "graph holds the gates): calibrate with graph='segments' (the same cache decisions) "
-                             "and use the result with graph='cond'")
+        if graph != "auto" and lowering_named(graph).decides_on_device:
+            raise ValueError(f"calibrate swaps candidate configs with reconfigure(), which graph={graph!r} cannot (its "
+                             f"graph holds the gates): calibrate with graph='segments' (the same cache decisions) "
+                             f"and use the result with graph={graph!r}")
         self.pipe, self.workload, self.bar = pipe, workload, None
         self.mode, self.graph, self.quantize = mode, graph, quantize
         self.compile_options = compile_options
         self.kwargs = {k: v for k, v in optimize_kwargs.items() if k != "quantize_filter"}
         self.quantize_filter = optimize_kwargs.get("quantize_filter")
-        self.adapter = _resolve_adapter(pipe.transformer, optimize_kwargs.get("adapter"))
-        self.num_blocks = len(self.adapter.blocks(pipe.transformer))
+        self.family = family_for(pipe.transformer, generic=optimize_kwargs.get("prologue") is False)
+        self.num_blocks = len(self.family.blocks(pipe.transformer))
         self.group: Optional[tuple[int, int, int]] = None
         self.warm = True
         self._running = 0
@@ -592,12 +593,10 @@ class _Session:
     # -- the reference
     def count_flops(self, groups: list[tuple[int, int]]) -> None:
         """calflops counts per call (full forward and each (Fn, Bn) cached forward), before any hook is attached;
-        ``None`` (block ratio instead) where the model has no explicit adapter or its call cannot be captured."""
-        from .adapters import adapter_for
+        ``None`` (block ratio instead) where the family writes out no prologue or its call cannot be captured."""
         from .export import capture_transformer_inputs
         from .flops import cached_forward_flops, full_forward_flops
         try:
-            adapter_for(self.pipe.transformer)
             flops = []
             for call in self.workload.calls:
                 example = capture_transformer_inputs(self.pipe, **call)
@@ -605,7 +604,7 @@ class _Session:
                 flops.append({"full": full, **{split: cached_forward_flops(self.pipe.transformer, example, *split)
                                                for split in groups}})
             self.flops = flops
-        except Exception:  # noqa: BLE001 - no explicit adapter / positional transformer calls: block ratio
+        except Exception:  # noqa: BLE001 - no prologue / positional transformer calls: block ratio
             self.flops = None
         finally:
             self.workload.restore()
@@ -713,8 +712,10 @@ class _Session:
             floor = min(floor, float(np.mean(psnr(images, self.reference[i]))))
         self.calls = calls
         self._spend(time.perf_counter() - start, 1.0, compiling=compiles)
-        # compiled: the compute path is compiled now; `segments` compiles its hit graph at the first hit
-        self.warm = self.warm or self.lowering != "segments"
+        # compiled: the compute path is compiled now; a lowering that compiles segments whole compiles its hit graph
+        # at the first hit
+        from .lowerings import lowering_named
+        self.warm = self.warm or not lowering_named(self.lowering).compile_segments
         return records, calls, floor
 
     def record_gaps(self, group: tuple[int, int, int], records: list) -> float:

@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import torch
 
-from .adapters import adapter_for, adapter_named
+from .families import family_for, family_named
 from .config import DBCacheConfig
 from .runtime import Applied, BranchedRuntime, Branches, InputWatch, refuse_while_compiling
 from .state import BranchState
@@ -72,9 +72,13 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
     if missing:
         raise ValueError(f"example_inputs needs tensors for {missing}")
     config = DBCacheConfig.coerce(cache)
-    adapter = adapter_for(transformer)
-    config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
-    step_fns = CacheStep(transformer, adapter, config)
+    family = family_for(transformer)
+    if not family.has_prologue:
+        raise ValueError(f"export() packages the whole cached step, which needs a family that writes out the forward "
+                         f"around its blocks (FLUX.1, Qwen-Image); {type(transformer).__name__} ({family.name}) runs "
+                         f"its own forward")
+    config.validate_for(len(family.blocks(transformer)), type(transformer).__name__)
+    step_fns = CacheStep(transformer, family, config)
     kwargs = {k: v for k, v in example_inputs.items() if k != "return_dict"}
     other_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LEADING]
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
@@ -94,7 +98,7 @@ def export(pipe_or_transformer: Any, example_inputs: dict[str, Any], path: Union
         program = torch.export.export(module, args, strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     meta = {
-        "format": 2, "cache": str(config), "adapter": adapter.name, "terms": config.taylorseer_terms,
+        "format": 2, "cache": str(config), "family": family.name, "terms": config.taylorseer_terms,
         "num_blocks": step_fns.num_blocks, "input_order": [*_LEADING, "step", "counters", "fn_residual",
                                                           *[f"ladder_h.{i}" for i in range(config.taylorseer_terms)],
                                                           *[f"ladder_e.{i}" for i in range(config.taylorseer_terms)],
@@ -117,7 +121,7 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
     (:func:`dbcache_compile.runtime_of`)."""
 
     lowering = "aoti"
-    adapter = ""
+    family = ""
 
     supported_lowerings = ("aoti",)
 
@@ -141,7 +145,7 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
         self.cache_config = DBCacheConfig.from_string(self.meta["cache"])
         self.num_blocks = self.meta["num_blocks"]
         self.applied = Applied()
-        self.adapter = adapter_named(self.meta["adapter"]).name
+        self.family = family_named(self.meta.get("family", self.meta.get("adapter"))).name
         self.branches = Branches(self.meta["terms"], self.meta["enable_separate_cfg"])
         self.watch = None
         self.inputs = InputWatch(self)

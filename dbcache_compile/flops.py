@@ -8,7 +8,7 @@ Two forwards are counted on the inputs the pipeline really passes to its transfo
 * a **full** forward (:func:`full_forward_flops`): the transformer's own ``forward`` (embeddings, every block, output
   projection);
 * a **cached** forward of a split ``(Fn, Bn)`` (:func:`cached_forward_flops`): embeddings, the first ``Fn`` and the
-  last ``Bn`` blocks and the output projection, built from the model adapter's ``embed`` / ``project``. What a cached
+  last ``Bn`` blocks and the output projection, built from the family's prologue ``embed`` / ``project``. What a cached
   step adds on top (the residual adds, the relative-L1 diff: element-wise, < 0.01 % of a block) is not counted.
 
 calflops 0.3.2 patches ``F.linear``, ``torch.matmul``, norms and activations but not
@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .adapters import adapter_for
+from .families import family_for
 from .stats import CacheSummary
 
 __all__ = ["ForwardFlops", "count_attention", "count_forward", "full_forward_flops", "cached_forward_flops",
@@ -115,19 +115,22 @@ def full_forward_flops(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> 
 def cached_forward_flops(transformer: torch.nn.Module, kwargs: dict[str, Any], fn_blocks: int,
                          bn_blocks: int) -> ForwardFlops:
     """FLOPs of one cached step: embeddings + first ``fn_blocks`` + last ``bn_blocks`` blocks + output projection."""
-    adapter = adapter_for(transformer)
-    blocks = adapter.blocks(transformer)
+    family = family_for(transformer)
+    if not family.has_prologue:
+        raise ValueError(f"{type(transformer).__name__} ({family.name}): the FLOP split needs a family that writes out "
+                         f"its prologue")
+    blocks = family.blocks(transformer)
     if fn_blocks < 0 or bn_blocks < 0 or fn_blocks + bn_blocks > len(blocks):
         raise ValueError(f"Fn + Bn = {fn_blocks} + {bn_blocks} does not fit the {len(blocks)} blocks of "
                          f"{type(transformer).__name__}")
     computed = blocks[:fn_blocks] + blocks[len(blocks) - bn_blocks:]
 
     def cached_step(**call_kwargs: Any) -> torch.Tensor:
-        emb = adapter.embed(transformer, **call_kwargs)
+        emb = family.embed(transformer, **call_kwargs)
         hidden, encoder = emb.hidden, emb.encoder
         for block in computed:
             encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, **emb.block_kwargs)
-        return adapter.project(transformer, hidden, emb.out_kwargs)
+        return family.project(transformer, hidden, emb.out_kwargs)
 
     return count_forward(transformer, cached_step, kwargs)
 

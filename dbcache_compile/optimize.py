@@ -14,20 +14,18 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-from .adapters import Adapter, adapter_for, supported_models
 from .config import DBCacheConfig
-from .lowerings import build_lowering
+from .families import Family, family_for
+from .lowerings import GRAPHS, resolve
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
-from .generic import GENERIC_LOWERINGS, GenericAdapter, GenericRuntime, generic_adapter
-from .runtime import (HOOK_NAME, Applied, BranchedRuntime, CachedRuntime, CacheHook, GenerationWatch, HookRegistry, Runtime,
-                      refuse_forward_replacing_hooks, refuse_offload, refuse_offload_with_cuda_graphs,
-                      UncachedHook, UncachedRuntime)
+from .runtime import (HOOK_NAME, Applied, BranchedRuntime, CacheHook, CacheRuntime, GenerationWatch, HookRegistry,
+                      Runtime, UncachedHook, UncachedRuntime, refuse_forward_replacing_hooks, refuse_offload,
+                      refuse_offload_with_cuda_graphs)
 from .stats import CacheSummary
 
 __all__ = ["optimize", "disable", "reset", "summary", "runtime_of", "is_optimized", "COMPILE_MODES", "GRAPHS"]
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-GRAPHS = ("auto", "segments", "cond", "regional")
 #: attention backends that run without CUDA (everything else needs a CUDA GPU and its kernels)
 _CPU_ATTENTION = ("native", "_native_math", "flex")
 #: diffusers hooks that change what a block computes or where its weights live: fine with the eager lowering,
@@ -82,27 +80,16 @@ def _module_hooks(transformer: torch.nn.Module) -> list[str]:
     return sorted(found)
 
 
-def _resolve_adapter(transformer: torch.nn.Module, name: Optional[str]) -> Adapter:
-    """The explicit adapter registered for the transformer's class, else the generic one (``name="generic"`` forces
-    it); a clear error when neither applies."""
-    if name not in (None, "generic"):
-        raise ValueError(f"adapter must be None (automatic) or 'generic', got {name!r}")
-    if name is None:
-        try:
-            return adapter_for(transformer)
-        except ValueError:
-            pass
-    adapter = generic_adapter(transformer)
-    if adapter is None:
-        from .families import supported_models as families
-        supported = "; ".join(f"{row['family']} ({row['transformer']})" for row in families())
-        raise ValueError(
-            f"dbcache_compile does not support {type(transformer).__name__}: it is in no supported family, has no "
-            f"adapter file, and none of its block lists is made of blocks that diffusers describes in "
-            f"diffusers.hooks._helpers.TransformerBlockRegistry (what the generic adapter needs). Supported families "
-            f"(dbcache_compile.supported_models()): {supported}. To add one, see README 'Models' > 'Adding a model "
-            f"family' (the adapter contract: block lists per chain, each block class's stream contract, CFG mode)")
-    return adapter
+def _resolve_family(transformer: torch.nn.Module, prologue: Optional[bool]) -> Family:
+    """The transformer's family record (``prologue=False``: run the model's own forward with block hooks even where
+    the family writes out a prologue); a clear error when no family applies."""
+    if prologue not in (None, True, False):
+        raise TypeError(f"prologue must be None (the family's choice), True or False, got {prologue!r}")
+    family = family_for(transformer, generic=prologue is False)
+    if prologue is True and not family.has_prologue:
+        raise ValueError(f"prologue=True: the {family.name} family ({type(transformer).__name__}) writes out no "
+                         f"prologue; the model's own forward runs (leave prologue=None)")
+    return family
 
 
 def _check_attention(attention: Optional[str], device: torch.device) -> Optional[str]:
@@ -129,32 +116,10 @@ def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
     return any(type(p.data) is not torch.Tensor for p in transformer.parameters())
 
 
-def _resolve_graph(graph: str, mode: Optional[str], device: torch.device, quantized: bool) -> str:
-    """The lowering ``graph`` means for this mode / device / quantization (errors for impossible combinations).
-
-    ``auto``: ``regional`` on CUDA (block regions compile in seconds where whole-segment graphs of the FLUX-size
-    model take minutes, and the hand-captured segment graphs keep every step a CUDA-graph replay; docs/design.md),
-    ``segments`` elsewhere (on CPU as fast as ``cond`` and faster than ``regional``, and its graphs hit Inductor's
-    on-disk cache: bench/results/lowerings_cpu.md). ``cond`` is for no-host-sync and export."""
-    if mode is None:
-        if graph != "auto":
-            raise ValueError(f"graph={graph!r} is a compiled lowering and needs a compile mode (mode='default', "
-                             f"'max-autotune', ...); without one the cache runs eagerly (leave graph='auto')")
-        return "eager"
-    if graph == "cond" and quantized:
-        raise NotImplementedError(
-            "graph='cond' cannot run quantized (tensor-subclass) weights: torch.cond has no rule for tensor "
-            "subclasses in torch 2.11-2.14 ('no rule registered for HOP cond and subclass'); use graph='regional' "
-            "or graph='segments'")
-    if graph == "auto":
-        return "regional" if device.type == "cuda" else "segments"
-    return graph
-
-
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
              graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
              quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None,
-             attention: Optional[str] = None, fuse_qkv: bool = False, adapter: Optional[str] = None) -> Any:
+             attention: Optional[str] = None, fuse_qkv: bool = False, prologue: Optional[bool] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -165,12 +130,13 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             original forward, compiled per ``graph`` — ``regional`` blocks, captured whole as one CUDA graph on CUDA
             with a CUDA-graph mode, or one fullgraph compile — the baseline to measure cached runs against).
         mode: ``None`` for eager, or a ``torch.compile`` mode.
-        graph: how the cached step is lowered when compiling: ``"regional"`` (each block class compiled once, each
-            segment captured by hand as a CUDA graph on CUDA with ``reduce-overhead``/``max-autotune``: fast compile
-            and graphs), ``"segments"`` (head/miss/hit compiled as whole graphs, CUDA-graphed by cudagraph trees),
-            ``"cond"`` (one graph with ``torch.cond``, no host sync, no CUDA graphs, exportable) or ``"auto"``
-            (``regional`` on CUDA, ``segments`` elsewhere). Move the transformer to its device before ``optimize``
-            for ``auto`` to see it. Without ``mode`` only ``"auto"`` (eager) is accepted.
+        graph: how the cached step is lowered when compiling (:mod:`dbcache_compile.lowerings`): ``"regional"``
+            (each block class compiled once), ``"segments"`` (each segment — the Fn blocks, a list's middle blocks,
+            the Bn blocks; whole steps for a family with a prologue — compiled whole), both captured by hand as CUDA
+            graphs on CUDA with ``reduce-overhead``/``max-autotune``; ``"cond"`` (one graph with ``torch.cond``, no
+            host sync, no CUDA graphs, exportable; families with a prologue) or ``"auto"`` (``regional`` on CUDA,
+            ``segments`` elsewhere). Move the transformer to its device before ``optimize`` for ``auto`` to see
+            it. Without ``mode`` only ``"auto"`` (eager) is accepted.
         quantize: ``None``, ``"fp8"`` (dynamic per-row, needs SM >= 8.9 and a compile mode), ``"fp8-wo"``,
             ``"int8"`` (dynamic), ``"int8-wo"`` or a torchao config object. Quantization is not undone by
             :func:`disable`.
@@ -183,9 +149,8 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             ``fuse_qkv_projections``; before quantization, so the fused linear is quantized). Off by default: it is
             measured per model and card (``python -m bench steps --fuse-qkv``), not assumed to help. Undone by
             :func:`disable`.
-        adapter: ``None`` (the model family's adapter file if there is one, else the generic adapter) or
-            ``"generic"``: run the model's own forward with the middle blocks skipped on a hit, through block hooks
-            and diffusers' ``TransformerBlockRegistry`` (lowerings ``eager`` and ``regional``).
+        prologue: ``None`` (the family's choice: whole steps in our forward where the family writes out its
+            prologue, FLUX.1 and Qwen-Image) or ``False``: run the model's own forward with block hooks.
         compile_options: extra ``torch.compile`` arguments as a dict (e.g. ``{"dynamic": True}``); with a
             ``backend`` the ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
 
@@ -194,7 +159,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
-    if graph not in GRAPHS:
+    if not isinstance(graph, str) or graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     if compile_options is not None and not isinstance(compile_options, dict):
         raise TypeError(f"compile_options must be a dict of torch.compile arguments (e.g. {{'dynamic': True}}), got "
@@ -206,7 +171,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     watch = GenerationWatch(pipeline) if pipeline is not None else None
     # validate every transformer before changing any
     apply = [_prepare(pipeline, t, watch, cache, mode, graph, quantize, compile_options, quantize_filter, attention,
-                      fuse_qkv, adapter) for t in transformers]
+                      fuse_qkv, prologue) for t in transformers]
     with _model_offload_paused(pipeline):
         for step in apply:
             step()
@@ -240,7 +205,7 @@ def _extra_transformers(pipeline: Any) -> list[torch.nn.Module]:
 def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[GenerationWatch], cache: Any,
              mode: Optional[str], graph: str, quantize: Any, compile_options: Optional[dict],
              quantize_filter: Optional[Callable], attention: Optional[str], fuse_qkv: bool,
-             adapter_name: Optional[str]) -> Callable[[], None]:
+             prologue: Optional[bool]) -> Callable[[], None]:
     """Validate everything for one transformer and build its runtime (nothing changes yet); returns the function
     that applies it."""
     if _hook(transformer) is not None:
@@ -249,36 +214,26 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
         raise ValueError(f"{type(transformer).__name__} has a diffusers cache enabled "
                          f"({type(transformer._cache_config).__name__}); two caches cannot share one forward: call "
                          f"transformer.disable_cache() first")
-    adapter = _resolve_adapter(transformer, adapter_name)
+    family = _resolve_family(transformer, prologue)
     config = None if cache is None else DBCacheConfig.coerce(cache)
     if config is not None:
-        config.validate_for(len(adapter.blocks(transformer)), type(transformer).__name__)
+        config.validate_for(len(family.blocks(transformer)), type(transformer).__name__)
     device = next(transformer.parameters()).device
-    lowering = _resolve_graph(graph, mode, device, quantize is not None or _has_subclass_weights(transformer))
-    generic = isinstance(adapter, GenericAdapter)
-    if generic and config is not None:
-        if graph == "auto" and lowering != "eager":
-            lowering = "regional"
-        if lowering not in GENERIC_LOWERINGS:
-            raise ValueError(f"{type(transformer).__name__} runs through the generic adapter (no adapter file), which "
-                             f"supports the lowerings {', '.join(GENERIC_LOWERINGS)}; graph={graph!r} needs an explicit "
-                             f"adapter (explicit: {', '.join(supported_models())})")
+    lowering = resolve(graph, mode, device, quantize is not None or _has_subclass_weights(transformer), family,
+                       cached=config is not None)
     refuse_forward_replacing_hooks(transformer, "at optimize()")
     refuse_offload(transformer, pipeline, "at optimize()")
     refuse_offload_with_cuda_graphs(transformer, pipeline, mode, "at optimize()")
-    if config is None and lowering == "cond":
-        raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
-                         "graph='regional' or 'segments' (a whole-forward compile)")
     hooks = _module_hooks(transformer)
     if hooks and mode is not None:
         raise ValueError(f"the transformer has diffusers {', '.join(hooks)} hooks, which change modules during "
                          f"the forward: a fullgraph compile cannot run through them. Use mode=None (eager cache) "
                          f"or remove those hooks")
     ao_config = None if quantize is None else resolve_quantization(quantize, device, mode)
-    quant_filter = quantize_filter or default_filter(adapter.block_lists)
+    quant_filter = quantize_filter or default_filter(family.block_lists)
     if quantize is not None and not fuse_qkv:  # with fusion the filter may select the fused linears only
         count_selected(transformer, quant_filter)
-    if fuse_qkv and not (adapter.fused_qkv and hasattr(transformer, "fuse_qkv_projections")):
+    if fuse_qkv and not (family.fused_qkv and hasattr(transformer, "fuse_qkv_projections")):
         raise ValueError(f"fuse_qkv=True: {type(transformer).__name__}'s attention processors do not use fused QKV "
                          f"projections in this diffusers version (fusing would only cost memory); leave it off")
     backend = _check_attention(attention, device)
@@ -304,14 +259,10 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
                       created_registry=not hasattr(transformer, "_diffusers_hook"))
     # the runtime is built before anything changes (building it validates the block layout and touches nothing)
     if config is None:
-        rt: Any = UncachedRuntime(transformer, adapter.blocks(transformer), mode, options, lowering, applied)
+        rt: Any = UncachedRuntime(transformer, family.blocks(transformer), mode, options, lowering, applied)
         hook: Any = UncachedHook(rt)
-    elif generic:
-        rt = GenericRuntime(transformer, adapter, config, lowering, mode, options, applied, watch, pipeline)
-        hook = CacheHook(rt)
     else:
-        rt = CachedRuntime(transformer, adapter, config,
-                           build_lowering(lowering, transformer, adapter, config, mode, options), applied, watch)
+        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, pipeline)
         hook = CacheHook(rt)
 
     def apply() -> None:

@@ -1,14 +1,26 @@
-"""What :func:`dbcache_compile.optimize` attaches to a transformer, the diffusers way: a :class:`ModelHook` in the
-transformer's :class:`HookRegistry` (the model's class and the pipeline's class are never edited), with the cache
-state kept per cache context.
+"""The one runtime :func:`dbcache_compile.optimize` attaches to a transformer, the diffusers way: a :class:`ModelHook`
+in the transformer's :class:`HookRegistry` (the model's class and the pipeline's class are never edited), plus, for a
+family without a prologue, a hook on every cached block; the cache state is kept per cache context.
 
+* **Drivers.** A family with a prologue (FLUX.1, Qwen-Image: :class:`~dbcache_compile.families.Family` ``embed`` /
+  ``project``) runs whole steps in our forward (:class:`~dbcache_compile.step.CacheStep`). Every other family runs
+  its own forward, and block hooks run the cache's groups from inside it
+  (:class:`~dbcache_compile.step.GroupStep`). Both decide with :func:`~dbcache_compile.step.decide_on_host` (or a
+  device predicate, ``cond``) and record alike; a :class:`~dbcache_compile.lowerings.Lowering` says how segments
+  run.
+* **Groups.** With a grouping lowering (``segments``, ``regional``) the hook of a group's first block runs the whole
+  group (Fn blocks, one list's middle blocks, the Bn blocks) as one segment, compiled whole or made of compiled
+  regions and, on CUDA, replayed as a hand-captured CUDA graph; the other blocks of the group hand their inputs
+  through. The first step at a new input signature runs block by block, records each block's output structure and
+  checks that the model passes each block the previous one's outputs and the same other arguments (no glue inside
+  a group).
 * **Branches.** diffusers pipelines wrap every transformer call in ``transformer.cache_context("cond")`` /
   ``cache_context("uncond")`` (FLUX with true CFG, Qwen-Image, Wan, ...; ``"cond_uncond"`` for batched CFG). Each
   context name is one branch with its own buffers, counters, decisions and TaylorSeer ladder, and its step index is
   the number of its own calls in the generation: separate CFG is what the pipeline does, never guessed from call
   parity. Calls outside any context (a bare transformer, a custom loop) form one branch, or, with
-  ``enable_separate_cfg=True``, alternate between ``cond`` and ``uncond`` (cache-dit's rule). With
-  ``enable_separate_cfg=False`` every context shares one branch (each call is a step, as cache-dit counts it).
+  ``enable_separate_cfg=True`` (or a family whose pipelines make unnamed CFG calls), alternate between ``cond`` and
+  ``uncond`` (cache-dit's rule). With ``enable_separate_cfg=False`` every context shares one branch.
 * **Generations.** A call continues its branch's generation only when it passes the very conditioning tensors the
   previous call of the same kind passed (:class:`InputWatch`: no device read); a call that raised ends the
   generation (its state may be half updated); so do the pipeline's end-of-call reset ``maybe_free_model_hooks()``
@@ -16,9 +28,6 @@ state kept per cache context.
   :func:`dbcache_compile.reset`. A branch whose inputs change shape, dtype or device starts over too (its stored
   residual cannot be compared). What the last generation decided stays readable in :func:`dbcache_compile.summary`
   until the next one starts.
-* **One interface.** :class:`CachedRuntime`, :class:`UncachedRuntime` and the loaded AOTInductor package share the
-  :class:`Runtime` attributes that ``summary()``, ``disable()``, the bench and the graph records read, through the
-  public accessor :func:`dbcache_compile.runtime_of`.
 """
 
 from __future__ import annotations
@@ -51,19 +60,22 @@ def _import_diffusers_hooks() -> Any:
 
 _hooks = _import_diffusers_hooks()
 HookRegistry, ModelHook, StateManager = _hooks.HookRegistry, _hooks.ModelHook, _hooks.StateManager
-from .config import DBCacheConfig
-from .cudagraphs import SegmentGraphs
-from .lowerings import CUDAGRAPH_MODES, Lowering, Regional
-from .parallel import check_plan, check_same_config, cp_group, inner_hooks
-from .state import BranchState
-from .stats import CacheSummary
-from .step import fresh_function, no_views, standard_strides, transformer_output
+from .compiled import CUDAGRAPH_MODES, CompiledSet, regional_options  # noqa: E402
+from .config import DBCacheConfig  # noqa: E402
+from .cudagraphs import SegmentGraphs  # noqa: E402
+from .lowerings import Lowering, lowerings_for  # noqa: E402
+from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
+from .state import BranchState  # noqa: E402
+from .stats import CacheSummary  # noqa: E402
+from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fresh_function,  # noqa: E402
+                   no_views, run_block_hooks, transformer_output)
 
-__all__ = ["HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime", "BranchedRuntime",
-           "CachedRuntime",
-           "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch", "input_key", "check_call", "run_region"]
+__all__ = ["HOOK_NAME", "BLOCK_HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime",
+           "BranchedRuntime", "CacheRuntime", "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch",
+           "input_key", "check_call"]
 
 HOOK_NAME = "dbcache_compile"
+BLOCK_HOOK_NAME = "dbcache_compile_block"
 REGION_HOOK_NAME = "dbcache_compile_region"
 #: diffusers hooks with a ``new_forward`` that compose with the cache (see :func:`forward_replacing_hooks`)
 _COMPATIBLE_FORWARD_HOOKS = frozenset({"peft_autocast_disable"})
@@ -71,7 +83,7 @@ _COMPATIBLE_FORWARD_HOOKS = frozenset({"peft_autocast_disable"})
 
 @dataclasses.dataclass
 class Applied:
-    """What :func:`dbcache_compile.optimize` changed on the transformer besides the hook (reported by ``summary()``,
+    """What :func:`dbcache_compile.optimize` changed on the transformer besides the hooks (reported by ``summary()``,
     undone by ``disable()`` where it can be)."""
 
     quantized: Optional[str] = None
@@ -91,8 +103,8 @@ def input_key(args: tuple, kwargs: dict) -> tuple:
 
 
 def refuse_while_compiling() -> None:
-    """``torch.compile`` around an optimized transformer cannot trace the host decision (one device read per step);
-    the cache compiles itself with ``optimize(mode=...)``."""
+    """``torch.compile`` around an optimized transformer cannot trace the cache's host decision (one device read per
+    step); the cache compiles itself with ``optimize(mode=...)``."""
     if torch.compiler.is_compiling():
         raise RuntimeError(
             "dbcache_compile: this transformer is optimized; torch.compile around it cannot trace the cache's host "
@@ -105,9 +117,12 @@ class Branches(StateManager):
     ``transformer.cache_context(name)`` selects the branch. Unlike diffusers' caches, a reset keeps each branch's
     buffers (graphs are captured over them) and only marks the generation finished."""
 
-    def __init__(self, terms: int, separate: Optional[bool], state_cls: type = BranchState) -> None:
-        super().__init__(state_cls, (terms,), {})
+    def __init__(self, terms: int, separate: Optional[bool], unnamed_cfg: Optional[Callable[[], bool]] = None) -> None:
+        super().__init__(BranchState, (terms,), {})
         self.separate = separate
+        #: for a family whose pipelines run CFG as two calls without a cache context: whether this call's pipeline
+        #: does (its CFG is on); such calls then alternate between ``cond`` and ``uncond``
+        self.unnamed_cfg = unnamed_cfg
         self.finished = True  # the next forward starts a generation
         self.order: list[str] = []  # branch names in first-use order, this generation
         self.contexts: list[str] = []  # context names entered this generation
@@ -124,7 +139,7 @@ class Branches(StateManager):
             return "cond"
         if context is not None:
             return context
-        if self.separate:
+        if self.separate or (self.separate is None and self.unnamed_cfg is not None and self.unnamed_cfg()):
             return "cond" if self.calls % 2 == 0 else "uncond"
         return "cond"
 
@@ -300,23 +315,24 @@ class Runtime:
     """The interface every attached runtime offers (:func:`dbcache_compile.runtime_of` returns one).
 
     Attributes:
-        lowering: ``"eager"``, ``"segments"``, ``"regional"``, ``"cond"``, ``"generic-eager"``,
-            ``"generic-regional"``, ``"uncached"`` or ``"aoti"`` (a loaded package).
+        lowering: the lowering's name (``"eager"``, ``"segments"``, ``"regional"``, ``"cond"``), ``"uncached"`` or
+            ``"aoti"`` (a loaded package).
         mode: the ``torch.compile`` mode, ``None`` for eager.
         cache_config: the :class:`DBCacheConfig` (``None`` without a cache).
-        adapter: the adapter's name.
+        family: the model family's name; ``prologue``: whether whole steps run in our forward.
         applied: quantization / attention backend / fused QKV applied by ``optimize``.
     """
 
     lowering = "base"
     mode: Optional[str] = None
     cache_config: Optional[DBCacheConfig] = None
-    adapter = ""
+    family = ""
+    prologue = False
     applied = Applied()
     #: hooks this runtime puts on the transformer's blocks (registered and removed by optimize / disable)
     block_hooks: dict = {}
     block_hook_name = ""
-    #: the lowerings the adapter can run for this model (reported by ``summary()``)
+    #: the lowerings the family can run (reported by ``summary()``)
     supported_lowerings: tuple[str, ...] = ()
     #: the blocks compiled as regions (``graph="regional"``), empty otherwise
     regional_blocks: tuple | list = ()
@@ -329,11 +345,11 @@ class Runtime:
 
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
-        """The hand-captured segment graphs (``regional``), else ``None``."""
+        """The hand-captured segment graphs, else ``None``."""
         return None
 
     def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
-        raise ValueError(f"segment graphs belong to the regional lowering, not {self.lowering!r}")
+        raise ValueError(f"segment graphs belong to the lowerings that capture them, not {self.lowering!r}")
 
     def reset(self) -> None:
         """Start a new generation at the next forward."""
@@ -349,16 +365,17 @@ class Runtime:
 
 
 class BranchedRuntime(Runtime):
-    """What every cached runtime shares: branches per cache context, generations, the per-call bookkeeping, the
-    summary. Subclasses run the step."""
+    """What every cached runtime shares (the live one and a loaded package): branches per cache context,
+    generations, the per-call bookkeeping, the summary."""
 
     def __init__(self, transformer: torch.nn.Module, config: DBCacheConfig, applied: Applied,
-                 watch: Optional[GenerationWatch], num_blocks: int, state_cls: type = BranchState) -> None:
+                 watch: Optional[GenerationWatch], num_blocks: int,
+                 unnamed_cfg: Optional[Callable[[], bool]] = None) -> None:
         self.transformer = transformer
         self.cache_config = config
         self.applied = applied
         self.num_blocks = num_blocks
-        self.branches = Branches(config.taylorseer_terms, config.enable_separate_cfg, state_cls)
+        self.branches = Branches(config.taylorseer_terms, config.enable_separate_cfg, unnamed_cfg)
         self.watch = watch
         self.inputs = InputWatch(transformer)
         self._generation = 0
@@ -383,8 +400,8 @@ class BranchedRuntime(Runtime):
         """Use another cache config from the next generation on, without recompiling or recapturing anything.
 
         The compiled graphs depend only on the block split (Fn, Bn) and the TaylorSeer terms; thresholds, warm-up and
-        the cached-step limits are host data in the eager, ``segments`` and ``regional`` lowerings (``cond`` bakes
-        the gates into its graph). So a config that keeps Fn, Bn and the TaylorSeer order swaps in place: what
+        the cached-step limits are host data in the host-deciding lowerings (``cond`` bakes the gates into its
+        graph). So a config that keeps Fn, Bn and the TaylorSeer order swaps in place: what
         :func:`dbcache_compile.calibrate` relies on to measure many candidates on one compiled model."""
         config = DBCacheConfig.coerce(config)
         old = self.cache_config
@@ -394,11 +411,13 @@ class BranchedRuntime(Runtime):
             raise ValueError(f"reconfigure() keeps the block split and the TaylorSeer order (F{old.Fn_compute_blocks}"
                              f"B{old.Bn_compute_blocks}, {old.taylorseer_terms} terms); {config} changes them: "
                              f"disable() and optimize() again")
-        if self.lowering == "cond":
-            raise ValueError("reconfigure() is not available with graph='cond' (its graph holds the gates)")
+        self._check_reconfigure()
         self._set_config(config)
         self.branches.separate = config.enable_separate_cfg
         self.reset()
+
+    def _check_reconfigure(self) -> None:
+        """Raise where the runtime cannot swap configs in place."""
 
     def _set_config(self, config: DBCacheConfig) -> None:
         self.cache_config = config
@@ -437,23 +456,6 @@ class BranchedRuntime(Runtime):
 
     def _check_generation_start(self) -> None:
         """What users may have changed on the transformer since optimize (a loaded package has nothing to check)."""
-        refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
-        refuse_offload(self.transformer, True, "after optimize()")
-        refuse_offload_with_cuda_graphs(self.transformer, None, self.mode, "enabled after optimize()")
-        self._refuse_compiled_blocks()
-
-    def _refuse_compiled_blocks(self) -> None:
-        """Blocks that carry our block hooks (generic adapter) and were compiled afterwards by ``module.compile()``
-        (``transformer.compile_repeated_blocks``): Dynamo would trace our per-block hook objects, one recompile per
-        block, and hit its recompile limit mid-generation; say what works instead."""
-        compiled = [block for block in self.block_hooks if getattr(block, "_compiled_call_impl", None) is not None]
-        if compiled:
-            raise ValueError(
-                f"{len(compiled)} blocks of {type(self.transformer).__name__} were compiled (compile_repeated_blocks / "
-                f"block.compile()) after an eager dbcache_compile.optimize: the {self.adapter} adapter's per-block "
-                f"cache hooks would recompile per block. Compile through the cache instead: "
-                f"dbcache_compile.optimize(pipe, cache=..., mode=\"default\", graph=\"regional\") compiles one region "
-                f"per block class")
 
     def _end(self, state: BranchState, key: tuple) -> None:
         state.key = key
@@ -462,6 +464,10 @@ class BranchedRuntime(Runtime):
 
     def _fold(self) -> None:
         """Bring device-side records into the host lists before reading them."""
+
+    def _chain_summaries(self, order: list[str]) -> dict[str, dict]:
+        """Per chain, for families whose block lists decide on their own (empty with one chain)."""
+        return {}
 
     def summary(self) -> CacheSummary:
         states = self.branches.states
@@ -477,10 +483,11 @@ class BranchedRuntime(Runtime):
             cfg_residual_diffs=dict(cfg.diffs) if cfg else {}, separate_cfg=len(order) > 1,
             lowering=self.lowering, mode=self.mode, num_blocks=self.num_blocks, Fn=config.Fn_compute_blocks,
             Bn=config.Bn_compute_blocks, cudagraphs=self.cudagraph_status(), quantized=self.applied.quantized,
-            attention=self.applied.attention, fused_qkv=self.applied.fused_qkv, adapter=self.adapter,
+            attention=self.applied.attention, fused_qkv=self.applied.fused_qkv, family=self.family,
+            prologue=self.prologue,
             branches={n: {"calls": states[n].calls, "cached_steps": list(states[n].cached_steps)} for n in order
                       if n in states}, compile_fallbacks=dict(self.compile_fallbacks),
-            lowerings=tuple(self.supported_lowerings))
+            lowerings=tuple(self.supported_lowerings), chains=self._chain_summaries(order))
 
 
 def forward_replacing_hooks(transformer: torch.nn.Module) -> list[str]:
@@ -535,6 +542,8 @@ def refuse_offload_with_cuda_graphs(transformer: torch.nn.Module, pipeline: Any,
                          f"mode='max-autotune-no-cudagraphs' or 'default' with offload, or keep the model on the GPU")
 
 
+
+
 def check_call(module: torch.nn.Module) -> bool:
     """Checks before a cached forward; ``False``: run the model's own forward instead (training with gradient
     checkpointing: the cache is for inference)."""
@@ -548,82 +557,243 @@ def check_call(module: torch.nn.Module) -> bool:
     return True
 
 
-class CachedRuntime(BranchedRuntime):
-    """DBCache on a transformer with an explicit adapter: the adapter's embed / blocks / project run by one
-    lowering (:mod:`dbcache_compile.lowerings`), the LoRA scale applied as the model's own forward does."""
+def _passed(kwargs: dict, name: str) -> bool:
+    """Whether a call passes ``name`` (not ``None``); ``"<argument>.<key>"``: a key of a dict argument."""
+    arg, _, key = name.partition(".")
+    value = kwargs.get(arg)
+    if key:
+        return isinstance(value, dict) and value.get(key) is not None
+    return value is not None
 
-    def __init__(self, transformer: torch.nn.Module, adapter: Any, config: DBCacheConfig, lowering: Lowering,
-                 applied: Applied, watch: Optional[GenerationWatch] = None) -> None:
-        super().__init__(transformer, config, applied, watch, lowering.step.num_blocks)
-        self.adapter = adapter.name
-        self.supported_lowerings = ("eager", "segments", "regional", "cond")
-        self._attention_kwargs = adapter.attention_kwargs
-        self._eager_inputs = adapter.eager_inputs
-        self.impl = lowering
+
+class _ChainCall:
+    """What the block hooks of one chain share during one forward (hook driver)."""
+
+    __slots__ = ("state", "step", "hit", "grouped", "base", "residual", "window", "n", "next", "inputs", "args",
+                 "kwargs", "seen")
+
+    def __init__(self, state: BranchState, step: int, grouped: bool) -> None:
+        self.state, self.step, self.grouped = state, step, grouped
+        self.hit = False
+        self.base: Optional[torch.Tensor] = None
+        self.residual: Optional[torch.Tensor] = None
+        self.window: Any = 0
+        self.n: Any = 0
+        self.next = 0  # the chain index the next block call must have
+        self.inputs: dict[int, tuple] = {}  # list -> streams entering its middle blocks (block by block)
+        self.args: tuple = ()  # the group's other arguments (grouped: what its later blocks must receive too)
+        self.kwargs: dict = {}
+        self.seen: Optional[tuple] = None  # block by block: (index, hidden out, encoder out) of the last block
+
+
+class CacheRuntime(BranchedRuntime):
+    """DBCache on a transformer: the one runtime (module doc). Built by :func:`dbcache_compile.optimize` before
+    anything changes (building validates the block layout and touches nothing).
+
+    Args:
+        transformer: the diffusers transformer.
+        family: its :class:`~dbcache_compile.families.Family` record.
+        config: the cache config.
+        lowering: the :class:`~dbcache_compile.lowerings.Lowering` class to run.
+        mode / options: the ``torch.compile`` mode and arguments (``None`` / ``{}`` eager).
+        applied: what ``optimize`` changed besides the hooks.
+        watch: the optimized pipeline's :class:`GenerationWatch` (``None`` for a bare transformer).
+        pipeline: the pipeline (``None`` for a bare transformer): its CFG switch for unnamed CFG calls.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, family: Any, config: DBCacheConfig, lowering: type[Lowering],
+                 mode: Optional[str], options: dict[str, Any], applied: Applied,
+                 watch: Optional[GenerationWatch] = None, pipeline: Any = None) -> None:
+        fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
+        self.impl = lowering(mode, options)
         self.lowering = lowering.name
-        self.mode = lowering.mode
-        self._whole_graphs = lowering.name in ("segments", "cond")
-        from diffusers.utils import apply_lora_scale
-        # the model's own forward scales PEFT LoRA layers by `<attention kwargs>["scale"]` around the blocks: so do we
-        self._forward = apply_lora_scale(adapter.attention_kwargs)(self._cached_forward)
+        self.mode = mode
+        self.family = family.name
+        self.family_record = family
+        self.prologue = family.has_prologue
+        self.supported_lowerings = lowerings_for(family)
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        name = type(transformer).__name__
+        ios: dict[type, BlockIO] = {}
+        for block in family.blocks(transformer):
+            if type(block) not in ios:
+                contract = family.contract(type(block))
+                if contract is None:
+                    raise ValueError(f"{name}: no stream contract for the block class {type(block).__name__} (not in "
+                                     f"diffusers' TransformerBlockRegistry nor in the {family.name} family's "
+                                     f"contracts)")
+                ios[type(block)] = BlockIO(type(block), contract)
+        unnamed = self._unnamed_cfg if family.cfg == "separate" else None
+        self.chains: list[GroupStep] = []
+        self.block_hooks: dict = {}
+        if self.prologue:
+            if len(family.chains) != 1:
+                raise ValueError(f"{name}: a family with a prologue runs one chain, {family.name} declares "
+                                 f"{len(family.chains)}")
+            self.whole_step = CacheStep(transformer, family, config, self.impl.block_call())
+            num_blocks = self.whole_step.num_blocks
+            from diffusers.utils import apply_lora_scale
+            # the model's own forward scales PEFT LoRA layers by `<attention kwargs>["scale"]` around the blocks
+            self._whole_forward = apply_lora_scale(family.attention_kwargs)(self._whole)
+        else:
+            call = self.impl.block_call(BLOCK_HOOK_NAME)
+            for names in family.chains:
+                lists = [list(getattr(transformer, n)) for n in names]
+                if fn > len(lists[0]) or bn > len(lists[-1]):
+                    raise ValueError(
+                        f"{name}: Fn={fn} must lie inside the first block list of each chain and Bn={bn} inside the "
+                        f"last ({'+'.join(names)}: {len(lists[0])} / {len(lists[-1])} blocks)")
+                blocks = [b for blocks in lists for b in blocks]
+                self.chains.append(GroupStep(lists, [ios[type(b)] for b in blocks], fn, bn, call))
+            self.chain_names = ["+".join(names) for names in family.chains]
+            num_blocks = sum(len(c.blocks) for c in self.chains)
+            self.block_hooks = {block: BlockHook(self, c, i) for c, chain in enumerate(self.chains)
+                                for i, block in enumerate(chain.blocks)}
+        super().__init__(transformer, config, applied, watch, num_blocks, unnamed)
+        self.block_hook_name = BLOCK_HOOK_NAME
+        self.unsupported = family.unsupported
+        self.regional_blocks = family.blocks(transformer) if self.impl.region_blocks else []
+        #: whether block hooks run whole groups (a grouping lowering, and a family whose groups can run whole)
+        self.grouped = self.impl.groups and not family.ungroupable
+        #: (chain, index) -> output structure of the block (hook driver, recorded block by block)
+        self.structure: dict[tuple[int, int], Any] = {}
+        self.calls: Optional[list[_ChainCall]] = None
+        #: how a block the model called runs block by block (a compiled region, or its own forward)
+        self._region = self.impl.block_call(BLOCK_HOOK_NAME) if self.impl.region_blocks else None
 
+    # -------------------------------------------------------------------------------------------- interface
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
-        return getattr(self.impl, "graphs", None)
-
-    def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
-        step = self.impl.step
-        return [([*step.fn_blocks, *step.mid_blocks, *step.bn_blocks], len(step.fn_blocks), len(step.bn_blocks))]
+        return self.impl.graphs
 
     def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
-        """``regional``: run the segments as hand-captured CUDA graphs (automatic on CUDA with a CUDA-graph mode);
-        ``emulate=True`` runs the same capture/replay bookkeeping without CUDA (tests)."""
-        if not isinstance(self.impl, Regional):
-            return super().use_segment_graphs(emulate)
+        """Run the segments as hand-captured CUDA graphs (automatic on CUDA with a CUDA-graph mode); ``emulate=True``
+        runs the same capture/replay bookkeeping without CUDA (tests)."""
         graphs = self.impl.use_segment_graphs(emulate)
         for state in self.branches.states.values():
-            state.key = None  # the next step of each branch re-registers its buffers with the new graphs
+            state.key = None  # the next step of each branch registers its buffers with the new graphs
         return graphs
+
+    def cudagraph_status(self) -> str:
+        return self.impl.cudagraph_status(next(self.transformer.parameters()).device)
+
+    @property
+    def compile_fallbacks(self) -> dict[str, int]:
+        return self.impl.compiled_fns.fallbacks
+
+    def release(self) -> None:
+        self.impl.compiled_fns.release()
+
+    def _check_reconfigure(self) -> None:
+        if self.impl.decides_on_device:
+            raise ValueError(f"reconfigure() is not available with graph={self.lowering!r} (its graph holds the "
+                             f"gates)")
+
+    def _set_config(self, config: DBCacheConfig) -> None:
+        self.cache_config = config
+        if self.prologue:
+            self.whole_step.config = config
 
     def _on_new_generation(self, state: BranchState) -> None:
         self.impl.start_generation(state)
 
-    def _set_config(self, config: DBCacheConfig) -> None:
-        self.cache_config = self.impl.config = self.impl.step.config = config
-
     def _fold(self) -> None:
         self.impl.fold(list(self.branches.states.values()))
 
+    def _unnamed_cfg(self) -> bool:
+        """Whether this call's pipeline runs cond and uncond as two calls without naming them (its CFG is on)."""
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        if pipeline is None:
+            return False
+        if hasattr(pipeline, "do_classifier_free_guidance"):
+            return bool(pipeline.do_classifier_free_guidance)
+        return float(getattr(pipeline, "guidance_scale", 1.0) or 1.0) > 1.0  # Kandinsky 5: no property
+
+    def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
+        fn, bn = self.cache_config.Fn_compute_blocks, self.cache_config.Bn_compute_blocks
+        if self.prologue:
+            return [(self.family_record.blocks(self.transformer), fn, bn)]
+        return [(list(c.blocks), fn, bn) for c in self.chains]
+
+    def _check_generation_start(self) -> None:
+        refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
+        refuse_offload(self.transformer, True, "after optimize()")
+        refuse_offload_with_cuda_graphs(self.transformer, None, self.mode, "enabled after optimize()")
+        self._refuse_compiled_blocks()
+
+    def _refuse_compiled_blocks(self) -> None:
+        """Blocks that carry our block hooks and were compiled afterwards by ``module.compile()``
+        (``transformer.compile_repeated_blocks``): Dynamo would trace our per-block hook objects, one recompile per
+        block, and hit its recompile limit mid-generation; say what works instead."""
+        compiled = [block for block in self.block_hooks if getattr(block, "_compiled_call_impl", None) is not None]
+        if compiled:
+            raise ValueError(
+                f"{len(compiled)} blocks of {type(self.transformer).__name__} were compiled (compile_repeated_blocks / "
+                f"block.compile()) after an eager dbcache_compile.optimize: the cache's per-block hooks would "
+                f"recompile per block. Compile through the cache instead: dbcache_compile.optimize(pipe, cache=..., "
+                f"mode=\"default\", graph=\"regional\") compiles one region per block class")
+
+    def _chain_summaries(self, order: list[str]) -> dict[str, dict]:
+        if self.prologue:
+            return {}
+        states = self.branches.states
+        main = states.get(order[0])
+        cfg = states.get("uncond") if "uncond" in order[1:] else (states.get(order[1]) if len(order) > 1 else None)
+        return {name: {"cached_steps": list(main.chain(c).cached_steps) if main else [],
+                       "cfg_cached_steps": list(cfg.chain(c).cached_steps) if cfg else [],
+                       "residual_diffs": dict(main.chain(c).diffs) if main else {},
+                       "num_blocks": len(chain.blocks),
+                       "branches": {n: list(states[n].chain(c).cached_steps) for n in order if n in states}}
+                for c, (name, chain) in enumerate(zip(self.chain_names, self.chains))}
+
+    # -------------------------------------------------------------------------------------------- per call
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
         if not check_call(module):
             return original(*args, **kwargs)
-        # hooks registered before ours (context-parallel input splits on the root module) sit inside our forward:
-        # apply them as calling through would
-        inner = inner_hooks(module, HOOK_NAME)
-        for hook in inner:
-            args, kwargs = hook.pre_forward(module, *args, **kwargs)
-        self.impl.step.cp_group = cp_group(module)
-        attention_kwargs = kwargs.get(self._attention_kwargs)
+        named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs
+        refused = [name for name in self.unsupported if _passed(named, name)]
+        if refused:
+            why = ("IP-Adapter image embeddings are not implemented with the cache" if "ip_adapter" in refused[0]
+                   else "it feeds blocks by index from outside the cached chain")
+            raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` ({why}); "
+                                      f"call dbcache_compile.disable() for this pipeline")
+        attention_kwargs = named.get(self.family_record.attention_kwargs)
         # the LoRA scale changes what the segments compute without being their argument: part of a graph's key
-        self.impl.variant = attention_kwargs.get("scale", 1.0) if attention_kwargs else 1.0
-        out = self._forward(module, *args, **kwargs)
-        for hook in reversed(inner):
-            out = hook.post_forward(module, out)
-        return out
+        self.impl.variant = attention_kwargs.get("scale", 1.0) if isinstance(attention_kwargs, dict) else 1.0
+        if self.prologue:
+            # hooks registered before ours (context-parallel input splits on the root module) sit inside our
+            # forward: apply them as calling through would
+            inner = inner_hooks(module, HOOK_NAME)
+            for hook in inner:
+                args, kwargs = hook.pre_forward(module, *args, **kwargs)
+            self.whole_step.cp_group = cp_group(module)
+            out = self._whole_forward(module, *args, **kwargs)
+            for hook in reversed(inner):
+                out = hook.post_forward(module, out)
+            return out
+        return self._through_model(module, original, args, kwargs)
 
-    def _cached_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def _new_buffers(self, state: BranchState) -> None:
+        """A branch's chain allocated buffers (new shape, dtype or device)."""
+        self.impl.new_buffers(state.buffers)
+        prepare = getattr(self.impl, "prepare", None)
+        if prepare is not None:
+            prepare(state)
+
+    # ------------------------------------------------------------------ whole steps (families with a prologue)
+    def _whole(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
-        kwargs = self._eager_inputs(module, args, kwargs)
-        if self._whole_graphs:
+        kwargs = self.family_record.eager_inputs(module, args, kwargs)
+        if self.impl.compile_segments or self.impl.decides_on_device:
             # a view passed into a compile keeps its fake-tensor state alive after the compile (torch 2.13): plain
             # tensors into the whole-segment graphs (FluxPipeline's img_ids is a view; one small copy)
             args = tuple(no_views(a) for a in args)
             kwargs = {k: no_views(v) for k, v in kwargs.items()}
         state, step, key = self._begin(args, kwargs)
         if state.key != key:
-            out = self.impl.first_step(state, step, args, kwargs)
+            out = self._first_whole_step(state, step, args, kwargs)
         else:
-            out = self.impl.run(state, step, args, kwargs)
+            out = self._whole_step(state, step, args, kwargs)
         if self.impl.graphed:
             # a graph output lives in the graph's pool and is overwritten by the next replay (e.g. the
             # unconditional call of the same step): hand the pipeline its own copy
@@ -631,15 +801,265 @@ class CachedRuntime(BranchedRuntime):
         self._end(state, key)
         return transformer_output(out, return_dict)
 
-    def cudagraph_status(self) -> str:
-        return self.impl.cudagraph_status(next(self.transformer.parameters()).device)
+    def _first_whole_step(self, state: BranchState, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The first step of a branch at a new input signature: buffers from the family's predicted shapes, then the
+        usual step (so the first generation at a shape computes exactly like the later ones); without a prediction,
+        :meth:`CacheStep.first_step` (segments uncompiled, buffers from their outputs)."""
+        step_fns = self.whole_step
+        shapes = self.family_record.stream_shapes(step_fns.transformer, args, kwargs)
+        if shapes is not None and step_fns.cp_group is not None:
+            # under context parallelism the first block may shard the streams (Qwen-Image): shard the shapes alike
+            shapes = tuple((split_like(step_fns.fn_blocks[0], torch.empty(shape, device="meta"), argument).shape,
+                            dtype) for (shape, dtype), argument in zip(shapes, ("hidden_states",
+                                                                                 "encoder_hidden_states")))
+        if shapes is None:
+            out = step_fns.first_step(state, step, args, kwargs)
+            self._new_buffers(state)
+            return out
+        (hidden_shape, hidden_dtype), (encoder_shape, encoder_dtype) = shapes
+        device = next(iter(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))).device
+        state.allocate_shapes(hidden_shape, hidden_dtype, encoder_shape, encoder_dtype, device)
+        self._new_buffers(state)
+        return self._whole_step(state, step, args, kwargs)
 
-    @property
-    def compile_fallbacks(self) -> dict[str, int]:
-        return self.impl.compiled.fallbacks
+    def _whole_step(self, state: BranchState, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """One whole step; the host reads the device at most once (only when the gates allow a hit). Graphs take the
+        per-step numbers (TaylorSeer window, derivative count, forecast coefficients) in the branch's static scalar
+        tensors, filled by kernel launches: no host-to-device copy (a stream sync), no recompile per value."""
+        impl, step_fns = self.impl, self.whole_step
+        if impl.decides_on_device:
+            return impl.run_step(self, state, step, args, kwargs)
+        hidden, encoder, residual, diff, kw = impl.segment("head", step_fns.head_diff, (state.fn_residual, *args),
+                                                           kwargs)
+        if step == 0:
+            _check_streams(state, residual, encoder)
+        if decide_on_host(self.cache_config, state, step, diff):
+            state.record_hit(step)
+            coeffs: Any = state.forecast_coefficients(step)
+            if impl.scalars_on_device:
+                coeffs = state.fill_coefficients(coeffs)
+            return impl.segment("hit", step_fns.hit, (state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs))
+        n = state.derivatives_for_update(step)
+        window: Any = step - state.last_compute
+        n_arg: Any = n
+        if impl.scalars_on_device:
+            window, n_arg = state.fill_update_scalars(window, n)
+        out = impl.segment("miss", step_fns.miss,
+                           (state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw, window,
+                            n_arg), mutated=(state.fn_residual, *state.ladder_h, *state.ladder_e))
+        state.record_compute(step, n)
+        return out
 
-    def release(self) -> None:
-        self.impl.compiled.release()
+    # ------------------------------------------------------------------ the model's own forward + block hooks
+    def _through_model(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        state, step, key = self._begin(args, kwargs)
+        new_signature = state.key != key
+        if new_signature:
+            state.drop_buffers()
+        group = cp_group(module)
+        calls = []
+        for c, chain in enumerate(self.chains):
+            chain.cp_group = group
+            chain_state = state.chain(c)
+            chain_state.begin_step(step)
+            calls.append(_ChainCall(chain_state, step, self.grouped and not new_signature))
+        self.calls = calls
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self.calls = None
+        for name, chain, call in zip(self.chain_names, self.chains, calls):
+            if call.next != len(chain.blocks):
+                raise RuntimeError(f"{type(module).__name__}'s forward called {call.next} of the {len(chain.blocks)} "
+                                   f"blocks of {name}: the cache needs every block called once per forward, in order")
+            if not call.hit:
+                call.state.record_compute(step, call.n)
+        if new_signature:
+            for c in range(len(self.chains)):
+                self._new_buffers(state.chain(c))
+        self._end(state, key)
+        return out
+
+    def block_forward(self, c: int, i: int, module: torch.nn.Module, original: Callable, args: tuple,
+                      kwargs: dict) -> Any:
+        calls = self.calls
+        if calls is None:  # a block called outside a cached forward
+            return original(*args, **kwargs)
+        chain, call = self.chains[c], calls[c]
+        if i != call.next:
+            raise RuntimeError(f"the cache expected block {call.next} of the chain {self.chain_names[c]} and got "
+                               f"block {i}: this model calls its blocks in another order")
+        call.next += 1
+        if call.grouped:
+            return self._grouped(c, i, chain, call, module, args, kwargs)
+        return self._block_by_block(c, i, chain, call, module, original, args, kwargs)
+
+    def _run(self, module: torch.nn.Module, io: BlockIO, original: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._region is not None:
+            return self._region(module, io, args, kwargs)
+        return original(*args, **kwargs)
+
+    def _block_by_block(self, c: int, i: int, chain: GroupStep, call: _ChainCall, module: torch.nn.Module,
+                        original: Callable, args: tuple, kwargs: dict) -> Any:
+        """One block as the model called it (the eager lowering, and the first step at a new input signature of the
+        grouping ones, which records each block's output structure and checks that groups can run whole)."""
+        io = chain.ios[i]
+        state = call.state
+        first, end = chain.group_of(i)
+        if call.seen is not None and first < i:
+            self._check_group_input(c, i, chain, call, io, args, kwargs)
+        if i == first:
+            call.args, call.kwargs = _without_streams(io, args, kwargs)
+        if i == 0:
+            # under context parallelism a split hook inside ours may shard the stream: the same shard
+            call.base = split_like(module, io.streams(args, kwargs)[0], io.hidden_arg, before=BLOCK_HOOK_NAME)
+        if chain.fn <= i < chain.mid_end and call.hit:
+            hidden, encoder = io.streams(args, kwargs)
+            j = chain.first_mid.get(i)
+            if j is not None:
+                ladder_h, ladder_e = state.ladders[j]
+                hidden, encoder = chain.hit(ladder_h, ladder_e, hidden, encoder, state.forecast_coefficients(call.step))
+            return self._remember(c, i, call, io, io.output(self.structure[c, i], hidden, encoder))
+        if i in chain.first_mid:
+            call.inputs[chain.first_mid[i]] = io.streams(args, kwargs)
+        out = self._run(module, io, original, args, kwargs)
+        self.structure.setdefault((c, i), BlockIO.structure(out))
+        hidden, encoder = io.out_streams(out)
+        if i == chain.fn - 1:
+            self._decide(chain, call, hidden - call.base)
+        j = chain.last_mid.get(i)
+        if j is not None:
+            h_in, e_in = call.inputs.pop(j)
+            mid_e = encoder - e_in if encoder is not None and e_in is not None else None
+            if j not in state.ladders:
+                state.allocate_ladder(j, hidden - h_in, mid_e)
+            chain.store(*state.ladders[j], hidden - h_in, mid_e, call.window, call.n)
+        return self._remember(c, i, call, io, out)
+
+    def _remember(self, c: int, i: int, call: _ChainCall, io: BlockIO, out: Any) -> Any:
+        call.seen = (i, *io.out_streams(out))
+        return out
+
+    def _check_group_input(self, c: int, i: int, chain: GroupStep, call: _ChainCall, io: BlockIO, args: tuple,
+                           kwargs: dict) -> None:
+        """Block by block, inside a group: the model must pass block ``i`` the previous block's outputs and the
+        group's other arguments, or a grouping lowering could not run the group as one segment."""
+        if not self.grouped:
+            return
+        hidden, encoder = io.streams(args, kwargs)
+        prev, prev_h, prev_e = call.seen
+        others = _without_streams(io, args, kwargs)
+        same_streams = prev == i - 1 and hidden is prev_h and (encoder is prev_e or io.encoder_out is None
+                                                               or prev_e is None)
+        if not same_streams or not _same_objects(others, (call.args, call.kwargs)):
+            what = "streams" if not same_streams else "other arguments"
+            raise ValueError(
+                f"{type(self.transformer).__name__}: its forward changes the {what} passed between blocks {i - 1} and "
+                f"{i} of {self.chain_names[c]} (glue inside a block list), so graph={self.lowering!r} cannot run the "
+                f"group of blocks {chain.group_of(i)} as one segment; use mode=None (the eager cache). Please report "
+                f"it: the family needs `ungroupable` set")
+
+    def _decide(self, chain: GroupStep, call: _ChainCall, residual: torch.Tensor) -> None:
+        """After the chain's Fn blocks: the gates, the diff (one host read when the gates allow), the Fn residual."""
+        state, step = call.state, call.step
+        if state.fn_residual is None:
+            state.fn_residual = torch.zeros_like(residual)
+            state.allocate_scalars(residual.device)
+        group = chain.cp_group
+        from .decision import relative_l1
+        from .parallel import relative_l1_over
+        diff = (relative_l1(state.fn_residual, residual) if group is None
+                else relative_l1_over(state.fn_residual, residual, group))
+        self._record_decision(call, decide_on_host(self.cache_config, state, step, diff), residual)
+
+    def _record_decision(self, call: _ChainCall, hit: bool, residual: torch.Tensor) -> None:
+        state, step = call.state, call.step
+        call.hit = hit
+        if hit:
+            state.record_hit(step)
+            return
+        state.fn_residual.copy_(residual)
+        call.n = state.derivatives_for_update(step)
+        call.window = step - state.last_compute
+
+    def _grouped(self, c: int, i: int, chain: GroupStep, call: _ChainCall, module: torch.nn.Module, args: tuple,
+                 kwargs: dict) -> Any:
+        """A block under a grouping lowering: the first block of a group runs the whole group as one segment, the
+        others hand their inputs through (module doc)."""
+        io = chain.ios[i]
+        first, end = chain.group_of(i)
+        hidden, encoder = io.streams(args, kwargs)
+        structure = self.structure[c, i]
+        if i != first:
+            if not _same_objects(_without_streams(io, args, kwargs), (call.args, call.kwargs)):
+                raise ValueError(f"{type(self.transformer).__name__}: block {i} of {self.chain_names[c]} got other "
+                                 f"arguments than block {first} (glue inside a block list); graph={self.lowering!r} "
+                                 f"runs the group as one segment: use mode=None (the eager cache)")
+            return io.output(structure, hidden, encoder)
+        impl, state, step = self.impl, call.state, call.step
+        call.args, call.kwargs = _without_streams(io, args, kwargs)
+        if i == 0:
+            base = split_like(module, hidden, io.hidden_arg, before=BLOCK_HOOK_NAME)
+            hidden, encoder, residual, diff = impl.segment(
+                f"c{c}.head", chain.head, (state.fn_residual, base, hidden, encoder, call.args, call.kwargs))
+            self._record_decision(call, decide_on_host(self.cache_config, state, step, diff), residual)
+        elif i in chain.first_mid:
+            j = chain.first_mid[i]
+            ladder_h, ladder_e = state.ladders[j]
+            if call.hit:
+                coeffs: Any = state.forecast_coefficients(step)
+                if impl.scalars_on_device:
+                    coeffs = state.fill_coefficients(coeffs)
+                hidden, encoder = impl.segment(f"c{c}.hit{j}", chain.hit,
+                                               (ladder_h, ladder_e, hidden, encoder, coeffs))
+            else:
+                window, n = call.window, call.n
+                if impl.scalars_on_device:
+                    window, n = state.fill_update_scalars(window, n)
+                hidden, encoder = impl.segment(
+                    f"c{c}.mid{j}", chain.middle, (j, ladder_h, ladder_e, hidden, encoder, call.args, call.kwargs,
+                                                   window, n),
+                    mutated=tuple(t for t in (*ladder_h, *ladder_e) if t is not None))
+        else:
+            hidden, encoder = impl.segment(f"c{c}.tail", chain.tail, (hidden, encoder, call.args, call.kwargs))
+        return io.output(structure, hidden, encoder)
+
+
+def _without_streams(io: BlockIO, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block call's arguments with its streams left out (``None``): what every block of a group shares."""
+    return io.with_streams(args, kwargs, None, None)
+
+
+def _same_objects(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two ``(args, kwargs)`` hold the very same objects (tensors by identity, other values by equality)."""
+    (args_a, kwargs_a), (args_b, kwargs_b) = a, b
+    if len(args_a) != len(args_b) or kwargs_a.keys() != kwargs_b.keys():
+        return False
+    pairs = list(zip(args_a, args_b)) + [(kwargs_a[k], kwargs_b[k]) for k in kwargs_a]
+    for x, y in pairs:
+        if x is y:
+            continue
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)) and len(x) == len(y):
+            if all(u is v for u, v in zip(x, y)):
+                continue
+            return False
+        try:
+            if x == y:
+                continue
+        except Exception:  # noqa: BLE001 - an uncomparable value is another value
+            pass
+        return False
+    return True
+
+
+def _check_streams(state: BranchState, residual: torch.Tensor, encoder: torch.Tensor) -> None:
+    """The buffers must have the Fn outputs' shapes (a mismatch would broadcast silently in ``copy_``)."""
+    if residual.shape != state.fn_residual.shape or encoder.shape != state.ladder_e[0].shape:
+        raise RuntimeError(f"dbcache_compile: the Fn blocks returned streams of shapes {tuple(residual.shape)} / "
+                           f"{tuple(encoder.shape)} but the family predicted {tuple(state.fn_residual.shape)} / "
+                           f"{tuple(state.ladder_e[0].shape)}; please report this family bug")
 
 
 class CacheHook(ModelHook):
@@ -648,7 +1068,7 @@ class CacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, runtime: CachedRuntime) -> None:
+    def __init__(self, runtime: CacheRuntime) -> None:
         super().__init__()
         self.runtime = runtime
         self.branches = runtime.branches  # a StateManager attribute: diffusers sets the cache context on it
@@ -667,24 +1087,17 @@ class CacheHook(ModelHook):
         return module
 
 
-def _block_region(forward: Callable, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The compiled region of an uncached ``regional`` forward: the block class's ``forward``, standard-strided
-    outputs."""
-    return standard_strides(forward(block, *args, **kwargs))
+class BlockHook(ModelHook):
+    """The hook on one cached block (families run through their own forward)."""
 
+    def __init__(self, runtime: CacheRuntime, chain: int, index: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.chain = chain
+        self.index = index
 
-def run_region(region: Callable, module: torch.nn.Module, hook_name: str, args: tuple, kwargs: dict) -> Any:
-    """A block's class ``forward`` through its compiled region, from inside hook ``hook_name``: the block's hooks
-    registered before ours (context-parallel splits) run around the region eagerly, as calling through would (the
-    region is per block class; compiling through a block's own hook objects would recompile per block)."""
-    inner = inner_hooks(module, hook_name)
-    for hook in inner:
-        args, kwargs = hook.pre_forward(module, *args, **kwargs)
-    out = region(type(module).forward, module, *[no_views(a) for a in args],
-                 **{k: no_views(v) for k, v in kwargs.items()})
-    for hook in reversed(inner):
-        out = hook.post_forward(module, out)
-    return out
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime.block_forward(self.chain, self.index, module, self.fn_ref.original_forward, args, kwargs)
 
 
 class RegionHook(ModelHook):
@@ -696,7 +1109,7 @@ class RegionHook(ModelHook):
         self.region = region
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return run_region(self.region, module, REGION_HOOK_NAME, args, kwargs)
+        return run_block_hooks(self.region, module, args, kwargs, REGION_HOOK_NAME)
 
 
 class UncachedRuntime(Runtime):
@@ -709,22 +1122,20 @@ class UncachedRuntime(Runtime):
     block_hook_name = REGION_HOOK_NAME
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
-                 options: Optional[dict], graph: str, applied: Applied) -> None:
-        from .lowerings import CompiledSet, regional_options
+                 options: Optional[dict], lowering: type[Lowering], applied: Applied) -> None:
         self.mode = mode
         self.transformer = transformer
         self.applied = applied
         self._graphs: Optional[SegmentGraphs] = None
         self.regional_blocks: list[torch.nn.Module] = []
         self._compiled: Optional[Callable] = None
-        self._graph = graph if mode is not None else "eager"
         self.compiled = CompiledSet()
-        if self._graph == "regional":
+        if mode is not None and lowering.region_blocks:
             regions: dict[type, Callable] = {}
             opts = regional_options(options or {})
             for block in blocks:
                 if type(block) not in regions:
-                    regions[type(block)] = self.compiled.compile(type(block).__name__, fresh_function(_block_region),
+                    regions[type(block)] = self.compiled.compile(type(block).__name__, fresh_function(_region_body),
                                                                  opts)
                 self.regional_blocks.append(block)
             self.block_hooks = {block: RegionHook(regions[type(block)]) for block in blocks}

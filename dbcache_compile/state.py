@@ -63,7 +63,8 @@ def taylor_coefficients_tensor(elapsed: torch.Tensor, valid: torch.Tensor, terms
 
 
 class BranchState:
-    """Counters and buffers of one CFG branch (one cache context) of one cached transformer.
+    """Counters and buffers of one chain in one CFG branch (one cache context) of one cached transformer; the
+    branch's first chain is the branch object itself, its other chains (:meth:`chain`) are more of these.
 
     Host counters (reset every generation): ``calls`` (forwards of this branch so far: the denoising step index of
     the next one), ``cached_steps`` (step indices), ``diffs`` (step -> diff, only steps whose gates allowed a diff),
@@ -72,25 +73,42 @@ class BranchState:
 
     Device buffers (kept across generations while the input signature ``key`` holds, so compiled graphs and CUDA
     graphs keep their static addresses): ``fn_residual`` (hidden-stream residual of the first Fn blocks at the last
-    compute), ``ladder_h`` / ``ladder_e`` (cached middle residual of the hidden and encoder streams and, with
-    TaylorSeer, their divided differences), ``step_scalars`` (per-step numbers for graphs). The ``cond`` lowering and
-    loaded packages keep their counters on the device (``device_counters``) and their per-step (predicate, diff)
-    records in ``records`` until :func:`~dbcache_compile.step.fold_records` reads them.
+    compute), ``ladders`` (per block list of the chain: the cached middle residual of the hidden and encoder
+    streams and, with TaylorSeer, their divided differences; ``ladder_h`` / ``ladder_e`` are list 0's),
+    ``step_scalars`` (per-step numbers for graphs). The ``cond`` lowering and loaded packages keep their counters on
+    the device (``device_counters``) and their per-step (predicate, diff) records in ``records`` until
+    :func:`~dbcache_compile.step.fold_records` reads them.
     """
 
     def __init__(self, terms: int) -> None:
         self.terms = terms
         self.fn_residual: Optional[torch.Tensor] = None
-        self.ladder_h: list[torch.Tensor] = []
-        self.ladder_e: list[torch.Tensor] = []
+        self.ladders: dict[int, tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]] = {}
         self.step_scalars: tuple[torch.Tensor, ...] = ()
         self.key: Optional[tuple] = None  # input signature the buffers were allocated for (set by the runtime)
         self.device_counters: Optional[torch.Tensor] = None
         self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.chains: list["BranchState"] = []  # this branch's chains after the first
         self.reset()
 
+    def chain(self, c: int) -> "BranchState":
+        """The state of chain ``c`` in this branch (0: this object)."""
+        if c == 0:
+            return self
+        while len(self.chains) < c:
+            self.chains.append(BranchState(self.terms))
+        return self.chains[c - 1]
+
+    @property
+    def ladder_h(self) -> list[torch.Tensor]:
+        return self.ladders[0][0] if 0 in self.ladders else []
+
+    @property
+    def ladder_e(self) -> list[torch.Tensor]:
+        return self.ladders[0][1] if 0 in self.ladders else []
+
     def reset(self) -> None:
-        """Start a new generation: host counters and records cleared, buffers kept."""
+        """Start a new generation: host counters and records cleared (every chain's), buffers kept."""
         self.calls = 0
         self.cached_steps: list[int] = []
         self.diffs: dict[int, float] = {}
@@ -99,6 +117,13 @@ class BranchState:
         self.last_compute = -1
         self.valid = 0
         self.records = []
+        for chain in self.chains:
+            chain.reset()
+
+    def drop_buffers(self) -> None:
+        """Forget the buffers of every chain (new input signature: they are allocated again)."""
+        for state in (self, *self.chains):
+            state.fn_residual, state.ladders, state.step_scalars = None, {}, ()
 
     def begin_step(self, step: int) -> None:
         """cache-dit's ``mark_step_begin``: a step whose previous step computed breaks the cached streak."""
@@ -113,10 +138,20 @@ class BranchState:
 
     def allocate_shapes(self, hidden_shape: Sequence[int], hidden_dtype: torch.dtype, encoder_shape: Sequence[int],
                         encoder_dtype: torch.dtype, device: torch.device) -> None:
-        """:meth:`allocate` from shapes (an adapter's ``stream_shapes``)."""
+        """:meth:`allocate` from shapes (a family's ``stream_shapes``): the Fn residual and list 0's ladders."""
         self.fn_residual = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device)
-        self.ladder_h = [torch.zeros(hidden_shape, dtype=hidden_dtype, device=device) for _ in range(self.terms)]
-        self.ladder_e = [torch.zeros(encoder_shape, dtype=encoder_dtype, device=device) for _ in range(self.terms)]
+        self.ladders = {0: ([torch.zeros(hidden_shape, dtype=hidden_dtype, device=device) for _ in range(self.terms)],
+                            [torch.zeros(encoder_shape, dtype=encoder_dtype, device=device)
+                             for _ in range(self.terms)])}
+        self.allocate_scalars(device)
+
+    def allocate_ladder(self, j: int, hidden: torch.Tensor, encoder: Optional[torch.Tensor]) -> None:
+        """Zeroed ladders of list ``j`` shaped like these middle residuals (``encoder``: ``None`` for a list without
+        an encoder stream)."""
+        self.ladders[j] = ([torch.zeros_like(hidden) for _ in range(self.terms)],
+                           [torch.zeros_like(encoder) if encoder is not None else None for _ in range(self.terms)])
+
+    def allocate_scalars(self, device: torch.device) -> None:
         # per-step numbers handed to graphs as static tensors: TaylorSeer window, derivative count, coefficients
         self.step_scalars = (torch.zeros((), dtype=torch.float32, device=device),
                              torch.zeros((), dtype=torch.int64, device=device),
@@ -124,9 +159,10 @@ class BranchState:
 
     @property
     def buffers(self) -> list[torch.Tensor]:
-        """Every device buffer a graph may read or update in place."""
-        return [self.fn_residual, *self.ladder_h, *self.ladder_e, *self.step_scalars]
-
+        """Every device buffer a graph may read or update in place (this chain's)."""
+        ladders = [t for h, e in self.ladders.values() for t in (*h, *e) if t is not None]
+        residual = [self.fn_residual] if self.fn_residual is not None else []
+        return [*residual, *ladders, *self.step_scalars]
     def fill_update_scalars(self, window: int, n_derivatives: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The static (window, derivative count) tensors, filled in place (kernel launches, no host copy). Without
         TaylorSeer (one term) nothing reads them and nothing is launched."""

@@ -28,16 +28,18 @@ class CacheSummary:
         quantized: the torchao quantization applied (``None`` when none).
         attention: the diffusers attention backend set by ``optimize(attention=...)`` (``None``: untouched).
         fused_qkv: whether ``optimize(fuse_qkv=True)`` fused the attention projections.
-        adapter: the model adapter's name (``"flux"``, ``"qwen-image"``, ``"generic"``).
+        family: the model family's name (``"flux"``, ``"wan"``, ...; ``"generic"`` for a model in no family).
+        prologue: whether whole steps run in our forward (a family with a prologue), else the model's own forward
+            with block hooks.
         branches: per cache context the pipeline entered (``"cond"``, ``"uncond"``, ``"cond_uncond"``, ...), in
             first-use order: ``{"calls": n, "cached_steps": [...]}``.
         compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
             reached (empty when all is compiled).
-        chains: generic adapter (cache-dit's contexts, e.g. HunyuanVideo's double and single blocks, each deciding
+        chains: families run through their own forward (cache-dit's contexts, e.g. HunyuanVideo's double and single blocks, each deciding
             on its own): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs", "num_blocks",
             "branches"}`` (``branches``: cached steps per cache context, as ``branches`` above); ``cached_steps`` /
             ``residual_diffs`` above are the first chain's.
-        lowerings: the lowerings the adapter can run (``optimize(graph=...)``) for this model.
+        lowerings: the lowerings the family can run (``optimize(graph=...)``).
         transformers: the pipeline's other denoisers (``"transformer_2"`` of Wan 2.2), each its own summary.
     """
 
@@ -57,7 +59,8 @@ class CacheSummary:
     quantized: Optional[str] = None
     attention: Optional[str] = None
     fused_qkv: bool = False
-    adapter: str = ""
+    family: str = ""
+    prologue: bool = False
     branches: dict[str, dict] = dataclasses.field(default_factory=dict)
     compile_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     chains: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -95,7 +98,7 @@ class CacheSummary:
         lines = [
             f"DBCache {self.config} on {self.num_blocks} blocks (Fn={self.Fn}, Bn={self.Bn}); "
             f"lowering={self.lowering}, mode={self.mode}"
-            + (f", adapter={self.adapter}" if self.adapter else "")
+            + (f", family={self.family}" + (" (prologue)" if self.prologue else "") if self.family else "")
             + (f" (lowerings: {', '.join(self.lowerings)})" if self.lowerings else "")
             + (f", cudagraphs={self.cudagraphs}" if self.cudagraphs else "")
             + (f", quantized={self.quantized}" if self.quantized else "")

@@ -1,48 +1,120 @@
-"""The cache step of a transformer with an explicit adapter: embed → Fn blocks → decide → middle blocks or cached
-residual → Bn blocks → output, as pure functions of tensors and the branch's state buffers.
+"""The cache step as pure functions of tensors and a branch's state buffers: what the lowerings run, compile or
+capture (:mod:`dbcache_compile.lowerings`). The host-side decision around them is :func:`decide_on_host`.
 
-Segments (what the lowerings compile or capture):
+Blocks are called by their **contract** (:class:`BlockIO`: which argument and output is the hidden stream and which
+the encoder stream), so one definition serves every family. A chain (block lists deciding together) has three
+**groups**: the first Fn blocks, the middle blocks (per block list: a list keeps its own middle residual, so the
+model's glue between lists stays correct) and the last Bn blocks.
 
-* ``head``: embeddings, the first Fn blocks and the Fn residual; ``head_diff`` adds its relative L1 diff to the
-  stored residual (the decision's input);
-* ``miss``: store the Fn residual, run the middle blocks, update the cached middle residual (TaylorSeer ladder),
-  then the last Bn blocks and the output projection;
-* ``hit``: add the cached (or forecast) middle residual, then Bn and the output projection;
-* ``cond_step_functional``: the whole step as one function with ``torch.cond`` on a device predicate and the state
-  carried functionally (the ``cond`` lowering and :func:`dbcache_compile.export`).
+Two drivers run the groups:
 
-How the segments run (eager, compiled, CUDA-graphed) is a lowering's business (:mod:`dbcache_compile.lowerings`).
+* **whole steps** (:class:`CacheStep`, families with a prologue: FLUX.1, Qwen-Image): our forward is
+  ``head`` (embeddings + Fn blocks + the Fn residual and its diff) then ``miss`` (store the Fn residual, middle
+  blocks, cache their residual, Bn blocks, output projection) or ``hit`` (cached or forecast residual, Bn blocks,
+  output projection); ``cond_step_functional`` is the whole step as one function with ``torch.cond`` and the state
+  carried functionally (the ``cond`` lowering and :func:`dbcache_compile.export`);
+* **groups inside the model's own forward** (:class:`GroupStep`, every family): block hooks run ``head`` (Fn group
+  + residual + diff) at the chain's first block, ``middle`` (one list's middle blocks + its residual into the
+  TaylorSeer ladder) or ``hit`` (the cached residual added) at a list's first middle block, ``tail`` (the Bn group)
+  at the first Bn block; the other blocks of a group hand their inputs through.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-from .adapters import Adapter
 from .config import DBCacheConfig
-from .decision import DIFF_ALWAYS_HIT, DIFF_NOT_COMPUTED, cache_allowed, hit_predicate, relative_l1
+from .decision import DIFF_ALWAYS_HIT, DIFF_NOT_COMPUTED, cache_allowed, hit_predicate, read_decision_sync, relative_l1
 from .parallel import relative_l1_over, split_like
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
-__all__ = ["CacheStep", "BlockCall", "call_block", "region_call", "fold_records", "initial_counters",
-           "counters_from_host", "no_views", "standard_strides", "transformer_output", "fresh_function",
-           "CACHED", "CONSECUTIVE", "HAS_PREV", "LAST_COMPUTE", "VALID", "LAST_CACHED"]
+__all__ = ["BlockIO", "BlockCall", "call_block", "plain_call", "region_call", "run_block_hooks", "CacheStep", "GroupStep", "decide_on_host",
+           "fold_records", "initial_counters", "counters_from_host", "no_views", "standard_strides",
+           "transformer_output", "fresh_function", "CACHED", "CONSECUTIVE", "HAS_PREV", "LAST_COMPUTE", "VALID",
+           "LAST_CACHED"]
 
 # device counters of the cond lowering and of packages, one int64 vector per branch
 CACHED, CONSECUTIVE, HAS_PREV, LAST_COMPUTE, VALID, LAST_CACHED = range(6)
 
-#: ``(block, hidden, encoder, block_kwargs) -> (encoder, hidden)``: how a step calls one block.
-BlockCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+
+class BlockIO:
+    """How one block class takes and returns its two streams, from its contract ``(hidden output index, encoder
+    output index or None, hidden argument, encoder argument or None)``."""
+
+    def __init__(self, block_cls: type, contract: tuple) -> None:
+        self.hidden_out, self.encoder_out, self.hidden_arg, self.encoder_arg = contract
+        self.name = block_cls.__name__
+        try:
+            params = list(inspect.signature(block_cls.forward).parameters)[1:]
+        except (TypeError, ValueError):
+            params = []
+        self.params = params
+
+    def _get(self, name: Optional[str], args: tuple, kwargs: dict) -> Any:
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        if name in self.params and self.params.index(name) < len(args):
+            return args[self.params.index(name)]
+        return None
+
+    def streams(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(hidden, encoder)`` a call passes (``encoder`` is ``None`` for single-stream blocks)."""
+        encoder = self._get(self.encoder_arg, args, kwargs) if self.encoder_out is not None else None
+        return self._get(self.hidden_arg, args, kwargs), encoder
+
+    def with_streams(self, args: tuple, kwargs: dict, hidden: torch.Tensor,
+                     encoder: Optional[torch.Tensor]) -> tuple[tuple, dict]:
+        """The call's arguments with these streams in place of its own."""
+        args, kwargs = list(args), dict(kwargs)
+        for name, value in ((self.hidden_arg, hidden), (self.encoder_arg, encoder)):
+            if name is None or (value is None and name == self.encoder_arg and self.encoder_out is None):
+                continue
+            if name not in kwargs and name in self.params and self.params.index(name) < len(args):
+                args[self.params.index(name)] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
+    def out_streams(self, out: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(hidden, encoder)`` of a block's output (a tensor output is the hidden stream alone)."""
+        if not isinstance(out, tuple):
+            return out, None
+        e = self.encoder_out
+        return out[self.hidden_out], (out[e] if e is not None else None)
+
+    @staticmethod
+    def structure(out: Any) -> Any:
+        """What :meth:`output` needs to rebuild an output like ``out``: ``"tensor"`` or ``(length, None positions)``."""
+        if not isinstance(out, tuple):
+            return "tensor"
+        return len(out), frozenset(k for k, o in enumerate(out) if o is None)
+
+    def output(self, structure: Any, hidden: torch.Tensor, encoder: Optional[torch.Tensor]) -> Any:
+        """An output of the recorded ``structure`` holding these streams (``None`` where the block returned
+        ``None``, e.g. SD3's last block for the encoder stream)."""
+        if structure == "tensor":
+            return hidden
+        length, nones = structure
+        out: list[Any] = [None] * length
+        out[self.hidden_out] = hidden
+        if self.encoder_out is not None and self.encoder_out not in nones:
+            out[self.encoder_out] = encoder
+        return tuple(out)
 
 
-def call_block(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
-               block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block, ``(encoder, hidden)`` out (cache-dit's ForwardPattern_1, FLUX.1 and Qwen-Image)."""
-    return block(hidden_states=hidden, encoder_hidden_states=encoder, **block_kwargs)
+#: ``(block, io, args, kwargs) -> output``: how a segment calls one block (plainly, or through a compiled region)
+BlockCall = Callable[[torch.nn.Module, BlockIO, tuple, dict], Any]
+
+
+def call_block(block: torch.nn.Module, io: BlockIO, args: tuple, kwargs: dict) -> Any:
+    return block(*args, **kwargs)
 
 
 def standard_strides(out: Any) -> Any:
@@ -61,12 +133,6 @@ def no_views(t: Any) -> Any:
     return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
 
 
-def _region_body(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
-                 block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled region of the ``regional`` lowering: one block, standard-strided outputs."""
-    return standard_strides(call_block(block, hidden, encoder, block_kwargs))
-
-
 def fresh_function(fn: Callable) -> Callable:
     """A copy of ``fn`` with its own code object. Dynamo keeps compiled entries (and its recompile limit, 8) per code
     object, so compiling a fresh copy per cached transformer gives each model its own budget: one server process
@@ -74,53 +140,58 @@ def fresh_function(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _class_region_body(forward: Callable, block: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
-    """The compiled region of a block that carries diffusers hooks: the block class's own ``forward`` (the hooks run
-    around the region, eagerly), standard-strided outputs."""
-    return standard_strides(forward(block, **kwargs))
+def _region_body(forward: Callable, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The compiled region of one block: the block class's own ``forward`` (the block's diffusers hooks, e.g.
+    context-parallel splits, run around it eagerly), standard-strided outputs."""
+    return standard_strides(forward(block, *args, **kwargs))
 
 
-def _hooked_call(region: Callable, block: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
+def run_block_hooks(region: Callable, block: torch.nn.Module, args: tuple, kwargs: dict,
+                    skip: Optional[str] = None) -> Any:
     """Call ``block`` as its diffusers hooks would (each hook's ``pre_forward`` outermost first, its ``post_forward``
-    innermost first) with the class ``forward`` compiled in between. Compiling through the hooks instead would trace
-    each block's own hook objects and recompile per block (e.g. the context-parallel split hooks on every
-    Qwen-Image block)."""
-    registry = block._diffusers_hook
-    hooks = [registry.hooks[name] for name in reversed(registry._hook_order)]
-    args: tuple = ()
+    innermost first, hook ``skip`` and those outside it left out) with the class ``forward`` through ``region`` in
+    between. Compiling through the hooks instead would trace each block's own hook objects and recompile per block
+    (e.g. the context-parallel split hooks on every Qwen-Image block)."""
+    registry = getattr(block, "_diffusers_hook", None)
+    order = list(getattr(registry, "_hook_order", ()))
+    if skip is not None and skip in order:
+        order = order[:order.index(skip)]
+    hooks = [registry.hooks[name] for name in reversed(order)] if registry is not None else []
     for hook in hooks:
         args, kwargs = hook.pre_forward(block, *args, **kwargs)
     # a split's chunk is a view with the full tensor's strides: the other blocks' inputs are not (a recompile)
-    kwargs = {k: standard_strides(v) if getattr(v, "_base", None) is not None else v for k, v in kwargs.items()}
-    if args:
-        raise RuntimeError(f"a diffusers hook on {type(block).__name__} turned keyword arguments into positional "
-                           f"ones; the regional lowering cannot run it")
-    out = region(type(block).forward, block, kwargs)
+    args = tuple(no_views(a) for a in args)
+    kwargs = {k: no_views(v) for k, v in kwargs.items()}
+    out = region(type(block).forward, block, args, kwargs)
     for hook in reversed(hooks):
         out = hook.post_forward(block, out)
     return out
 
 
-def region_call(options: dict[str, Any], compiled: Any) -> BlockCall:
-    """A :data:`BlockCall` that runs each block through a compiled region, one ``torch.compile`` per block class
-    (so no block class ever recompiles for another, and ``recompile_limit=1`` holds), each with its own code
-    object (see :func:`fresh_function`), compiled in ``compiled`` (a :class:`~dbcache_compile.lowerings.CompiledSet`:
-    fallback counts, release). A block with diffusers hooks (context-parallel splits) runs them eagerly around its
-    compiled class forward."""
-    regions: dict[tuple, Callable] = {}
+def plain_call(skip_hook: str) -> BlockCall:
+    """A :data:`BlockCall` for blocks that carry our own block hook ``skip_hook``: what that hook wraps (the hooks
+    registered before ours, then the block's own forward); calling the block itself would enter our hook again."""
 
-    def call(block: torch.nn.Module, hidden: torch.Tensor, encoder: torch.Tensor,
-             block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        hooked = bool(getattr(getattr(block, "_diffusers_hook", None), "hooks", None))
-        region = regions.get((type(block), hooked))
+    def call(block: torch.nn.Module, io: BlockIO, args: tuple, kwargs: dict) -> Any:
+        return block._diffusers_hook.hooks[skip_hook].fn_ref.original_forward(*args, **kwargs)
+
+    return call
+
+
+def region_call(options: dict[str, Any], compiled: Any, skip_hook: Optional[str] = None) -> BlockCall:
+    """A :data:`BlockCall` that runs each block's class ``forward`` through a compiled region, one ``torch.compile``
+    per block class (so no block class ever recompiles for another), each with its own code object
+    (:func:`fresh_function`), compiled in ``compiled`` (a :class:`~dbcache_compile.lowerings.CompiledSet`: fallback
+    counts, release). The block's diffusers hooks run eagerly around it (``skip_hook`` and hooks registered after it
+    excluded: those are the ones calling us)."""
+    regions: dict[type, Callable] = {}
+
+    def call(block: torch.nn.Module, io: BlockIO, args: tuple, kwargs: dict) -> Any:
+        region = regions.get(type(block))
         if region is None:
-            body = _class_region_body if hooked else _region_body
-            region = regions[(type(block), hooked)] = compiled.compile(type(block).__name__, fresh_function(body),
-                                                                       options)
-        hidden, encoder = no_views(hidden), no_views(encoder)
-        if hooked:
-            return _hooked_call(region, block, dict(block_kwargs, hidden_states=hidden, encoder_hidden_states=encoder))
-        return region(block, hidden, encoder, block_kwargs)
+            region = regions[type(block)] = compiled.compile(type(block).__name__, fresh_function(_region_body),
+                                                             options)
+        return run_block_hooks(region, block, args, kwargs, skip_hook)
 
     call.regions = regions  # type: ignore[attr-defined]
     return call
@@ -165,23 +236,144 @@ def fold_records(branches: list[BranchState]) -> None:
         branch.records = []
 
 
+def decide_on_host(config: DBCacheConfig, state: BranchState, step: int, diff: torch.Tensor) -> bool:
+    """The decision of one step of one chain, taken by the host: the gates, then (only where they allow a hit) ONE
+    device-to-host read of the predicate and the diff (a sync on CUDA), recorded as cache-dit records it. Every
+    host-deciding lowering and both drivers decide here."""
+    if not cache_allowed(config, step, len(state.cached_steps), state.consecutive, state.has_prev):
+        return False
+    hit, value = read_decision_sync(hit_predicate(config, True, diff), diff)
+    state.diffs[step] = DIFF_ALWAYS_HIT if config.residual_diff_threshold >= 1.0 else value
+    return hit
+
+
+def run_blocks(blocks: list[torch.nn.Module], ios: list[BlockIO], call: BlockCall, hidden: torch.Tensor,
+               encoder: Optional[torch.Tensor], args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any, Any]:
+    """Run ``blocks`` in order, each given the streams the previous one returned and otherwise ``args`` /
+    ``kwargs``: ``(hidden, encoder, last block's output)``."""
+    out = None
+    for block, io in zip(blocks, ios):
+        block_args, block_kwargs = io.with_streams(args, kwargs, hidden, encoder)
+        out = call(block, io, block_args, block_kwargs)
+        hidden, encoder = io.out_streams(out)
+    return hidden, encoder, out
+
+
+class GroupStep:
+    """The groups of one chain, run from inside the model's own forward by block hooks (module doc). Pure functions
+    of their tensor arguments and the branch's buffers (updated in place), so a lowering can run them plainly,
+    compile them whole or capture them as CUDA graphs.
+
+    Args:
+        lists: the chain's block lists (modules), in forward order.
+        ios: the :class:`BlockIO` of every block of the chain, in order.
+        fn, bn: the block split.
+        block_call: how a block is called (plain, or through a compiled region).
+    """
+
+    def __init__(self, lists: list[list[torch.nn.Module]], ios: list[BlockIO], fn: int, bn: int,
+                 block_call: BlockCall = call_block) -> None:
+        self.blocks = [block for blocks in lists for block in blocks]
+        self.ios = ios
+        self.fn, self.mid_end = fn, len(self.blocks) - bn
+        self.block_call = block_call
+        #: chain index of each list's first / last middle block -> the list's index (its middle residual)
+        self.first_mid: dict[int, int] = {}
+        self.last_mid: dict[int, int] = {}
+        #: list index -> (first, end) chain indices of its middle blocks
+        self.mid_spans: dict[int, tuple[int, int]] = {}
+        start = 0
+        for j, blocks in enumerate(lists):
+            idx = [i for i in range(start, start + len(blocks)) if fn <= i < self.mid_end]
+            if idx:
+                self.first_mid[idx[0]] = self.last_mid[idx[-1]] = j
+                self.mid_spans[j] = (idx[0], idx[-1] + 1)
+            start += len(blocks)
+        #: the context-parallel group (set by the runtime per call): the diff is reduced over all ranks
+        self.cp_group: Any = None
+
+    def group_of(self, i: int) -> tuple[int, int]:
+        """``(first, end)`` chain indices of the group block ``i`` belongs to."""
+        if i < self.fn:
+            return 0, self.fn
+        if i >= self.mid_end:
+            return self.mid_end, len(self.blocks)
+        for first, end in self.mid_spans.values():
+            if first <= i < end:
+                return first, end
+        raise AssertionError(i)
+
+    def _run(self, first: int, end: int, hidden: torch.Tensor, encoder: Optional[torch.Tensor], args: tuple,
+             kwargs: dict) -> tuple[torch.Tensor, Any]:
+        hidden, encoder, _ = run_blocks(self.blocks[first:end], self.ios[first:end], self.block_call, hidden, encoder,
+                                        args, kwargs)
+        return hidden, encoder
+
+    def head(self, fn_residual: torch.Tensor, base: torch.Tensor, hidden: torch.Tensor,
+             encoder: Optional[torch.Tensor], args: tuple, kwargs: dict):
+        """The Fn group from the chain's first block: ``(hidden, encoder, Fn residual, its diff to fn_residual)``
+        (``base``: the hidden stream entering the chain, sharded like the blocks shard it)."""
+        hidden, encoder = self._run(0, self.fn, hidden, encoder, args, kwargs)
+        residual = hidden - base
+        if self.cp_group is not None:
+            return hidden, encoder, residual, relative_l1_over(fn_residual, residual, self.cp_group)
+        return hidden, encoder, residual, relative_l1(fn_residual, residual)
+
+    def middle(self, j: int, ladder_h: list[torch.Tensor], ladder_e: list[Optional[torch.Tensor]],
+               hidden: torch.Tensor, encoder: Optional[torch.Tensor], args: tuple, kwargs: dict, window: Any,
+               n_derivatives: Any) -> tuple[torch.Tensor, Any]:
+        """List ``j``'s middle blocks on a computed step; their residual (hidden, and encoder where the list has
+        one) goes into the ladders in place."""
+        first, end = self.mid_spans[j]
+        mid_h, mid_e = self._run(first, end, hidden, encoder, args, kwargs)
+        mid_de = mid_e - encoder if mid_e is not None and encoder is not None else None
+        self.store(ladder_h, ladder_e, mid_h - hidden, mid_de, window, n_derivatives)
+        return mid_h, mid_e
+
+    @staticmethod
+    def store(ladder_h: list[torch.Tensor], ladder_e: list[Optional[torch.Tensor]], dh: torch.Tensor,
+              de: Optional[torch.Tensor], window: Any, n_derivatives: Any) -> None:
+        """A list's middle residual (``dh``, and ``de`` where the list has an encoder stream) into its TaylorSeer
+        ladders, in place."""
+        for buf, new in zip(ladder_h, taylor_update(ladder_h, dh, window, n_derivatives)):
+            buf.copy_(new)
+        if de is not None and ladder_e[0] is not None:
+            for buf, new in zip(ladder_e, taylor_update(ladder_e, de, window, n_derivatives)):
+                buf.copy_(new)
+
+    def hit(self, ladder_h: list[torch.Tensor], ladder_e: list[Optional[torch.Tensor]], hidden: torch.Tensor,
+            encoder: Optional[torch.Tensor], coeffs: Any) -> tuple[torch.Tensor, Any]:
+        """A list's middle blocks on a cached step: the cached (TaylorSeer: forecast) residual added."""
+        hidden = hidden + taylor_forecast(ladder_h, coeffs)
+        if encoder is not None and ladder_e[0] is not None:
+            encoder = encoder + taylor_forecast(ladder_e, coeffs)
+        return hidden, encoder
+
+    def tail(self, hidden: torch.Tensor, encoder: Optional[torch.Tensor], args: tuple,
+             kwargs: dict) -> tuple[torch.Tensor, Any]:
+        """The Bn group."""
+        return self._run(self.mid_end, len(self.blocks), hidden, encoder, args, kwargs)
+
+
 class CacheStep:
-    """The segments of one transformer's cached step (see the module doc).
+    """The whole-step segments of a family with a prologue (module doc); one chain.
 
     Args:
         transformer: the diffusers transformer.
-        adapter: its explicit adapter (embed / project / block lists).
+        family: its :class:`~dbcache_compile.families.Family` (embed / project / block lists / contracts).
         config: the cache config (block split, thresholds, TaylorSeer terms).
         block_call: how a block is called (plain, or through a compiled region).
     """
 
-    def __init__(self, transformer: torch.nn.Module, adapter: Adapter, config: DBCacheConfig,
+    def __init__(self, transformer: torch.nn.Module, family: Any, config: DBCacheConfig,
                  block_call: BlockCall = call_block) -> None:
-        blocks = adapter.blocks(transformer)
+        blocks = family.blocks(transformer)
         self.transformer = transformer
-        self.adapter = adapter
+        self.family = family
         self.config = config
         fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
+        ios = {type(b): BlockIO(type(b), family.contract(type(b))) for b in blocks}
+        self.ios = [ios[type(b)] for b in blocks]
         self.fn_blocks = blocks[:fn]
         self.mid_blocks = blocks[fn:len(blocks) - bn]
         self.bn_blocks = blocks[len(blocks) - bn:] if bn else []
@@ -191,16 +383,17 @@ class CacheStep:
         #: runtime per call): the diff is then reduced over all ranks (:mod:`dbcache_compile.parallel`)
         self.cp_group: Any = None
 
-    def _run_blocks(self, blocks: list[torch.nn.Module], hidden: torch.Tensor, encoder: torch.Tensor,
+    def _run_blocks(self, first: int, end: int, hidden: torch.Tensor, encoder: torch.Tensor,
                     block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        for block in blocks:
-            encoder, hidden = self.block_call(block, hidden, encoder, block_kwargs)
+        blocks = (self.fn_blocks + self.mid_blocks + self.bn_blocks)[first:end]
+        hidden, encoder, _ = run_blocks(blocks, self.ios[first:end], self.block_call, hidden, encoder, (),
+                                        block_kwargs)
         return hidden, encoder
 
     def head(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
         """Embeddings + Fn blocks → ``(hidden, encoder, Fn residual, (block kwargs, output kwargs))``."""
-        emb = self.adapter.embed(self.transformer, *args, **kwargs)
-        hidden, encoder = self._run_blocks(self.fn_blocks, emb.hidden, emb.encoder, emb.block_kwargs)
+        emb = self.family.embed(self.transformer, **self.family.named_inputs(args, kwargs))
+        hidden, encoder = self._run_blocks(0, len(self.fn_blocks), emb.hidden, emb.encoder, emb.block_kwargs)
         base = emb.hidden
         if self.cp_group is not None:  # the first block may shard the stream (Qwen-Image): the same shard
             base = split_like(self.fn_blocks[0], base)
@@ -216,11 +409,13 @@ class CacheStep:
 
     def tail(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]) -> torch.Tensor:
         """Bn blocks and the output projection."""
-        hidden, encoder = self._run_blocks(self.bn_blocks, hidden, encoder, kw[0])
-        return self.adapter.project(self.transformer, hidden, kw[1])
+        start = len(self.fn_blocks) + len(self.mid_blocks)
+        hidden, encoder = self._run_blocks(start, self.num_blocks, hidden, encoder, kw[0])
+        return self.family.project(self.transformer, hidden, kw[1])
 
     def middle(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]):
-        mid_h, mid_e = self._run_blocks(self.mid_blocks, hidden, encoder, kw[0])
+        first = len(self.fn_blocks)
+        mid_h, mid_e = self._run_blocks(first, first + len(self.mid_blocks), hidden, encoder, kw[0])
         return mid_h.contiguous(), mid_e.contiguous()
 
     def miss(self, fn_residual: torch.Tensor, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor],
@@ -295,10 +490,10 @@ class CacheStep:
         return out, pred, diff
 
     def first_step(self, state: BranchState, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The first step of a branch at a new input signature: there is no stored residual, so the gates force a
-        compute. Runs the segments as plain calls (the blocks as ``block_call`` runs them), allocates the branch's
-        buffers from the real Fn outputs (the embeddings and Fn blocks run once, as in the model's own forward) and
-        fills them."""
+        """The first step of a branch at a new input signature when the family cannot predict the stream shapes:
+        there is no stored residual, so the gates force a compute. Runs the segments as plain calls (the blocks as
+        ``block_call`` runs them), allocates the branch's buffers from the real Fn outputs (the embeddings and Fn
+        blocks run once, as in the model's own forward) and fills them."""
         hidden, encoder, residual, kw = self.head(*args, **kwargs)
         state.allocate(hidden, encoder)
         n = state.derivatives_for_update(step)

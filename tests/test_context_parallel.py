@@ -380,15 +380,10 @@ def test_a_stalled_rank_releases_the_survivor_at_the_process_group_timeout():
 
 # ------------------------------------------------------------------------------------------ bad input: the CP plan
 def _block_chains(transformer: torch.nn.Module, fn: int, bn: int) -> list[tuple[list, int, int]]:
-    """``(blocks, Fn, Bn)`` of each chain the cache would build for ``transformer`` (explicit adapter: one chain of
-    all blocks; generic adapter: the family's chains)."""
-    from dbcache_compile.adapters import adapter_for
-    from dbcache_compile.generic import generic_adapter
-    try:
-        return [(adapter_for(transformer).blocks(transformer), fn, bn)]
-    except ValueError:
-        chains = generic_adapter(transformer).chains
-        return [([b for name in chain for b in getattr(transformer, name)], fn, bn) for chain in chains]
+    """``(blocks, Fn, Bn)`` of each chain the cache would build for ``transformer`` (its family's chains)."""
+    from dbcache_compile.families import family_for
+    chains = family_for(transformer).chains
+    return [([b for name in chain for b in getattr(transformer, name)], fn, bn) for chain in chains]
 
 
 def _gather_and_resplit_plan(transformer: torch.nn.Module) -> dict:

@@ -222,7 +222,7 @@ def test_a_host_sync_inside_a_segment_fails_capture_with_a_clear_error():
 def test_one_decision_read_per_free_step_and_none_when_forced(monkeypatch, graph):
     """The host side of the sync rule, on CPU: one device read per step whose gates allow a hit, none on steps the
     warm-up (W2) or the MC2 limit force to compute. (The CUDA test above counts the real syncs.)"""
-    import dbcache_compile.lowerings as step_module
+    import dbcache_compile.step as step_module
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
     reads = []

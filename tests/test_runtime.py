@@ -67,18 +67,19 @@ def test_flux_true_cfg_runs_one_state_per_cache_context_like_cache_dit(flux):
     torch.testing.assert_close(ours, images, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("adapter, lowerings", [(None, ("eager", "segments", "regional", "cond")),
-                                                 ("generic", ("eager", "regional"))])
-def test_summary_names_the_adapter_and_the_lowerings_it_can_run(flux, adapter, lowerings):
-    """summary() says which adapter runs the model and which lowerings optimize(graph=...) accepts for it."""
-    dbc.optimize(flux, cache=CONFIG, adapter=adapter)
+@pytest.mark.parametrize("prologue, lowerings", [(None, ("eager", "cond", "regional", "segments")),
+                                                  (False, ("eager", "regional", "segments"))])
+def test_summary_names_the_family_and_the_lowerings_it_can_run(flux, prologue, lowerings):
+    """summary() says which family runs the model, whether its prologue runs whole steps, and which lowerings
+    optimize(graph=...) accepts for it (cond needs the prologue)."""
+    dbc.optimize(flux, cache=CONFIG, prologue=prologue)
     try:
         run(flux, steps=4)
         summary = dbc.summary(flux)
     finally:
         dbc.disable(flux)
-    assert summary.lowerings == lowerings and summary.adapter == (adapter or "flux")
-    assert f"adapter={summary.adapter} (lowerings: {', '.join(lowerings)})" in str(summary)
+    assert summary.lowerings == lowerings and summary.family == "flux" and summary.prologue == (prologue is None)
+    assert f"family=flux{' (prologue)' if prologue is None else ''} (lowerings: {', '.join(lowerings)})" in str(summary)
 
 
 def test_calls_outside_any_cache_context(flux):
@@ -490,17 +491,17 @@ def test_torch_compile_around_an_eager_optimized_model_is_a_clear_error(flux):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("adapter", [None, "generic"])
-def test_compile_repeated_blocks_after_an_eager_optimize(adapter):
-    """diffusers' compile_repeated_blocks after optimize(mode=None): the FLUX adapter's blocks are plain modules, so
-    it works with the same image; the generic adapter's per-block hooks used to recompile per block until
-    FailOnRecompileLimitHit mid-generation, now a clear error naming the compiled path."""
+@pytest.mark.parametrize("prologue", [None, False])
+def test_compile_repeated_blocks_after_an_eager_optimize(prologue):
+    """diffusers' compile_repeated_blocks after optimize(mode=None): with FLUX's prologue the blocks are plain
+    modules, so it works with the same image; through the model's own forward the per-block hooks used to recompile
+    per block until FailOnRecompileLimitHit mid-generation, now a clear error naming the compiled path."""
     pipe = tiny_flux_pipeline()
-    dbc.optimize(pipe, cache=CONFIG, adapter=adapter)
+    dbc.optimize(pipe, cache=CONFIG, prologue=prologue)
     expected = run(pipe, steps=6)
     pipe.transformer.compile_repeated_blocks(backend="eager", fullgraph=True)
     try:
-        if adapter is None:
+        if prologue is None:
             assert torch.equal(run(pipe, steps=6), expected) and dbc.summary(pipe).cached_steps
         else:
             with pytest.raises(ValueError, match='compile_repeated_blocks.*optimize\\(pipe, cache=..., mode="default", '
@@ -531,15 +532,15 @@ def test_a_diffusers_cache_on_the_same_transformer_is_a_clear_error():
         dbc.disable(pipe)
 
 
-@pytest.mark.parametrize("adapter", [None, "generic"])
+@pytest.mark.parametrize("prologue", [None, False])
 @pytest.mark.parametrize("apply", ["first_block_cache", "taylorseer_cache"])
-def test_a_diffusers_cache_hook_applied_directly_after_optimize_is_refused(flux, adapter, apply):
+def test_a_diffusers_cache_hook_applied_directly_after_optimize_is_refused(flux, prologue, apply):
     """diffusers' apply_first_block_cache / apply_taylorseer_cache set no `_cache_config`; after optimize they used to
     run silently beside (or under) DBCache. The next generation now refuses them, naming the hooks."""
     from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, TaylorSeerCacheConfig, apply_first_block_cache,
                                  apply_taylorseer_cache)
 
-    dbc.optimize(flux, cache=CONFIG, adapter=adapter)
+    dbc.optimize(flux, cache=CONFIG, prologue=prologue)
     try:
         if apply == "first_block_cache":
             apply_first_block_cache(flux.transformer, FirstBlockCacheConfig(threshold=0.2))
@@ -635,20 +636,20 @@ def test_fused_projections_leave_no_attribute_behind(flux):
     assert ("fused_projections" in vars(attn)) == had
 
 
-# ------------------------------------------------------------------------------------------------ generic adapter
+# ------------------------------------------------------------------------------------------------ own forward + hooks
 @pytest.mark.parametrize("config", ["F1B0_W2M0MC3_T0O1_R0.35", "F2B1_W3I2M0MC2_T1O2_R0.4"])
-def test_the_generic_adapter_takes_cache_dits_decisions_on_flux(flux, config):
-    """The model's own forward with the middle blocks skipped through block hooks (TransformerBlockRegistry), no
-    adapter file: the same cached steps and diffs as cache-dit on FLUX, images within float32 rounding (the
-    residual is kept per block list, so sums run in another order)."""
+def test_flux_through_its_own_forward_takes_cache_dits_decisions(flux, config):
+    """The model's own forward with the middle blocks skipped through block hooks (prologue=False): the same cached
+    steps and diffs as cache-dit on FLUX, images within float32 rounding (the residual is kept per block list, so
+    sums run in another order)."""
     kwargs = dict(flux_inputs(), num_inference_steps=12)
-    dbc.optimize(flux, cache=config, adapter="generic")
+    dbc.optimize(flux, cache=config, prologue=False)
     try:
         ours = flux(**kwargs, generator=generator()).images
         summary = dbc.summary(flux)
     finally:
         dbc.disable(flux)
-    assert summary.adapter == "generic" and 0 < len(summary.cached_steps) < 12
+    assert summary.family == "flux" and not summary.prologue and 0 < len(summary.cached_steps) < 12
     images, cached, _, diffs = run_cache_dit(flux, dbc.DBCacheConfig.from_string(config), False,
                                              generator=generator(), **kwargs)
     assert summary.cached_steps == cached
@@ -657,34 +658,34 @@ def test_the_generic_adapter_takes_cache_dits_decisions_on_flux(flux, config):
     assert not any(hasattr(b, "_diffusers_hook") for b in flux.transformer.transformer_blocks)
 
 
-def test_the_generic_adapter_with_true_cfg_and_regional_compile():
-    """adapter='generic' on Qwen-Image with true CFG compiles regionally without graph breaks, matches the
-    dedicated adapter's decisions and images, and refuses segments."""
+@pytest.mark.parametrize("graph", ["regional", "segments"])
+def test_qwen_image_through_its_own_forward_with_true_cfg_compiled(graph):
+    """prologue=False on Qwen-Image with true CFG: its own forward with block hooks, each group compiled (regional:
+    per block class; segments: the group whole), without graph breaks, takes the prologue driver's decisions and
+    images."""
     pipe = tiny_qwen_pipeline()
     call = lambda: pipe(**qwen_inputs(cfg=True), num_inference_steps=8, generator=generator()).images  # noqa: E731
     dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35")
-    explicit, explicit_summary = call(), dbc.summary(pipe)
+    whole, whole_summary = call(), dbc.summary(pipe)
     dbc.disable(pipe)
     from torch._dynamo.utils import counters
     counters.clear()
-    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35", mode="default", adapter="generic",
+    dbc.optimize(pipe, cache="F1B0_W2M0MC2_T0O1_R0.35", mode="default", graph=graph, prologue=False,
                  compile_options={"backend": "eager"})
     try:
-        generic = call()
+        hooked = call()
         summary = dbc.summary(pipe)
-        assert summary.lowering == "regional" and summary.adapter == "generic"
-        assert summary.cached_steps == explicit_summary.cached_steps and summary.cfg_cached_steps
-        assert summary.cfg_cached_steps == explicit_summary.cfg_cached_steps
-        torch.testing.assert_close(generic, explicit, rtol=1e-5, atol=1e-5)
+        assert summary.lowering == graph and summary.family == "qwen-image" and not summary.prologue
+        assert summary.cached_steps == whole_summary.cached_steps and summary.cfg_cached_steps
+        assert summary.cfg_cached_steps == whole_summary.cfg_cached_steps
+        torch.testing.assert_close(hooked, whole, rtol=1e-5, atol=1e-5)
         assert sum(counters["graph_break"].values()) == 0
-        with pytest.raises(ValueError, match="lowerings eager, regional"):
-            dbc.optimize(tiny_qwen_pipeline(), cache=CONFIG, mode="default", graph="segments", adapter="generic")
     finally:
         dbc.disable(pipe)
 
 
-def test_a_model_without_any_adapter_says_what_is_supported():
-    """optimize() on a model no adapter supports raises ValueError listing what is supported."""
+def test_a_model_in_no_family_says_what_is_supported():
+    """optimize() on a model no family supports raises ValueError listing what is supported."""
     with pytest.raises(ValueError, match="TransformerBlockRegistry"):
         dbc.optimize(torch.nn.Sequential(torch.nn.Linear(2, 2)), cache=CONFIG)
 

@@ -1,5 +1,6 @@
-"""Qwen-Image (and Qwen-Image-Lightning LoRAs): one list of 60 dual-stream blocks. The pipeline runs true CFG as a
-second transformer call per step when ``true_cfg_scale > 1`` and a negative prompt is given: separate CFG."""
+"""Qwen-Image / Qwen-Image-Edit / Edit-Plus (and Qwen-Image-Lightning LoRAs): one list of 60 dual-stream blocks, and
+the forward around them written out (prologue / epilogue). The pipeline runs true CFG as a second transformer call
+per step ("uncond" cache context) when ``true_cfg_scale > 1`` and a negative prompt is given."""
 
 from __future__ import annotations
 
@@ -7,31 +8,29 @@ from math import prod
 from typing import Any
 
 import torch
-from diffusers import QwenImageTransformer2DModel
-from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 
-from . import Adapter, Embedded, register_adapter, reject_unsupported
+from . import Embedded, Family, register_family
 
-_SIGNATURE = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
-              "guidance", "attention_kwargs", "controlnet_block_samples", "additional_t_cond", "return_dict")
-
-
-#: the keyword under which :meth:`QwenImageAdapter.eager_inputs` passes the rotary embedding to :meth:`embed`
+#: the keyword under which :meth:`QwenImage.eager_inputs` passes the rotary embedding to :meth:`QwenImage.embed`
 _ROTARY = "_dbcache_image_rotary_emb"
 
 
-class QwenImageAdapter(Adapter):
+@register_family
+class QwenImage(Family):
     name = "qwen-image"
-    block_lists = ("transformer_blocks",)
+    transformer = "QwenImageTransformer2DModel"
+    pipelines = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    chains = (("transformer_blocks",),)
     fused_qkv = False  # QwenDoubleStreamAttnProcessor2_0 (diffusers 0.42) always calls to_q/to_k/to_v
-    signature = _SIGNATURE
+    signature = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
+                 "guidance", "attention_kwargs", "controlnet_block_samples", "additional_t_cond", "return_dict")
     embedder = "img_in"
     default_true_cfg_scale = 4.0  # QwenImagePipeline's default
     attention_kwargs = "attention_kwargs"
+    tested = True
 
-    def embed(self, transformer: QwenImageTransformer2DModel, *args: Any, **kwargs: Any) -> Embedded:
-        kwargs.update(zip(_SIGNATURE, args))
-        reject_unsupported(kwargs, ("controlnet_block_samples",), "Qwen-Image")
+    def embed(self, transformer: torch.nn.Module, **kwargs: Any) -> Embedded:
+        from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
         hidden = transformer.img_in(kwargs["hidden_states"])
         timestep = kwargs["timestep"].to(hidden.dtype)
         img_shapes = kwargs.get("img_shapes")
@@ -57,23 +56,18 @@ class QwenImageAdapter(Adapter):
         out_temb = temb.chunk(2, dim=0)[0] if transformer.zero_cond_t else temb
         return Embedded(hidden, encoder, block_kwargs, {"temb": out_temb})
 
-    def eager_inputs(self, transformer: QwenImageTransformer2DModel, args: tuple,
-                     kwargs: dict[str, Any]) -> dict[str, Any]:
+    def eager_inputs(self, transformer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The rotary embedding, computed before the compiled head instead of inside it. Its ``pos_embed`` slices
         the module's ``pos_freqs`` / ``neg_freqs`` tensors; traced, those slices are fake views of a fake base, which
         torch 2.13 keeps alive from C++ after the compile is released (with its whole fake-tensor world, ~5 MiB per
         compile of the tiny model). Computed here, the head receives plain input tensors; the values are the same
         (``pos_embed`` is cached by shape in diffusers, so this costs a lookup and a small copy per step)."""
-        named = dict(zip(_SIGNATURE, args), **kwargs)
+        named = self.named_inputs(args, kwargs)
         hidden, encoder, img_shapes = (named.get(k) for k in ("hidden_states", "encoder_hidden_states", "img_shapes"))
         if not isinstance(hidden, torch.Tensor) or not isinstance(encoder, torch.Tensor) or img_shapes is None:
             return kwargs
         rotary = transformer.pos_embed(img_shapes, max_txt_seq_len=encoder.shape[1], device=hidden.device)
         return dict(kwargs, **{_ROTARY: tuple(r.clone() for r in rotary)})
 
-    def project(self, transformer: QwenImageTransformer2DModel, hidden: torch.Tensor,
-                out_kwargs: dict[str, Any]) -> torch.Tensor:
+    def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
         return transformer.proj_out(transformer.norm_out(hidden, out_kwargs["temb"]))
-
-
-register_adapter((QwenImageTransformer2DModel,), QwenImageAdapter())

@@ -1,0 +1,14 @@
+"""CogView4: one list of blocks."""
+
+from __future__ import annotations
+
+from . import Family, register_family
+
+
+@register_family
+class Cogview4(Family):
+    name = "cogview4"
+    transformer = "CogView4Transformer2DModel"
+    pipelines = ("CogView4Pipeline",)
+    chains = (("transformer_blocks",),)
+    tested = True

@@ -1,0 +1,63 @@
+"""``cond``: the whole forward is ONE graph; the decision is ``torch.cond`` on a device predicate, the counters live
+on the device and the state is carried functionally. No host sync per step, no graph break, exportable
+(:func:`dbcache_compile.export`). Inductor disables CUDA graphs for any graph with a cond (torch 2.11-2.14), which
+:meth:`Cond.cudagraph_status` reports; ``torch.cond`` rejects tensor-subclass (torchao) weights. Needs a family with
+a prologue (the whole forward written out)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..compiled import CUDAGRAPH_MODES, compile_method
+from ..step import CacheStep, counters_from_host, fold_records, initial_counters
+from . import Lowering, register_lowering
+
+
+@register_lowering
+class Cond(Lowering):
+    name = "cond"
+    needs_prologue = True
+    captures = False
+    decides_on_device = True
+    exportable = True
+    runs_quantized = False
+    description = "one graph per step with torch.cond on a device predicate; no host sync; exportable"
+
+    def __init__(self, mode: Optional[str], options: dict[str, Any]) -> None:
+        super().__init__(mode, options)
+        self._cond_step: Any = None
+
+    def new_buffers(self, buffers: list[torch.Tensor]) -> None:
+        for buf in buffers:
+            torch._dynamo.mark_static_address(buf)
+
+    def prepare(self, state: Any) -> None:
+        """A branch allocated its buffers: its device counters, equal to its host counters."""
+        state.device_counters = counters_from_host(state, state.fn_residual.device)
+        torch._dynamo.mark_static_address(state.device_counters)
+
+    def start_generation(self, state: Any) -> None:
+        if state.device_counters is not None:
+            state.device_counters.copy_(initial_counters(state.device_counters.device))
+
+    def run_step(self, runtime: Any, state: Any, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        step_fns: CacheStep = runtime.whole_step
+        if self._cond_step is None:
+            self._cond_step = compile_method(CacheStep.cond_step, step_fns, self.options, self.compiled_fns)
+        step_t = torch.tensor(step, dtype=torch.int64, device=state.fn_residual.device)
+        out, pred, diff = self._cond_step(step_t, state.device_counters, state.fn_residual, state.ladder_h,
+                                          state.ladder_e, *args, **kwargs)
+        state.records.append((step, pred, diff))
+        return out
+
+    def fold(self, states: list[Any]) -> None:
+        fold_records(states)
+
+    def cudagraph_status(self, device: torch.device) -> str:
+        if device.type != "cuda":
+            return f"n/a ({device.type})"
+        if self.mode not in CUDAGRAPH_MODES:
+            return f"off (mode={self.mode})"
+        return "skipped: Inductor disables CUDA graphs for graphs with torch.cond (torch 2.11-2.14)"
