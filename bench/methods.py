@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 import dbcache_compile as dbc
-from dbcache_compile.adapters import adapter_for
+from dbcache_compile.families import family_for
 
 __all__ = ["PEERS", "Method", "Uncached", "Ours", "CacheDit", "FirstBlockCache", "peer_unavailable"]
 
@@ -180,7 +180,7 @@ class CacheDit(Method):
             self._target = pipe
         else:  # e.g. the digits pipeline: cache-dit's own adapter for the transformer's family, on this pipeline
             from cache_dit.caching.block_adapters.adapters import flux_adapter, qwenimage_adapter
-            family = flux_adapter if adapter_for(pipe.transformer).name == "flux" else qwenimage_adapter
+            family = flux_adapter if family_for(pipe.transformer).name == "flux" else qwenimage_adapter
             self._target = family(pipe)
         cache_dit.enable_cache(self._target, cache_config=cache_config, calibrator_config=calibrator)
         if self.compiled:

@@ -17,8 +17,9 @@ from typing import Any, Optional
 import torch
 
 from dbcache_compile import DBCacheConfig
-from dbcache_compile.adapters import adapter_for
-from dbcache_compile.optimize import COMPILE_MODES, GRAPHS
+from dbcache_compile.families import family_for
+from dbcache_compile.lowerings import GRAPHS
+from dbcache_compile.optimize import COMPILE_MODES
 from dbcache_compile.quantize import QUANTIZE_NAMES, check_fp8_supported
 
 from . import cp
@@ -229,10 +230,10 @@ def _execute(args: argparse.Namespace, rank: Optional[cp.RankContext]) -> int:
     if rank is not None:
         flops_note = (f"not counted under --cp {rank.world_size} (each rank runs a shard of the sequence; run without "
                       f"--cp for the TFLOPs columns)")
-    elif not _has_adapter_file(model.pipe.transformer):
+    elif not _has_prologue(model.pipe.transformer):
         flops_note = (f"not counted for {type(model.pipe.transformer).__name__}: the cached forward's FLOPs are "
-                      f"counted from an adapter file's embed / blocks / project (FLUX, Qwen-Image); this family runs "
-                      f"on the generic adapter")
+                      f"counted from a family's prologue embed / blocks / project (FLUX, Qwen-Image); this family runs "
+                      f"its own forward (no prologue)")
     if flops_note is not None:
         runner.flops.error = flops_note  # the runner skips counting
     started = datetime.datetime.now().astimezone()
@@ -255,13 +256,12 @@ def _execute(args: argparse.Namespace, rank: Optional[cp.RankContext]) -> int:
     return 1 if ours_failed else 0
 
 
-def _has_adapter_file(transformer: torch.nn.Module) -> bool:
-    """Whether the transformer has an explicit adapter (FLUX, Qwen-Image), which FLOP counting needs."""
+def _has_prologue(transformer: torch.nn.Module) -> bool:
+    """Whether the transformer's family writes out its prologue (FLUX, Qwen-Image), which FLOP counting needs."""
     try:
-        adapter_for(transformer)
+        return family_for(transformer).has_prologue
     except ValueError:
         return False
-    return True
 
 
 def _write(args: argparse.Namespace, model: Any, runner: Runner, configs: list[str], started: datetime.datetime,

@@ -27,9 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dbcache_compile import DBCacheConfig
-from dbcache_compile.adapters import adapter_for
 from dbcache_compile.flops import ForwardFlops, cached_forward_flops, full_forward_flops, generation_flops
-from dbcache_compile.generic import generic_adapter
+from dbcache_compile.families import family_for
 from dbcache_compile.quantize import default_filter, quantize_transformer, resolve_quantization
 
 from .measure import PeakMemory, TransformerTimer, timed_call
@@ -132,11 +131,8 @@ def _split(config: str) -> tuple[int, int]:
 
 
 def _block_lists(transformer: torch.nn.Module) -> tuple[str, ...]:
-    """The block lists of the transformer's adapter: its explicit one (FLUX, Qwen-Image), else the generic one."""
-    try:
-        return adapter_for(transformer).block_lists
-    except ValueError:
-        return generic_adapter(transformer).block_lists
+    """The block lists of the transformer's family (those optimize() caches)."""
+    return family_for(transformer).block_lists
 
 
 def quantization_of(mode: str) -> Optional[str]:
@@ -235,7 +231,7 @@ class Runner:
         self.quantized_mode: Optional[str] = None
         first = model.make_inputs(0, prompts[0])
         self.separate_cfg = (model.separate_cfg if model.separate_cfg is not None
-                             else adapter_for(model.pipe.transformer).separate_cfg(first))
+                             else family_for(model.pipe.transformer).separate_cfg(first))
 
     def method(self, spec: RowSpec) -> Method:
         mode = None if spec.mode == "eager" else self.compile_mode

@@ -636,7 +636,8 @@ class CacheRuntime(BranchedRuntime):
             # the model's own forward scales PEFT LoRA layers by `<attention kwargs>["scale"]` around the blocks
             self._whole_forward = apply_lora_scale(family.attention_kwargs)(self._whole)
         else:
-            call = self.impl.block_call(BLOCK_HOOK_NAME)
+            # one block call shared by the groups and the block-by-block steps (one compiled region per block class)
+            call = self._block_call = self.impl.block_call(BLOCK_HOOK_NAME)
             for names in family.chains:
                 lists = [list(getattr(transformer, n)) for n in names]
                 if fn > len(lists[0]) or bn > len(lists[-1]):
@@ -659,7 +660,7 @@ class CacheRuntime(BranchedRuntime):
         self.structure: dict[tuple[int, int], Any] = {}
         self.calls: Optional[list[_ChainCall]] = None
         #: how a block the model called runs block by block (a compiled region, or its own forward)
-        self._region = self.impl.block_call(BLOCK_HOOK_NAME) if self.impl.region_blocks else None
+        self._region = self._block_call if self.impl.region_blocks and not self.prologue else None
 
     # -------------------------------------------------------------------------------------------- interface
     @property

@@ -133,6 +133,10 @@ def no_views(t: Any) -> Any:
     return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
 
 
+def _plain(t: Any) -> Any:
+    return standard_strides(t) if isinstance(t, torch.Tensor) and t._base is not None else t
+
+
 def fresh_function(fn: Callable) -> Callable:
     """A copy of ``fn`` with its own code object. Dynamo keeps compiled entries (and its recompile limit, 8) per code
     object, so compiling a fresh copy per cached transformer gives each model its own budget: one server process
@@ -159,9 +163,10 @@ def run_block_hooks(region: Callable, block: torch.nn.Module, args: tuple, kwarg
     hooks = [registry.hooks[name] for name in reversed(order)] if registry is not None else []
     for hook in hooks:
         args, kwargs = hook.pre_forward(block, *args, **kwargs)
-    # a split's chunk is a view with the full tensor's strides: the other blocks' inputs are not (a recompile)
-    args = tuple(no_views(a) for a in args)
-    kwargs = {k: no_views(v) for k, v in kwargs.items()}
+    # a view makes Dynamo guard on its base, and a split's chunk is a view with the full tensor's strides, which the
+    # other blocks' inputs do not have (a recompile): views enter the region as standard-strided copies
+    args = tuple(_plain(a) for a in args)
+    kwargs = {k: _plain(v) for k, v in kwargs.items()}
     out = region(type(block).forward, block, args, kwargs)
     for hook in reversed(hooks):
         out = hook.post_forward(block, out)

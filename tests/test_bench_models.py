@@ -135,7 +135,7 @@ def test_run_wan_tiny_end_to_end(tmp_path):
     assert ours["per_prompt"]["cached_calls"][0] > 0
     assert data["meta"]["resolution"] == "32x32, 5 frames"
     table = (out / "results.md").read_text()
-    assert "random weights" in table and "generic adapter" in table
+    assert "random weights" in table and "its own forward (no prologue)" in table
 
 
 def test_full_size_models_are_refused_on_a_cpu(capsys):
