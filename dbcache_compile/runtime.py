@@ -676,6 +676,8 @@ class CacheRuntime(BranchedRuntime):
         return graphs
 
     def cudagraph_status(self) -> str:
+        if not self.prologue and self.impl.captures and not self.grouped:
+            return f"off ({self.family} runs block by block: {self.family_record.ungroupable})"
         return self.impl.cudagraph_status(next(self.transformer.parameters()).device)
 
     @property
