@@ -146,7 +146,6 @@ FAMILY_GRAPH_CASES = ["wan", "sd35", "flux2", "hunyuan_video"]
 
 def _family_graph_cases():
     import dbcache_compile.testing_families as tf
-    from dbcache_compile.families import family_for
     names = [n for n in tf.THRESHOLDS if n != "hidream"] + ["bria"]
     cases = [("cpu-emulated", name) for name in FAMILY_GRAPH_CASES]
     return cases + ([("cuda", name) for name in names] if CUDA else [])

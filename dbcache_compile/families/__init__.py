@@ -28,7 +28,7 @@ import importlib
 import inspect
 import pkgutil
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -73,10 +73,10 @@ class Embedded:
 
 
 class Family:
-    """One transformer class's caching recipe (module doc). Subclass it in a file of this package, set the class
-    attributes and decorate the class with :func:`register_family`; a family with a prologue also implements
-    :meth:`embed`, :meth:`project` and, to allocate its buffers before the first step, ``signature`` + ``embedder``
-    (:meth:`stream_shapes`)."""
+    """One transformer class's caching recipe (module doc): ``register_family(Family(name=..., transformer=...,
+    pipelines=..., chains=..., ...))`` in a file of this package. A family with a prologue subclasses it, implements
+    :meth:`embed`, :meth:`project` and, to allocate its buffers before the first step, sets ``signature`` +
+    ``embedder`` (:meth:`stream_shapes`), and decorates the class with :func:`register_family`."""
 
     #: short name (``"flux"``), the transformer class name, and the diffusers pipelines known to drive it
     name: str = ""
@@ -108,6 +108,12 @@ class Family:
     embedder: str = ""
     #: a one-line description for the README table's notes (optional)
     note: str = ""
+
+    def __init__(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            if name.startswith("_") or not hasattr(Family, name) or callable(getattr(Family, name)):
+                raise TypeError(f"Family has no field {name!r}")
+            setattr(self, name, value)
 
     # ------------------------------------------------------------------------------------------ structure
     @property
@@ -185,18 +191,19 @@ class Family:
 _REGISTRY: dict[str, Family] = {}  # transformer class name -> record
 
 
-def register_family(cls: type) -> type:
-    """Class decorator: register one instance of a :class:`Family` subclass (one family per transformer class)."""
-    family = cls()
-    if not family.name or not family.transformer or not family.chains:
-        raise TypeError(f"{cls.__name__}: a family needs name, transformer and chains")
+def register_family(record: Any) -> Any:
+    """Register a family: a :class:`Family` record, or (as a class decorator) a :class:`Family` subclass, of which
+    one instance is registered. One family per transformer class. Returns its argument."""
+    family = record() if isinstance(record, type) else record
+    if not isinstance(family, Family) or not family.name or not family.transformer or not family.chains:
+        raise TypeError(f"{record!r}: a family is a Family with a name, a transformer and chains")
     if family.cfg not in ("contexts", "separate", "batched"):
-        raise TypeError(f"{cls.__name__}.cfg must be 'contexts', 'separate' or 'batched', got {family.cfg!r}")
+        raise TypeError(f"family {family.name}: cfg must be 'contexts', 'separate' or 'batched', got {family.cfg!r}")
     other = _REGISTRY.get(family.transformer)
-    if other is not None and type(other).__qualname__ != cls.__qualname__:
+    if other is not None and other.name != family.name:
         raise TypeError(f"{family.transformer} has two families: {other.name!r} and {family.name!r}")
     _REGISTRY[family.transformer] = family
-    return cls
+    return record
 
 
 def _load() -> None:
@@ -284,8 +291,8 @@ def family_for(transformer: torch.nn.Module, generic: bool = False) -> Family:
 def _without_prologue(family: Family) -> Family:
     """``family`` with its prologue switched off (``optimize(adapter="generic")``: the model's own forward)."""
     record = _Synthesized(family.transformer, family.chains)
-    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "refused_lowerings", "ungroupable", "fused_qkv",
-                 "attention_kwargs", "default_true_cfg_scale", "tested"):
+    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "refused_lowerings", "ungroupable",
+                 "fused_qkv", "attention_kwargs", "default_true_cfg_scale", "tested"):
         setattr(record, attr, getattr(family, attr))
     return record
 

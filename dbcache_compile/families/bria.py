@@ -5,14 +5,8 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Bria(Family):
-    name = "bria"
-    transformer = "BriaTransformer2DModel"
-    pipelines = ("BriaPipeline",)
-    chains = (("transformer_blocks",), ("single_transformer_blocks",))
-    cfg = "batched"
-    contracts = {"BriaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
-                 "BriaSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")}
-    tested = True
+register_family(Family(name="bria", transformer="BriaTransformer2DModel", pipelines=("BriaPipeline",),
+                       chains=(("transformer_blocks",), ("single_transformer_blocks",)), cfg="batched",
+                       contracts={"BriaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
+                 "BriaSingleTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states")},
+                       tested=True))

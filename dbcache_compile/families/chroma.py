@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Chroma(Family):
-    name = "chroma"
-    transformer = "ChromaTransformer2DModel"
-    pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline")
-    chains = (("transformer_blocks",), ("single_transformer_blocks",))
-    cfg = "separate"
-    contracts = {"ChromaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
-                 "ChromaSingleTransformerBlock": (0, None, "hidden_states", None)}
-    ungroupable = "its forward slices a modulation of its own for each block (pooled_temb[:, 3 * i: 3 * i + 3])"
-    tested = True
+register_family(Family(name="chroma", transformer="ChromaTransformer2DModel",
+                       pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+                       chains=(("transformer_blocks",), ("single_transformer_blocks",)), cfg="separate",
+                       contracts={"ChromaTransformerBlock": (1, 0, "hidden_states", "encoder_hidden_states"),
+                                  "ChromaSingleTransformerBlock": (0, None, "hidden_states", None)},
+                       ungroupable="its forward slices a modulation of its own for each block "
+                                   "(pooled_temb[:, 3 * i: 3 * i + 3])", tested=True))

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Chronoedit(Family):
-    name = "chronoedit"
-    transformer = "ChronoEditTransformer3DModel"
-    pipelines = ("ChronoEditPipeline",)
-    chains = (("blocks",),)
-    cfg = "separate"
-    contracts = {"WanTransformerBlock": (0, None, "hidden_states", "encoder_hidden_states")}
-    tested = True
+register_family(Family(name="chronoedit", transformer="ChronoEditTransformer3DModel", pipelines=("ChronoEditPipeline",),
+                       chains=(("blocks",),), cfg="separate",
+                       contracts={"WanTransformerBlock": (0, None, "hidden_states", "encoder_hidden_states")},
+                       tested=True))

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 from . import CONTROL_INPUTS, Family, IP_ADAPTER_INPUTS, register_family
 
-
-@register_family
-class Flux2(Family):
-    name = "flux2"
-    transformer = "Flux2Transformer2DModel"
-    pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
-    chains = (("transformer_blocks",), ("single_transformer_blocks",))
-    unsupported = CONTROL_INPUTS + IP_ADAPTER_INPUTS + ("kv_cache", "kv_cache_mode")
-    tested = True
+register_family(Family(name="flux2", transformer="Flux2Transformer2DModel",
+                       pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
+                       chains=(("transformer_blocks",), ("single_transformer_blocks",)),
+                       unsupported=CONTROL_INPUTS + IP_ADAPTER_INPUTS + ("kv_cache", "kv_cache_mode"), tested=True))

@@ -7,17 +7,11 @@ from __future__ import annotations
 
 from . import Family, register_family
 
+_NO_COMPILE = ("its blocks' MoE feed-forward routes tokens with a data-dependent Python loop over experts "
+               "(MOEFeedForwardSwiGLU.moe_infer), which a fullgraph compile cannot trace")
 
-@register_family
-class Hidream(Family):
-    name = "hidream"
-    transformer = "HiDreamImageTransformer2DModel"
-    pipelines = ("HiDreamImagePipeline",)
-    chains = (("double_stream_blocks",), ("single_stream_blocks",))
-    cfg = "batched"
-    contracts = {"HiDreamBlock": (0, 1, "hidden_states", "encoder_hidden_states")}
-    refused_lowerings = dict.fromkeys(
-        ("segments", "regional", "cond"),
-        "its blocks' MoE feed-forward routes tokens with a data-dependent Python loop over experts "
-        "(MOEFeedForwardSwiGLU.moe_infer), which a fullgraph compile cannot trace")
-    tested = True
+register_family(Family(name="hidream", transformer="HiDreamImageTransformer2DModel",
+                       pipelines=("HiDreamImagePipeline",),
+                       chains=(("double_stream_blocks",), ("single_stream_blocks",)), cfg="batched",
+                       contracts={"HiDreamBlock": (0, 1, "hidden_states", "encoder_hidden_states")},
+                       refused_lowerings=dict.fromkeys(("segments", "regional", "cond"), _NO_COMPILE), tested=True))

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class HunyuanImage21(Family):
-    name = "hunyuan-image-2.1"
-    transformer = "HunyuanImageTransformer2DModel"
-    pipelines = ("HunyuanImagePipeline",)
-    chains = (("transformer_blocks",), ("single_transformer_blocks",))
-    tested = True
+register_family(Family(name="hunyuan-image-2.1", transformer="HunyuanImageTransformer2DModel",
+                       pipelines=("HunyuanImagePipeline",),
+                       chains=(("transformer_blocks",), ("single_transformer_blocks",)), tested=True))

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class HunyuanVideo(Family):
-    name = "hunyuan-video"
-    transformer = "HunyuanVideoTransformer3DModel"
-    pipelines = ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline")
-    chains = (("transformer_blocks",), ("single_transformer_blocks",))
-    tested = True
+register_family(Family(name="hunyuan-video", transformer="HunyuanVideoTransformer3DModel",
+                       pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
+                       chains=(("transformer_blocks",), ("single_transformer_blocks",)), tested=True))

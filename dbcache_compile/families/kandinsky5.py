@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Kandinsky5(Family):
-    name = "kandinsky5"
-    transformer = "Kandinsky5Transformer3DModel"
-    pipelines = ("Kandinsky5T2VPipeline",)
-    chains = (("visual_transformer_blocks",),)
-    cfg = "separate"
-    tested = True
+register_family(Family(name="kandinsky5", transformer="Kandinsky5Transformer3DModel",
+                       pipelines=("Kandinsky5T2VPipeline",), chains=(("visual_transformer_blocks",),), cfg="separate",
+                       tested=True))

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class LtxVideo(Family):
-    name = "ltx-video"
-    transformer = "LTXVideoTransformer3DModel"
-    pipelines = ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")
-    chains = (("transformer_blocks",),)
-    cfg = "batched"
-    tested = True
+register_family(Family(name="ltx-video", transformer="LTXVideoTransformer3DModel",
+                       pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+                       chains=(("transformer_blocks",),), cfg="batched", tested=True))

@@ -4,13 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Lumina2(Family):
-    name = "lumina2"
-    transformer = "Lumina2Transformer2DModel"
-    pipelines = ("Lumina2Pipeline",)
-    chains = (("layers",),)
-    cfg = "separate"
-    contracts = {"Lumina2TransformerBlock": (0, None, "hidden_states", None)}
-    tested = True
+register_family(Family(name="lumina2", transformer="Lumina2Transformer2DModel", pipelines=("Lumina2Pipeline",),
+                       chains=(("layers",),), cfg="separate",
+                       contracts={"Lumina2TransformerBlock": (0, None, "hidden_states", None)}, tested=True))

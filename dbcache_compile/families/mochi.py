@@ -4,12 +4,5 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Mochi(Family):
-    name = "mochi"
-    transformer = "MochiTransformer3DModel"
-    pipelines = ("MochiPipeline",)
-    chains = (("transformer_blocks",),)
-    cfg = "batched"
-    tested = True
+register_family(Family(name="mochi", transformer="MochiTransformer3DModel", pipelines=("MochiPipeline",),
+                       chains=(("transformer_blocks",),), cfg="batched", tested=True))

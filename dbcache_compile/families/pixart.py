@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Pixart(Family):
-    name = "pixart"
-    transformer = "PixArtTransformer2DModel"
-    pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-    chains = (("transformer_blocks",),)
-    cfg = "batched"
-    tested = True
+register_family(Family(name="pixart", transformer="PixArtTransformer2DModel",
+                       pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"), chains=(("transformer_blocks",),),
+                       cfg="batched", tested=True))

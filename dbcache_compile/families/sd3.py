@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Sd3(Family):
-    name = "sd3"
-    transformer = "SD3Transformer2DModel"
-    pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
-    chains = (("transformer_blocks",),)
-    cfg = "batched"
-    tested = True
+register_family(Family(name="sd3", transformer="SD3Transformer2DModel",
+                       pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+                       chains=(("transformer_blocks",),), cfg="batched", tested=True))

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class SkyreelsV2(Family):
-    name = "skyreels-v2"
-    transformer = "SkyReelsV2Transformer3DModel"
-    pipelines = ("SkyReelsV2Pipeline",)
-    chains = (("blocks",),)
-    contracts = {"SkyReelsV2TransformerBlock": (0, None, "hidden_states", None)}
-    tested = True
+register_family(Family(name="skyreels-v2", transformer="SkyReelsV2Transformer3DModel",
+                       pipelines=("SkyReelsV2Pipeline",), chains=(("blocks",),),
+                       contracts={"SkyReelsV2TransformerBlock": (0, None, "hidden_states", None)}, tested=True))

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class Wan(Family):
-    name = "wan"
-    transformer = "WanTransformer3DModel"
-    pipelines = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
-    chains = (("blocks",),)
-    tested = True
+register_family(Family(name="wan", transformer="WanTransformer3DModel",
+                       pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+                       chains=(("blocks",),), tested=True))

@@ -4,13 +4,6 @@ from __future__ import annotations
 
 from . import Family, register_family
 
-
-@register_family
-class ZImage(Family):
-    name = "z-image"
-    transformer = "ZImageTransformer2DModel"
-    pipelines = ("ZImagePipeline", "ZImageImg2ImgPipeline")
-    chains = (("layers",),)
-    cfg = "batched"
-    contracts = {"ZImageTransformerBlock": (0, None, "x", None)}
-    tested = True
+register_family(Family(name="z-image", transformer="ZImageTransformer2DModel",
+                       pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline"), chains=(("layers",),), cfg="batched",
+                       contracts={"ZImageTransformerBlock": (0, None, "x", None)}, tested=True))

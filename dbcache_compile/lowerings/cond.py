@@ -17,13 +17,9 @@ from . import Lowering, register_lowering
 
 @register_lowering
 class Cond(Lowering):
-    name = "cond"
-    needs_prologue = True
-    captures = False
-    decides_on_device = True
-    exportable = True
-    runs_quantized = False
-    description = "one graph per step with torch.cond on a device predicate; no host sync; exportable"
+    name, description = "cond", "one graph per step with torch.cond on a device predicate; no host sync; exportable"
+    needs_prologue = decides_on_device = exportable = True
+    captures = runs_quantized = False
 
     def __init__(self, mode: Optional[str], options: dict[str, Any]) -> None:
         super().__init__(mode, options)
