@@ -11,6 +11,8 @@ Subcommands (each a module of this package with ``configure(parser)``, an option
 * ``cold-start``: time to first image from a fresh process, AOTInductor package vs compiling (:mod:`bench.cold_start`).
 * ``lowerings``: cond vs segments vs regional on the digits model (:mod:`bench.lowerings`).
 * ``threshold-shift``: how quantization moves the residual diffs DBCache thresholds (:mod:`bench.threshold_shift`).
+* ``sweep``: a notebook's config sweep (optimize → generate → disable, a new config each cycle): graphs compiled,
+  memory and time per cycle (:mod:`bench.sweep`).
 * ``soak``: many generations over a shape / config / lowering mix on the tiny models, with interruptions: exceptions,
   recompiles, bit-identity after an interruption, memory growth (:mod:`bench.soak`).
 
@@ -36,6 +38,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cold-start": ("cold_start", "time to first image from a fresh process: AOTInductor package vs compiling"),
     "lowerings": ("lowerings", "cond vs segments vs regional on the digits model: compile and steady time"),
     "threshold-shift": ("threshold_shift", "how quantization moves the residual diffs that DBCache thresholds"),
+    "sweep": ("sweep", "optimize -> generate -> disable with a new config per cycle: graphs, memory, time"),
     "soak": ("soak", "N generations over a shape / config / lowering mix: exceptions, recompiles, memory"),
 }
 

@@ -258,11 +258,17 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
     applied = Applied(attention=backend, fused_qkv=fuse_qkv, undo=undo,
                       created_registry=not hasattr(transformer, "_diffusers_hook"))
     # the runtime is built before anything changes (building it validates the block layout and touches nothing)
+    # what changes the compiled graphs besides the functions, their options and the block split: the compile store's
+    # key (dbcache_compile.compiled), so that another optimize of the same model class and config reuses them
+    store_key = (_model_key(transformer), family.name, family.has_prologue, _quantization_key(quantize), fuse_qkv,
+                 backend)
     if config is None:
-        rt: Any = UncachedRuntime(transformer, family.blocks(transformer), mode, options, lowering, applied)
+        rt: Any = UncachedRuntime(transformer, family.blocks(transformer), mode, options, lowering, applied,
+                                  store_key)
         hook: Any = UncachedHook(rt)
     else:
-        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, pipeline)
+        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, pipeline,
+                          store_key)
         hook = CacheHook(rt)
 
     def apply() -> None:
@@ -287,6 +293,21 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
         registry.invalidate_child_registries_cache()
 
     return apply
+
+
+def _model_key(transformer: torch.nn.Module) -> tuple:
+    """The transformer's class and a digest of its config: two models with the same key trace the same graphs."""
+    import hashlib
+    import json
+    config = json.dumps(dict(getattr(transformer, "config", {}) or {}), sort_keys=True, default=str)
+    cls = type(transformer)
+    return cls.__module__, cls.__qualname__, hashlib.sha1(config.encode()).hexdigest()
+
+
+def _quantization_key(quantize: Any) -> Any:
+    if quantize is None or isinstance(quantize, str):
+        return quantize
+    return type(quantize).__module__, type(quantize).__qualname__, repr(quantize)
 
 
 def disable(pipe: Any) -> Any:

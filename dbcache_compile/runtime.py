@@ -33,7 +33,6 @@ family without a prologue, a hook on every cached block; the cache state is kept
 from __future__ import annotations
 
 import dataclasses
-import types
 import weakref
 from typing import Any, Callable, Optional
 
@@ -67,8 +66,8 @@ from .lowerings import Lowering, lowerings_for  # noqa: E402
 from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
 from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
-from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fresh_function,  # noqa: E402
-                   no_views, run_block_hooks, transformer_output)
+from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, no_views,  # noqa: E402
+                   run_block_hooks, transformer_output)
 
 __all__ = ["HOOK_NAME", "BLOCK_HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime",
            "BranchedRuntime", "CacheRuntime", "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch",
@@ -344,6 +343,12 @@ class Runtime:
         return {}
 
     @property
+    def compiled_graphs(self) -> dict[str, int]:
+        """``{"reused": n, "compiled": m}``: Dynamo graphs this runtime took from the process-wide store of compiled
+        functions, and those compiled while it ran (:mod:`dbcache_compile.compiled`)."""
+        return {"reused": 0, "compiled": 0}
+
+    @property
     def graphs(self) -> Optional[SegmentGraphs]:
         """The hand-captured segment graphs, else ``None``."""
         return None
@@ -487,7 +492,8 @@ class BranchedRuntime(Runtime):
             prologue=self.prologue,
             branches={n: {"calls": states[n].calls, "cached_steps": list(states[n].cached_steps)} for n in order
                       if n in states}, compile_fallbacks=dict(self.compile_fallbacks),
-            lowerings=tuple(self.supported_lowerings), chains=self._chain_summaries(order))
+            lowerings=tuple(self.supported_lowerings), chains=self._chain_summaries(order),
+            compiled_graphs=dict(self.compiled_graphs))
 
 
 def forward_replacing_hooks(transformer: torch.nn.Module) -> list[str]:
@@ -603,9 +609,9 @@ class CacheRuntime(BranchedRuntime):
 
     def __init__(self, transformer: torch.nn.Module, family: Any, config: DBCacheConfig, lowering: type[Lowering],
                  mode: Optional[str], options: dict[str, Any], applied: Applied,
-                 watch: Optional[GenerationWatch] = None, pipeline: Any = None) -> None:
+                 watch: Optional[GenerationWatch] = None, pipeline: Any = None, store_key: tuple = ()) -> None:
         fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
-        self.impl = lowering(mode, options)
+        self.impl = lowering(mode, options, (*store_key, fn, bn, config.taylorseer_terms))
         self.lowering = lowering.name
         self.mode = mode
         self.family = family.name
@@ -683,6 +689,10 @@ class CacheRuntime(BranchedRuntime):
     @property
     def compile_fallbacks(self) -> dict[str, int]:
         return self.impl.compiled_fns.fallbacks
+
+    @property
+    def compiled_graphs(self) -> dict[str, int]:
+        return self.impl.compiled_fns.graphs
 
     def release(self) -> None:
         self.impl.compiled_fns.release()
@@ -1125,26 +1135,26 @@ class UncachedRuntime(Runtime):
     block_hook_name = REGION_HOOK_NAME
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
-                 options: Optional[dict], lowering: type[Lowering], applied: Applied) -> None:
+                 options: Optional[dict], lowering: type[Lowering], applied: Applied, store_key: tuple = ()) -> None:
         self.mode = mode
         self.transformer = transformer
         self.applied = applied
         self._graphs: Optional[SegmentGraphs] = None
         self.regional_blocks: list[torch.nn.Module] = []
         self._compiled: Optional[Callable] = None
-        self.compiled = CompiledSet()
+        self.compiled = CompiledSet(("uncached", *store_key))
         if mode is not None and lowering.region_blocks:
             regions: dict[type, Callable] = {}
             opts = regional_options(options or {})
             for block in blocks:
-                if type(block) not in regions:
-                    regions[type(block)] = self.compiled.compile(type(block).__name__, fresh_function(_region_body),
-                                                                 opts)
+                cls = type(block)
+                if cls not in regions:
+                    regions[cls] = self.compiled.compile(cls.__name__, _region_body, opts, structural=False,
+                                                         extra=(cls.__module__, cls.__qualname__))
                 self.regional_blocks.append(block)
             self.block_hooks = {block: RegionHook(regions[type(block)]) for block in blocks}
         elif mode is not None:
-            forward = fresh_function(type(transformer).forward)  # its own compiled entries (step.fresh_function)
-            self._compiled = self.compiled.compile("forward", types.MethodType(forward, transformer), options)
+            self._compiled = self.compiled.compile_method("forward", type(transformer).forward, transformer, options)
 
     @property
     def graphs(self) -> Optional[SegmentGraphs]:
@@ -1153,6 +1163,10 @@ class UncachedRuntime(Runtime):
     @property
     def compile_fallbacks(self) -> dict[str, int]:
         return self.compiled.fallbacks
+
+    @property
+    def compiled_graphs(self) -> dict[str, int]:
+        return self.compiled.graphs
 
     def use_segment_graphs(self, emulate: bool = False) -> SegmentGraphs:
         """``regional``: run the forward as a hand-captured CUDA graph (automatic on CUDA with a CUDA-graph mode);

@@ -41,6 +41,9 @@ class CacheSummary:
             ``residual_diffs`` above are the first chain's.
         lowerings: the lowerings the family can run (``optimize(graph=...)``).
         transformers: the pipeline's other denoisers (``"transformer_2"`` of Wan 2.2), each its own summary.
+        compiled_graphs: ``{"reused": n, "compiled": m}``: Dynamo graphs taken from the process-wide store of
+            compiled functions (compiled by an earlier ``optimize`` of the same model class, config, lowering and
+            block split) and graphs compiled while this runtime ran.
     """
 
     config: str
@@ -66,6 +69,7 @@ class CacheSummary:
     chains: dict[str, dict] = dataclasses.field(default_factory=dict)
     transformers: dict[str, "CacheSummary"] = dataclasses.field(default_factory=dict)
     lowerings: tuple[str, ...] = ()
+    compiled_graphs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def compute_steps(self) -> list[int]:
@@ -131,4 +135,7 @@ class CacheSummary:
             lines.append(f"  {name}: " + str(other).replace("\n", "\n  "))
         if self.compile_fallbacks:
             lines.append(f"  recompile limit reached, calls run uncompiled: {self.compile_fallbacks}")
+        if self.mode is not None and self.compiled_graphs:
+            lines.append(f"  graphs: {self.compiled_graphs.get('reused', 0)} reused from the compile store, "
+                         f"{self.compiled_graphs.get('compiled', 0)} compiled")
         return "\n".join(lines)

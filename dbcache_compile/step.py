@@ -194,8 +194,9 @@ def region_call(options: dict[str, Any], compiled: Any, skip_hook: Optional[str]
     def call(block: torch.nn.Module, io: BlockIO, args: tuple, kwargs: dict) -> Any:
         region = regions.get(type(block))
         if region is None:
-            region = regions[type(block)] = compiled.compile(type(block).__name__, fresh_function(_region_body),
-                                                             options)
+            cls = type(block)
+            region = regions[cls] = compiled.compile(cls.__name__, _region_body, options, structural=False,
+                                                     extra=(cls.__module__, cls.__qualname__))
         return run_block_hooks(region, block, args, kwargs, skip_hook)
 
     call.regions = regions  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..compiled import CUDAGRAPH_MODES, CompiledSet, compile_method, regional_options
+from ..compiled import CUDAGRAPH_MODES, CompiledSet, regional_options
 from ..cudagraphs import SegmentGraphs
 from ..step import BlockCall, call_block, plain_call, region_call
 
@@ -64,11 +64,12 @@ class Lowering:
     #: why a combination is refused: ``(condition, message)`` pairs are checked by :meth:`check`
     description = ""
 
-    def __init__(self, mode: Optional[str], options: dict[str, Any]) -> None:
+    def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = ()) -> None:
         self.mode = mode
         self.options = dict(options)
-        #: the functions this lowering compiled (fallback counts; released by disable())
-        self.compiled_fns = CompiledSet()
+        #: the compiled functions this lowering uses, from the process-wide store under ``store_key`` (what changes
+        #: its graphs: :mod:`dbcache_compile.compiled`)
+        self.compiled_fns = CompiledSet((self.name, *store_key))
         #: a value that changes what segments compute without being their argument (the LoRA scale); set by the
         #: runtime before each step, part of a hand-captured graph's key
         self.variant: Any = None
@@ -118,7 +119,7 @@ class Lowering:
             run = fn
             if self.compile_segments:
                 options = regional_options(self.options) if self.captures else self.options
-                run = compile_method(fn.__func__, fn.__self__, options, self.compiled_fns)
+                run = self.compiled_fns.compile_method(name, fn, fn.__self__, options)
             self._segment_fns[name] = run
         if self.graphs is None:
             return run(*args, **(kwargs or {}))

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..compiled import CUDAGRAPH_MODES, compile_method
+from ..compiled import CUDAGRAPH_MODES
 from ..step import CacheStep, counters_from_host, fold_records, initial_counters
 from . import Lowering, register_lowering
 
@@ -21,8 +21,8 @@ class Cond(Lowering):
     needs_prologue = decides_on_device = exportable = True
     captures = runs_quantized = False
 
-    def __init__(self, mode: Optional[str], options: dict[str, Any]) -> None:
-        super().__init__(mode, options)
+    def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = ()) -> None:
+        super().__init__(mode, options, store_key)
         self._cond_step: Any = None
 
     def new_buffers(self, buffers: list[torch.Tensor]) -> None:
@@ -41,7 +41,8 @@ class Cond(Lowering):
     def run_step(self, runtime: Any, state: Any, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
         step_fns: CacheStep = runtime.whole_step
         if self._cond_step is None:
-            self._cond_step = compile_method(CacheStep.cond_step, step_fns, self.options, self.compiled_fns)
+            self._cond_step = self.compiled_fns.compile_method("cond_step", CacheStep.cond_step, step_fns,
+                                                               self.options)
         step_t = torch.tensor(step, dtype=torch.int64, device=state.fn_residual.device)
         out, pred, diff = self._cond_step(step_t, state.device_counters, state.fn_residual, state.ladder_h,
                                           state.ladder_e, *args, **kwargs)
