@@ -267,8 +267,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
                                   store_key)
         hook: Any = UncachedHook(rt)
     else:
-        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, pipeline,
-                          store_key)
+        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, store_key)
         hook = CacheHook(rt)
 
     def apply() -> None:

@@ -18,9 +18,11 @@ family without a prologue, a hook on every cached block; the cache state is kept
   ``cache_context("uncond")`` (FLUX with true CFG, Qwen-Image, Wan, ...; ``"cond_uncond"`` for batched CFG). Each
   context name is one branch with its own buffers, counters, decisions and TaylorSeer ladder, and its step index is
   the number of its own calls in the generation: separate CFG is what the pipeline does, never guessed from call
-  parity. Calls outside any context (a bare transformer, a custom loop) form one branch, or, with
-  ``enable_separate_cfg=True`` (or a family whose pipelines make unnamed CFG calls), alternate between ``cond`` and
-  ``uncond`` (cache-dit's rule). With ``enable_separate_cfg=False`` every context shares one branch.
+  parity. A call outside any context (pipelines that do not name their CFG calls, a bare transformer) belongs to
+  the branch whose conditioning tensors it passes, and a call of the same step (the same latents) with other
+  conditioning opens the next branch (:meth:`InputWatch.slot_of`); with ``enable_separate_cfg=True`` such calls
+  alternate between ``cond`` and ``uncond`` (cache-dit's rule). With ``enable_separate_cfg=False`` every context
+  shares one branch.
 * **Generations.** A call continues its branch's generation only when it passes the very conditioning tensors the
   previous call of the same kind passed (:class:`InputWatch`: no device read); a call that raised ends the
   generation (its state may be half updated); so do the pipeline's end-of-call reset ``maybe_free_model_hooks()``
@@ -116,12 +118,9 @@ class Branches(StateManager):
     ``transformer.cache_context(name)`` selects the branch. Unlike diffusers' caches, a reset keeps each branch's
     buffers (graphs are captured over them) and only marks the generation finished."""
 
-    def __init__(self, terms: int, separate: Optional[bool], unnamed_cfg: Optional[Callable[[], bool]] = None) -> None:
+    def __init__(self, terms: int, separate: Optional[bool]) -> None:
         super().__init__(BranchState, (terms,), {})
         self.separate = separate
-        #: for a family whose pipelines run CFG as two calls without a cache context: whether this call's pipeline
-        #: does (its CFG is on); such calls then alternate between ``cond`` and ``uncond``
-        self.unnamed_cfg = unnamed_cfg
         self.finished = True  # the next forward starts a generation
         self.order: list[str] = []  # branch names in first-use order, this generation
         self.contexts: list[str] = []  # context names entered this generation
@@ -131,28 +130,32 @@ class Branches(StateManager):
     def states(self) -> dict[str, BranchState]:
         return self._state_cache
 
+    @property
+    def context(self) -> Optional[str]:
+        return self._context.name if self._context is not None else None
+
+    @property
+    def by_inputs(self) -> bool:
+        """Whether this call's branch comes from its inputs (:meth:`InputWatch.slot_of`): a call outside any cache
+        context with ``enable_separate_cfg=None``."""
+        return self._context is None and self.separate is None
+
     def peek(self) -> str:
-        """The branch name the call about to run gets (no side effect)."""
-        context = self._context.name if self._context is not None else None
+        """The branch name the call about to run gets when its branch does not come from its inputs."""
         if self.separate is False:
             return "cond"
-        if context is not None:
-            return context
-        if self.separate or (self.separate is None and self.unnamed_cfg is not None and self.unnamed_cfg()):
+        if self._context is not None:
+            return self._context.name
+        if self.separate:
             return "cond" if self.calls % 2 == 0 else "uncond"
         return "cond"
 
-    def input_slot(self) -> str:
-        """Where the call's conditioning inputs are compared with those of the previous call of the same kind: its
-        cache context, else its branch (``enable_separate_cfg=False`` merges contexts whose inputs differ)."""
-        return self._context.name if self._context is not None else self.peek()
-
-    def current(self) -> tuple[str, BranchState]:
-        """The branch of the call about to run."""
-        context = self._context.name if self._context is not None else None
+    def current(self, name: Optional[str] = None) -> tuple[str, BranchState]:
+        """The branch of the call about to run (``name``: told by the inputs)."""
+        context = self.context
         if context is not None and context not in self.contexts:
             self.contexts.append(context)
-        name = self.peek()
+        name = name or self.peek()
         state = self._state_cache.get(name)
         if state is None:
             state = self._state_cache[name] = self._state_cls(*self._init_args)
@@ -244,9 +247,10 @@ class InputWatch:
     between steps). Identity is held through weak references, so a freed tensor whose address Python reuses never
     looks like the old one. No device value is read: no host sync.
 
-    "Of the same kind" is the call's cache context, else its branch (calls without a context alternate cond/uncond
-    with ``enable_separate_cfg``). A call with no conditioning tensor at all proves nothing and continues; a bare
-    caller then ends generations with :func:`dbcache_compile.reset`."""
+    "Of the same kind" is the call's cache context; a call outside any context belongs to the branch whose
+    conditioning it passes (:meth:`slot_of`: so cond / uncond calls that a pipeline does not name are told apart by
+    their inputs), or with ``enable_separate_cfg=True`` alternates cond / uncond. A call with no conditioning tensor at
+    all proves nothing and continues; a bare caller then ends generations with :func:`dbcache_compile.reset`."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         import inspect
@@ -257,8 +261,10 @@ class InputWatch:
         self.params = params
         self.step_inputs = STEP_INPUT_NAMES | set(params[:1])
         self._last: dict[str, list[weakref.ref]] = {}
-        #: the conditioning tensors of the call in progress as its caller passed them (:meth:`capture`)
-        self._pending: Optional[list[torch.Tensor]] = None
+        #: the latents of the last call (a weak reference): the next call runs the same step if it passes them too
+        self._latents: Optional[weakref.ref] = None
+        #: the inputs of the call in progress as its caller passed them (:meth:`capture`)
+        self._pending: Optional[tuple[list[torch.Tensor], Optional[torch.Tensor]]] = None
         #: generations in a row that the rule started after a single call (a caller passing new tensors every step)
         self._short_runs = 0
         self.warned = False
@@ -273,16 +279,40 @@ class InputWatch:
                 _tensor_leaves(value, out)
         return out
 
+    def latents(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The call's latents: its first forward parameter (``hidden_states``, Z-Image's ``x``: its first tensor)."""
+        value = args[0] if args else kwargs.get(self.params[0] if self.params else "hidden_states",
+                                                kwargs.get("hidden_states"))
+        leaves: list[torch.Tensor] = []
+        _tensor_leaves(value, leaves)
+        return leaves[0] if leaves else None
+
     def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """A ``torch`` forward pre-hook (registered with ``with_kwargs=True``): it runs in ``Module.__call__``,
         before any wrapper of ``forward`` — accelerate's offload hooks copy every input to the execution device at
         each call, so identity is only meaningful as the caller passed the tensors."""
-        self._pending = self.conditioning(args, kwargs)
+        self._pending = self.conditioning(args, kwargs), self.latents(args, kwargs)
 
-    def take(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        """The conditioning tensors of this call: as captured by :meth:`capture`, else from these arguments."""
+    def take(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """The conditioning tensors and the latents of this call: as captured by :meth:`capture`, else from these
+        arguments."""
         pending, self._pending = self._pending, None
-        return pending if pending is not None else self.conditioning(args, kwargs)
+        return pending if pending is not None else (self.conditioning(args, kwargs), self.latents(args, kwargs))
+
+    def slot_of(self, tensors: list[torch.Tensor], latents: Optional[torch.Tensor]) -> Optional[str]:
+        """The branch of a call outside any cache context, from the call pattern: the branch whose last call passed
+        these very conditioning tensors; a new branch (``"uncond"``, then ``"branch2"``, ...) when the call runs the
+        same step as the previous call (the very same latents) with other conditioning (pipelines that make their
+        cond / uncond calls without naming them: FLUX.1 Kontext / img2img / ControlNet with true CFG, Chroma,
+        Lumina 2, ...); ``None`` when the call starts a new generation."""
+        for name, refs in self._last.items():
+            if len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors)):
+                return name
+        if not self._last:
+            return "cond"
+        if latents is not None and self._latents is not None and self._latents() is latents:
+            return "uncond" if len(self._last) == 1 else f"branch{len(self._last)}"
+        return None
 
     def moved_on(self, slot: str, tensors: list[torch.Tensor]) -> bool:
         """Whether these conditioning tensors differ from those of the previous call in ``slot``."""
@@ -291,11 +321,13 @@ class InputWatch:
             return False
         return len(last) != len(tensors) or any(ref() is not t for ref, t in zip(last, tensors))
 
-    def record(self, slot: str, tensors: list[torch.Tensor]) -> None:
+    def record(self, slot: str, tensors: list[torch.Tensor], latents: Optional[torch.Tensor]) -> None:
         self._last[slot] = [weakref.ref(t) for t in tensors]
+        self._latents = weakref.ref(latents) if latents is not None else None
 
     def clear(self) -> None:
         self._last = {}
+        self._latents = None
 
     def note_restart(self, calls_in_last_generation: int) -> None:
         """Warn once when every generation the rule starts had one call: the caller passes new conditioning tensors at
@@ -374,13 +406,12 @@ class BranchedRuntime(Runtime):
     generations, the per-call bookkeeping, the summary."""
 
     def __init__(self, transformer: torch.nn.Module, config: DBCacheConfig, applied: Applied,
-                 watch: Optional[GenerationWatch], num_blocks: int,
-                 unnamed_cfg: Optional[Callable[[], bool]] = None) -> None:
+                 watch: Optional[GenerationWatch], num_blocks: int) -> None:
         self.transformer = transformer
         self.cache_config = config
         self.applied = applied
         self.num_blocks = num_blocks
-        self.branches = Branches(config.taylorseer_terms, config.enable_separate_cfg, unnamed_cfg)
+        self.branches = Branches(config.taylorseer_terms, config.enable_separate_cfg)
         self.watch = watch
         self.inputs = InputWatch(transformer)
         self._generation = 0
@@ -430,13 +461,20 @@ class BranchedRuntime(Runtime):
     def _begin(self, args: tuple, kwargs: dict) -> tuple[BranchState, int, tuple]:
         """Pick the branch of this call (starting a generation where one starts): ``(state, step, input key)``."""
         generation = self.watch.poll() if self.watch is not None else 0
-        slot = self.branches.input_slot()
-        conditioning = self.inputs.take(args, kwargs)
-        moved_on = not self.branches.finished and self.inputs.moved_on(slot, conditioning)
+        conditioning, latents = self.inputs.take(args, kwargs)
+        by_inputs = self.branches.by_inputs
+        if by_inputs:
+            slot = self.inputs.slot_of(conditioning, latents) if not self.branches.finished else "cond"
+            moved_on = slot is None
+        else:
+            slot = self.branches.context or self.branches.peek()
+            moved_on = not self.branches.finished and self.inputs.moved_on(slot, conditioning)
         if self.branches.finished or generation != self._generation or moved_on:
             if moved_on:
                 self.inputs.note_restart(self.branches.calls)
             self.inputs.clear()
+            if by_inputs:
+                slot = "cond"
             self._generation = generation
             self._check_generation_start()
             self.branches.start_generation(self._on_new_generation)
@@ -444,8 +482,8 @@ class BranchedRuntime(Runtime):
             if group is not None:
                 check_plan(self.transformer, self._plan_chains())
                 check_same_config(self.cache_config, group, next(self.transformer.parameters()).device)
-        self.inputs.record(slot, conditioning)
-        name, state = self.branches.current()
+        self.inputs.record(slot, conditioning, latents)
+        name, state = self.branches.current(slot if by_inputs else None)
         key = input_key(args, kwargs)
         if state.calls and state.key != key:  # new inputs mid-generation: this branch starts over
             self.branches.check_new_signature(name)
@@ -609,7 +647,7 @@ class CacheRuntime(BranchedRuntime):
 
     def __init__(self, transformer: torch.nn.Module, family: Any, config: DBCacheConfig, lowering: type[Lowering],
                  mode: Optional[str], options: dict[str, Any], applied: Applied,
-                 watch: Optional[GenerationWatch] = None, pipeline: Any = None, store_key: tuple = ()) -> None:
+                 watch: Optional[GenerationWatch] = None, store_key: tuple = ()) -> None:
         fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
         self.impl = lowering(mode, options, (*store_key, fn, bn, config.taylorseer_terms))
         self.lowering = lowering.name
@@ -618,7 +656,6 @@ class CacheRuntime(BranchedRuntime):
         self.family_record = family
         self.prologue = family.has_prologue
         self.supported_lowerings = lowerings_for(family)
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         name = type(transformer).__name__
         ios: dict[type, BlockIO] = {}
         for block in family.blocks(transformer):
@@ -629,7 +666,6 @@ class CacheRuntime(BranchedRuntime):
                                      f"diffusers' TransformerBlockRegistry nor in the {family.name} family's "
                                      f"contracts)")
                 ios[type(block)] = BlockIO(type(block), contract)
-        unnamed = self._unnamed_cfg if family.cfg == "separate" else None
         self.chains: list[GroupStep] = []
         self.block_hooks: dict = {}
         if self.prologue:
@@ -656,7 +692,7 @@ class CacheRuntime(BranchedRuntime):
             num_blocks = sum(len(c.blocks) for c in self.chains)
             self.block_hooks = {block: BlockHook(self, c, i) for c, chain in enumerate(self.chains)
                                 for i, block in enumerate(chain.blocks)}
-        super().__init__(transformer, config, applied, watch, num_blocks, unnamed)
+        super().__init__(transformer, config, applied, watch, num_blocks)
         self.block_hook_name = BLOCK_HOOK_NAME
         self.unsupported = family.unsupported
         self.regional_blocks = family.blocks(transformer) if self.impl.region_blocks else []
@@ -712,15 +748,6 @@ class CacheRuntime(BranchedRuntime):
 
     def _fold(self) -> None:
         self.impl.fold(list(self.branches.states.values()))
-
-    def _unnamed_cfg(self) -> bool:
-        """Whether this call's pipeline runs cond and uncond as two calls without naming them (its CFG is on)."""
-        pipeline = self._pipeline() if self._pipeline is not None else None
-        if pipeline is None:
-            return False
-        if hasattr(pipeline, "do_classifier_free_guidance"):
-            return bool(pipeline.do_classifier_free_guidance)
-        return float(getattr(pipeline, "guidance_scale", 1.0) or 1.0) > 1.0  # Kandinsky 5: no property
 
     def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
         fn, bn = self.cache_config.Fn_compute_blocks, self.cache_config.Bn_compute_blocks

@@ -946,6 +946,9 @@ CFG_COUNT_CASES: dict[str, tuple[float, bool]] = {
     # FLUX.2 [klein] base: true CFG as a second call ("uncond" context), cache-dit's Flux adapter says no separate
     # CFG. Its tiny diffs are ~1 (random weights): 0.99 is the smallest of the thresholds that caches.
     "flux2_klein": (0.99, True),
+    # FLUX.1 Kontext with true CFG: cond and uncond as two unnamed calls per step (no cache context); we tell them
+    # apart by their conditioning tensors, cache-dit's Flux adapter counts them as two steps
+    "flux_kontext_true_cfg": (0.35, True),
 }
 
 #: Families with a golden graph record (graphs/family-<name>-regional.json): every tiny family of a supported model
