@@ -74,7 +74,7 @@ def execute(args: argparse.Namespace) -> int:
     body = [f"Tiny FLUX (`dbcache_compile.testing`), `graph={args.graph!r}`, mode `{args.mode}`, {args.steps} steps, "
             f"compile store limit {dbc.compile_store_limit()}.", "",
             f"- Dynamo graphs compiled after the first cycle: **{new_graphs}**",
-            f"- Resident memory over cycles 2..{len(rows)}: **{growth:+.1f} MiB**",
+            f"- Resident memory after cycle 1 → after cycle {len(rows)}: **{growth:+.1f} MiB**",
             f"- First cycle {rows[0]['seconds']} s; later cycles median "
             f"{sorted(r['seconds'] for r in later)[len(later) // 2] if later else 'n/a'} s", "",
             *markdown_table(["cycle", "config", "seconds", "dynamo graphs", "reused", "compiled", "cached steps",
