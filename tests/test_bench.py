@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cp
+from bench import cp, soak
 from bench.cli import SUBCOMMANDS, main, parse_args
 from bench.measure import run_child
-from bench.methods import PEERS, CacheDit, FirstBlockCache, peer_unavailable
+from bench.methods import PEERS, CacheDit, FirstBlockCache, peer_unavailable, uncached_graph
 from bench.ranks import RankError, RankTimeout, launch
 from bench.metrics import Scorers, psnr, ssim
 from bench.report import COLUMNS, baseline_of, speedups
 from bench.runner import REFERENCE, RowResult, RowSpec, explicit_rows, plan_rows
+from dbcache_compile.lowerings import GRAPHS, lowering_named, registered
 from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,37 @@ def test_no_import_cycle_among_bench_modules():
     for module in sorted(modules):
         if module not in state:
             visit(module, [])
+
+
+def test_bench_lists_of_lowerings_come_from_the_registry():
+    """bench/ iterates over lowerings named by the registry of dbcache_compile.lowerings, not by literals: the soak's
+    mix is every registered lowering plus a ``-graphs`` variant of each that captures segments by hand, and the
+    uncached only where it runs without a cache; the uncached baseline of a lowering that decides on the device
+    compiles whole segments; the library CLI's ``--graph`` choices are ``GRAPHS`` (calibrate: those whose lowering
+    does not decide on the device)."""
+    names = [c.name for c in registered()]
+    assert soak.LOWERINGS[:len(names)] == tuple(names)
+    assert {soak.lowering_of(name)[0].name for name in soak.LOWERINGS} == set(names)
+    for name in soak.LOWERINGS[len(names):]:
+        lowering, graphs = soak.lowering_of(name)
+        assert graphs and lowering.captures and name == lowering.name + soak.GRAPHS_SUFFIX
+        assert soak.runs_uncached(name) == lowering.region_blocks  # uncached, only block regions are captured
+    assert [soak.runs_uncached(n) for n in names] == [c.compiled and not c.decides_on_device for c in registered()]
+    for graph in GRAPHS:
+        baseline = uncached_graph(graph)
+        assert baseline in GRAPHS and (baseline == "auto" or not lowering_named(baseline).decides_on_device)
+        assert (baseline == graph) == (graph == "auto" or not lowering_named(graph).decides_on_device)
+    from dbcache_compile.cli import main as library_main
+    for command, choices in (("demo", set(GRAPHS)),
+                             ("calibrate", {g for g in GRAPHS if g == "auto"
+                                            or not lowering_named(g).decides_on_device})):
+        with pytest.raises(SystemExit):
+            library_main([command, "--graph", "no-such-lowering"])
+        for graph in choices:  # every choice parses (the run itself is not started: --help exits first)
+            with pytest.raises(SystemExit) as info:
+                library_main([command, "--graph", graph, "--help"])
+            assert info.value.code == 0
+    assert "cond" not in {g for g in GRAPHS if g != "auto" and not lowering_named(g).decides_on_device}
 
 
 # ------------------------------------------------------------------------------------------------------- ranks
@@ -426,8 +458,11 @@ def test_soak_runs_a_clean_mix_and_writes_its_report(tmp_path):
     generation from ``callback_on_step_end`` and re-optimizes, as in a notebook sweep, gets no exception, no graph
     break or uncompiled fallback, and after the interruption the next generation is bit-identical to a clean one;
     the soak reports that (with RSS per generation and the standard metadata) and exits 0. Seed 1's first 12
-    generations cover both tiny models, eager and compiled (regional) lowerings, true CFG and two interruptions."""
-    rc = main(["soak", "--generations", "12", "--seed", "1", "--device", "cpu", "--out", str(tmp_path)])
+    generations of the mix eager / segments / regional / regional-graphs (the default mix is every registered
+    lowering, which draws other sessions) cover both tiny models, eager and compiled (regional) lowerings, true CFG
+    and two interruptions."""
+    rc = main(["soak", "--generations", "12", "--seed", "1", "--lowerings", "eager,segments,regional,regional-graphs",
+               "--device", "cpu", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     summary = data["summary"]
     assert rc == 0, data["failures"]
