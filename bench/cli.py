@@ -9,7 +9,7 @@ Subcommands (each a module of this package with ``configure(parser)``, an option
 * ``steps``: cold compile and hit / miss step times per lowering, each variant in a fresh process
   (:mod:`bench.steps`).
 * ``cold-start``: time to first image from a fresh process, AOTInductor package vs compiling (:mod:`bench.cold_start`).
-* ``lowerings``: cond vs segments vs regional on the digits model (:mod:`bench.lowerings`).
+* ``lowerings``: the compiled lowerings (cond, segments, regional) on the digits model (:mod:`bench.lowerings`).
 * ``threshold-shift``: how quantization moves the residual diffs DBCache thresholds (:mod:`bench.threshold_shift`).
 * ``sweep``: a notebook's config sweep (optimize → generate → disable, a new config each cycle): graphs compiled,
   memory and time per cycle (:mod:`bench.sweep`).
@@ -36,7 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gpu": ("gpu", "the whole GPU proof in one command of <= 9 minutes (--dry-run: the same on a CPU)"),
     "steps": ("steps", "cold compile and hit / miss step times per lowering, a fresh process per variant"),
     "cold-start": ("cold_start", "time to first image from a fresh process: AOTInductor package vs compiling"),
-    "lowerings": ("lowerings", "cond vs segments vs regional on the digits model: compile and steady time"),
+    "lowerings": ("lowerings", "the compiled lowerings on the digits model: compile and steady time"),
     "threshold-shift": ("threshold_shift", "how quantization moves the residual diffs that DBCache thresholds"),
     "sweep": ("sweep", "optimize -> generate -> disable with a new config per cycle: graphs, memory, time"),
     "soak": ("soak", "N generations over a shape / config / lowering mix: exceptions, recompiles, memory"),

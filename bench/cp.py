@@ -8,10 +8,11 @@ is all-reduced over the group (``dbcache_compile.parallel``), so every rank cach
 
 Two ways to start the ranks, the same code on each rank:
 
-* ``python -m bench run ... --cp N``: this module's :func:`launch` starts ``N`` processes on this machine
-  (``multiprocessing``; ``fork`` on CPU, where the launcher has only imported modules, ``spawn`` on CUDA, whose
-  contexts do not survive a fork) with ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``
-  set, as ``torchrun`` would. Rank 0 prints to the console; the others write ``<out>/cp-rank<r>.log``.
+* ``python -m bench run ... --cp N``: this module's :func:`launch` starts ``N`` processes on this machine through
+  the one launcher of ranks, :func:`bench.ranks.launch` (``fork`` on CPU, where the launcher has only imported
+  modules, ``spawn`` on CUDA, whose contexts do not survive a fork) with ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
+  ``MASTER_ADDR`` / ``MASTER_PORT`` set, as ``torchrun`` would. Rank 0 prints to the console; the others write
+  ``<out>/cp-rank<r>.log``.
 * ``torchrun --nproc-per-node N -m bench run ... --cp N``: ``torchrun`` sets those variables; each rank sees them
   and runs directly (``--cp`` must equal ``WORLD_SIZE``).
 
@@ -32,8 +33,9 @@ other than 0, its traceback). Under ``torchrun``, its agent stops the other rank
 **CPU-only machines.** diffusers 0.42.1's ``enable_parallelism`` computes ``torch.device(device_type, rank %
 torch.accelerator.device_count())`` (``ModelMixin._resolve_parallel_config``), which divides by zero without an
 accelerator. :func:`cpu_accelerator_count` makes the count 1 for that call only when it is 0 (the same workaround as
-``tests/cp_harness.py``, documented in ``docs/context_parallel.md``); diffusers is not edited. Ring attention needs an
-attention backend that returns the log-sum-exp, which no CPU backend does: only Ulysses is offered.
+the context-parallel tests' ``tests/cp_harness.py``, documented in ``docs/context_parallel.md``); diffusers is not
+edited. Ring attention needs an attention backend that returns the log-sum-exp, which no CPU backend does: only
+Ulysses is offered.
 """
 
 from __future__ import annotations
@@ -41,36 +43,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import multiprocessing as mp
-import multiprocessing.connection as mp_connection
 import os
-import signal
-import socket
 import statistics
 import sys
-import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["rank_env", "launch", "RankContext", "setup", "cpu_accelerator_count", "append_rank_table",
-           "GRACE_S", "kill_ranks"]
+from . import ranks
+
+__all__ = ["launch", "RankContext", "setup", "cpu_accelerator_count", "append_rank_table", "GRACE_S"]
 
 #: seconds the other ranks get after one rank failed, before the launcher kills them
 GRACE_S = 10.0
 #: why ``--cp`` leaves diffusers' First Block Cache out (measured: the ranks hung in mismatched collectives)
 FBCACHE_UNDER_CP = ("diffusers 0.42.1's First Block Cache decides on each rank's shard of the sequence, so the ranks "
                     "take different paths and their collectives no longer pair up")
-
-
-def rank_env() -> Optional[tuple[int, int, int]]:
-    """``(rank, world_size, local_rank)`` when this process is one rank of a multi-process run (``torchrun`` or
-    :func:`launch` set ``RANK`` and ``WORLD_SIZE``), else ``None``."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    world = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
 @contextlib.contextmanager
@@ -198,7 +185,7 @@ def setup(args: Any) -> RankContext:
     import torch
     import torch.distributed as dist
 
-    env = rank_env()
+    env = ranks.rank_env()
     assert env is not None
     rank, world, local = env
     if world != args.cp:
@@ -240,123 +227,31 @@ def append_rank_table(path: Path, rows: list[Any], world_size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- launcher
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(args: Any, rank: int, world: int, port: int, conn: Any, log: Optional[str]) -> None:
-    """One rank started by :func:`launch`: the environment ``torchrun`` would set, then ``run.execute``."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-                       "BENCH_CP_LAUNCHER": "python -m bench run --cp"})
-    if log is not None:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-    try:
-        import threading
-
-        from tqdm import tqdm
-        tqdm.set_lock(threading.RLock())  # not a multiprocessing semaphore the rank would leak at exit
-        from . import run
-        status = run.execute(args)
-        message: tuple[str, Any] = ("ok", status)
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the launcher, KeyboardInterrupt included
-        traceback.print_exc()
-        message = ("error", (time.time(), " ".join(f"{type(exc).__name__}: {exc}".split()),
-                             traceback.format_exc()))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with contextlib.suppress(Exception):
-        conn.send(message)
-    conn.close()
-
-
-def kill_ranks(procs: Sequence[Any], wait: float = 3.0) -> None:
-    """Terminate the rank processes still alive (SIGTERM, then SIGKILL after ``wait`` seconds) and reap them; the
-    context-parallel test harness uses it too."""
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + wait
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.join(1.0)
-
-
-def launch(args: Any) -> int:
-    """Start ``args.cp`` ranks on this machine, each running ``python -m bench run`` with these flags; wait for them.
-    Returns rank 0's exit status, or 1 (with the first failing rank's error on stderr) when a rank failed or died."""
+def launch(args: Any, rank_main: Callable[[int, int, Any], int]) -> int:
+    """Start ``args.cp`` ranks on this machine, each running ``rank_main(rank, world_size, args)`` (``bench.run``'s:
+    ``python -m bench run`` with these flags), and wait for them. Returns rank 0's exit status, or 1 (with the first
+    failing rank's error on stderr) when a rank failed or died."""
     world = args.cp
-    ctx = mp.get_context("spawn" if args.device.type == "cuda" else "fork")
     args.out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
     logs = [None] + [str(args.out / f"cp-rank{r}.log") for r in range(1, world)]
-    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
-    procs = [ctx.Process(target=_rank_main, name=f"bench-cp-rank{r}", daemon=False,
-                         args=(args, r, world, port, pipes[r][1], logs[r])) for r in range(world)]
-    backend = "nccl" if args.device.type == "cuda" else "gloo"
-    print(f"python -m bench run --cp {world}: starting {world} ranks ({backend}, Ulysses degree {world}); ranks "
-          f"1-{world - 1} log to {args.out}/cp-rank<r>.log", file=sys.stderr)
+    cuda = args.device.type == "cuda"
+    print(f"python -m bench run --cp {world}: starting {world} ranks ({'nccl' if cuda else 'gloo'}, Ulysses degree "
+          f"{world}); ranks 1-{world - 1} log to {args.out}/cp-rank<r>.log", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    for p in procs:
-        p.start()
-    for _, send in pipes:
-        send.close()
-    readers = {pipes[r][0]: r for r in range(world)}
-    done: dict[int, int] = {}
-    failures: dict[int, tuple[float, str, str]] = {}
-    grace_end = float("inf")
     try:
-        while readers:
-            remaining = grace_end - time.monotonic()
-            if remaining <= 0:
-                break
-            ready = mp_connection.wait(list(readers), timeout=None if grace_end == float("inf") else remaining)
-            for conn in ready:
-                rank = readers.pop(conn)
-                try:
-                    status, payload = conn.recv()
-                except EOFError:
-                    procs[rank].join(1.0)
-                    code = procs[rank].exitcode
-                    how = f"exit code {code}"
-                    if code is not None and code < 0:
-                        with contextlib.suppress(ValueError):
-                            how = f"killed by {signal.Signals(-code).name}"
-                    # a rank that vanished is the likeliest cause of its peers' errors: rank it first (time 0)
-                    status, payload = "error", (0.0, f"died without reporting ({how})", "")
-                if status == "ok":
-                    done[rank] = payload
-                else:
-                    if not failures:
-                        grace_end = time.monotonic() + GRACE_S
-                    failures[rank] = payload
-    finally:
-        kill_ranks(procs)
-        for recv, _ in pipes:
-            recv.close()
-    if failures:
-        rank = min(failures, key=lambda r: failures[r][0])
-        _, summary, tb = failures[rank]
-        others = [f"rank {r}: {failures[r][1]}" for r in sorted(failures) if r != rank]
-        unfinished = [r for r in range(world) if r not in done and r not in failures]
-        lines = [f"python -m bench run --cp {world}: error: rank {rank} failed: {summary}"]
-        if tb and rank != 0:
-            lines += ["", f"traceback of rank {rank} (its log: {logs[rank]}):", tb.rstrip()]
-        if others:
-            lines.append("then: " + "; ".join(others))
-        if unfinished:
-            lines.append(f"ranks {unfinished} were stopped")
-        print("\n".join(lines), file=sys.stderr)
+        statuses = ranks.launch(rank_main, world, args=(args,), start_method="spawn" if cuda else "fork",
+                                grace=GRACE_S, logs=logs, env={"BENCH_CP_LAUNCHER": "python -m bench run --cp"})
+    except ranks.RankError as err:
+        print(failure_message(err, world, logs), file=sys.stderr)
         return 1
-    return done.get(0, 1)
+    return statuses[0]
+
+
+def failure_message(err: ranks.RankError, world_size: int, logs: list[Optional[str]]) -> str:
+    """What ``python -m bench run --cp N`` prints when a rank failed: the rank and its error, its traceback (rank 0
+    printed its own on the console), the other ranks' failures and the ranks that were stopped."""
+    lines = [f"python -m bench run --cp {world_size}: error: {err}"]
+    if err.tb and err.rank != 0:
+        lines += ["", f"traceback of rank {err.rank} (its log: {logs[err.rank]}):", err.tb.rstrip()]
+    return "\n".join(lines + list(getattr(err, "__notes__", [])))

@@ -1,5 +1,6 @@
-"""cond vs segments vs regional on the embedded digits model, same process, interleaved runs: compile time and
-steady time.
+"""The compiled lowerings (``cond``, ``segments``, ``regional``: every one of :mod:`dbcache_compile.lowerings` that
+needs a compile mode and can run the digits model) on the embedded digits model, same process, interleaved runs:
+compile time and steady time.
 
     python -m bench lowerings --out bench/results [--repeats 7]
 
@@ -15,7 +16,6 @@ import statistics
 from pathlib import Path
 
 CONFIG = "F1B0_W4MC2_R0.2"
-LOWERINGS = ("cond", "segments", "regional")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,8 @@ def execute(args: argparse.Namespace) -> int:
 
     import dbcache_compile as dbc
     from dbcache_compile.digits import load_digits_pipeline
+    from dbcache_compile.families import family_for
+    from dbcache_compile.lowerings import lowering_named, lowerings_for
 
     from .measure import timed_call
     from .report import markdown_table, metadata, write_report
@@ -46,8 +48,10 @@ def execute(args: argparse.Namespace) -> int:
                   "progress": False}
         return timed_call(pipe, kwargs, device)[0]
 
+    family = family_for(load_digits_pipeline().transformer)
+    lowerings = [name for name in lowerings_for(family) if lowering_named(name).compiled]
     pipes, first = {}, {}
-    for lowering in LOWERINGS:
+    for lowering in lowerings:
         pipes[lowering] = dbc.optimize(load_digits_pipeline(), cache=CONFIG, mode="default", graph=lowering)
         first[lowering] = call(pipes[lowering])
     times: dict[str, list[float]] = {k: [] for k in pipes}
@@ -59,7 +63,7 @@ def execute(args: argparse.Namespace) -> int:
     rows = [[k, round(first[k], 2), median[k], [round(x, 3) for x in times[k]]] for k in pipes]
     body = [f"{meta['model']}, config {CONFIG}, Inductor mode `default`, 1 torch thread.", "",
             *markdown_table(["lowering", "first call (compile) s", "steady median s", "all runs s"], rows)]
-    md, _ = write_report(args.out / f"lowerings_{device.type}", f"cond vs segments vs regional ({device.type})", meta,
+    md, _ = write_report(args.out / f"lowerings_{device.type}", f"{' vs '.join(lowerings)} ({device.type})", meta,
                          body, {"first_call_s": {k: round(v, 2) for k, v in first.items()}, "median_s": median,
                                 "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}})
     print(md.read_text())

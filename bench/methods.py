@@ -29,6 +29,7 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.families import family_for
+from dbcache_compile.lowerings import registered
 
 __all__ = ["PEERS", "Method", "Uncached", "Ours", "CacheDit", "FirstBlockCache", "peer_unavailable"]
 
@@ -103,7 +104,7 @@ class Uncached(Method):
 
     def __init__(self, compile_mode: Optional[str], graph: str = "auto") -> None:
         self.compile_mode = compile_mode
-        self.graph = "segments" if graph == "cond" else graph  # cond needs a cache: whole-forward compile
+        self.graph = uncached_graph(graph)
 
     def attach(self, pipe: Any) -> None:
         if self.compile_mode is not None:
@@ -121,6 +122,16 @@ class Uncached(Method):
             graphs = "one hand-captured CUDA graph per shape" if runtime.graphs is not None else "no CUDA graphs"
             return {"compile": f"regional (blocks, mode={self.compile_mode}), {graphs}"}
         return {"compile": f"torch.compile(forward, mode={self.compile_mode}, fullgraph=True)"}
+
+
+def uncached_graph(graph: str) -> str:
+    """What the uncached baseline compiles with for ``--graph graph``: the same lowering, unless it decides on the
+    device (its graph's predicate needs a cache): then the one that compiles whole segments, with ``cache=None`` the
+    whole forward as one ``fullgraph=True`` graph."""
+    lowerings = registered()
+    if any(c.name == graph and c.decides_on_device for c in lowerings):
+        return next(c.name for c in lowerings if c.compile_segments and not c.decides_on_device)
+    return graph
 
 
 class Ours(Method):

@@ -1,7 +1,7 @@
 """``python -m bench run``: one model through rows (uncached, ours, cache-dit, diffusers' FBCache × eager /
 compiled / quantized), measured wall-clock next to the FLOP ratio; writes ``results.md`` / ``results.json`` /
 ``speedup_vs_psnr.png``. ``python -m bench --model ...`` (no subcommand) is the same. ``--cp N`` runs the rows on N
-ranks under diffusers' context parallelism (:mod:`bench.cp`). See ``bench/README.md``."""
+ranks under diffusers' context parallelism (:mod:`bench.cp`, started by :mod:`bench.ranks`). See ``bench/README.md``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dbcache_compile.lowerings import GRAPHS
 from dbcache_compile.optimize import COMPILE_MODES
 from dbcache_compile.quantize import QUANTIZE_NAMES, check_fp8_supported
 
-from . import cp
+from . import cp, ranks
 from .methods import PEERS
 from .models import RANDOM_WEIGHTS, load_model
 from .report import metadata, write_plot, write_results
@@ -150,7 +150,7 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"GPU (--device cuda); on a CPU use --random-weights {args.random_weights}-tiny")
     if args.num_frames is not None and args.random_weights not in VIDEO:
         p.error(f"--num-frames applies to the video families only ({', '.join(VIDEO)})")
-    env = cp.rank_env()
+    env = ranks.rank_env()
     if args.cp is None:
         args.cp = env[1] if env is not None else 1
     if args.cp < 1:
@@ -184,8 +184,8 @@ def execute(args: argparse.Namespace) -> int:
     return rank 0's status (1 when a rank failed)."""
     rank: Optional[cp.RankContext] = None
     if args.cp > 1:
-        if cp.rank_env() is None:
-            return cp.launch(args)
+        if ranks.rank_env() is None:
+            return cp.launch(args, _rank_main)
         rank = cp.setup(args)
         if args.threads is None and args.device.type == "cpu":
             args.threads = max(1, (os.cpu_count() or 1) // args.cp)  # the ranks share the machine's cores
@@ -197,6 +197,11 @@ def execute(args: argparse.Namespace) -> int:
     finally:
         if rank is not None:
             rank.close(ok)
+
+
+def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> int:
+    """One rank started by :func:`bench.cp.launch` (its environment says which): the run on this rank."""
+    return execute(args)
 
 
 def _execute(args: argparse.Namespace, rank: Optional[cp.RankContext]) -> int:

@@ -8,13 +8,15 @@ The run is a sequence of **sessions**, as in a notebook sweep: ``optimize`` the 
 of :mod:`dbcache_compile.testing` with one cache config and one lowering, generate several times, ``disable``, then
 optimize again with another config / lowering. The two pipelines are built once and reused by every session.
 
-* Lowerings: ``eager``; ``segments`` and ``regional`` (``mode="default"``); ``regional-graphs`` (``regional`` with
-  the hand-captured segment graphs: real CUDA graphs on CUDA, the same capture/replay bookkeeping emulated on a
-  CPU). Compiled lowerings use ``compile_options={"backend": "eager"}`` on a CPU by default (Dynamo traces, recompiles
-  and guards exactly as with Inductor, without Inductor's codegen time); ``--backend inductor`` compiles for real
-  (the default on CUDA).
-* Cache configs: :data:`CONFIGS`, and ``uncached`` (``optimize(cache=None)``, the compiled baseline) for compiled
-  lowerings.
+* Lowerings (:data:`LOWERINGS`, from the registry of :mod:`dbcache_compile.lowerings`): every registered lowering
+  (``eager``; the compiled ones with ``mode="default"``), and ``<name>-graphs`` for each that captures its segments
+  by hand (e.g. ``regional-graphs``: ``regional`` with the hand-captured segment graphs: real CUDA graphs on CUDA, the
+  same capture/replay bookkeeping emulated on a CPU). Compiled lowerings use ``compile_options={"backend": "eager"}``
+  on a CPU by default (Dynamo traces, recompiles and guards exactly as with Inductor, without Inductor's codegen
+  time); ``--backend inductor`` compiles for real (the default on CUDA).
+* Cache configs: :data:`CONFIGS`, and ``uncached`` (``optimize(cache=None)``, the compiled baseline) for the
+  compiled lowerings that run without a cache (:func:`runs_uncached`: not those that decide on the device, whose
+  graph's predicate needs one, nor ``segments-graphs``: without a cache nothing is captured by hand there).
 * Inputs per generation: resolution 32 / 48 / 64, batch 1 / 2, prompt length, true CFG on / off (FLUX:
   ``negative_prompt_embeds`` + ``true_cfg_scale=4``; Qwen-Image: ``qwen_inputs(cfg=True)``), 5 or 8 steps, a fresh
   seed. A session draws most generations from a small pool of shapes it has already seen (so a recompile at a seen
@@ -54,6 +56,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from dbcache_compile.lowerings import Lowering, lowering_named, registered
+
 __all__ = ["CONFIGS", "LOWERINGS", "MODELS", "PlannedInterruption", "Inputs", "Session", "plan", "configure",
            "validate", "execute"]
 
@@ -61,7 +65,11 @@ __all__ = ["CONFIGS", "LOWERINGS", "MODELS", "PlannedInterruption", "Inputs", "S
 #: with Bn > 0, TaylorSeer, and a forced schedule (R >= 1: every step the gates allow is a hit)
 CONFIGS = ("F1B0_W2M0MC2_T0O1_R0.4", "F2B1_W1M0MC3_T0O1_R0.3", "F1B0_W2M0MC2_T1O1_R0.45", "F1B0_W4MC6_R1.0")
 UNCACHED = "uncached"
-LOWERINGS = ("eager", "segments", "regional", "regional-graphs")
+#: the suffix of a soak lowering that is a registered lowering with its segments captured by hand
+GRAPHS_SUFFIX = "-graphs"
+#: every registered lowering (eager first), then ``<name>-graphs`` for each that captures its segments by hand
+LOWERINGS = (tuple(c.name for c in registered())
+             + tuple(c.name + GRAPHS_SUFFIX for c in registered() if c.captures))
 MODELS = ("flux", "qwen-image")
 RESOLUTIONS = (32, 48, 64)
 BATCHES = (1, 2)
@@ -70,6 +78,21 @@ STEPS = (5, 8)
 SESSION_LENGTH = (4, 8)
 #: chance that a generation drawn for a session is a shape it has not seen yet
 NEW_SHAPE = 0.35
+
+
+def lowering_of(name: str) -> tuple[type[Lowering], bool]:
+    """The registered lowering a soak lowering names, and whether its segments are captured by hand (``-graphs``)."""
+    base = name.removesuffix(GRAPHS_SUFFIX)
+    return lowering_named(base), base != name
+
+
+def runs_uncached(name: str) -> bool:
+    """Whether the soak lowering ``name`` runs the ``uncached`` config (``optimize(cache=None)``): a compiled lowering
+    whose decision is not a device predicate; with hand-captured graphs (``-graphs``), one with block regions: without
+    a cache, the others compile the whole forward, which ``use_segment_graphs`` does not capture
+    (``dbcache_compile.runtime.UncachedRuntime``)."""
+    cls, graphs = lowering_of(name)
+    return cls.compiled and not cls.decides_on_device and (cls.region_blocks or not graphs)
 
 
 class PlannedInterruption(RuntimeError):
@@ -114,8 +137,9 @@ def plan(seed: int, generations: int, models: list[str], lowerings: list[str], c
     """The sessions of a soak, ``generations`` generations in all, drawn from ``random.Random(seed)``.
 
     Every (model, lowering) pair comes once per cycle, in a shuffled order; the config is drawn per session
-    (``uncached`` only for compiled lowerings). A session has 4-8 generations, one of them an interruption check
-    (three generations) when it has room, plus one more check per later slot with probability ``interrupt_rate``."""
+    (``uncached`` only for the lowerings that :func:`runs_uncached`). A session has 4-8 generations, one of them an
+    interruption check (three generations) when it has room, plus one more check per later slot with probability
+    ``interrupt_rate``."""
     rng = random.Random(seed)
     left, index, cycle = generations, 0, []
     while left > 0:
@@ -123,7 +147,7 @@ def plan(seed: int, generations: int, models: list[str], lowerings: list[str], c
             cycle = [(m, lw) for m in models for lw in lowerings]
             rng.shuffle(cycle)
         model, lowering = cycle.pop()
-        choices = [c for c in configs if c != UNCACHED or lowering != "eager"]
+        choices = [c for c in configs if c != UNCACHED or runs_uncached(lowering)]
         config = rng.choice(choices)
         length = min(left, rng.randint(*SESSION_LENGTH))
         check_at = rng.randrange(0, length - 2) if length >= 3 else None
@@ -351,14 +375,18 @@ class Soak:
     def attach(self, session: Session) -> None:
         import dbcache_compile as dbc
         pipe = self.pipes[session.model]
-        compiled = session.lowering != "eager"
-        options = {"backend": "eager"} if compiled and self.args.backend == "eager" else None
+        lowering, graphs = lowering_of(session.lowering)
+        options = {"backend": "eager"} if lowering.compiled and self.args.backend == "eager" else None
+        # without a mode the cache runs eagerly: optimize's graph is then "auto"
         dbc.optimize(pipe, cache=None if session.config == UNCACHED else session.config,
-                     mode=self.args.mode if compiled else None,
-                     graph={"eager": "auto", "regional-graphs": "regional"}.get(session.lowering, session.lowering),
-                     compile_options=options)
-        if session.lowering == "regional-graphs":
-            dbc.runtime_of(pipe).use_segment_graphs(emulate=self.device.type != "cuda")
+                     mode=self.args.mode if lowering.compiled else None,
+                     graph=lowering.name if lowering.compiled else "auto", compile_options=options)
+        if graphs:
+            try:
+                dbc.runtime_of(pipe).use_segment_graphs(emulate=self.device.type != "cuda")
+            except Exception:
+                dbc.disable(pipe)  # the session does not start: the next one gets the pipeline as it was
+                raise
 
     def run_session(self, session: Session, bar: Any, deadline: Optional[float]) -> None:
         import torch
@@ -615,8 +643,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_csv, default=list(MODELS), help=f"comma-separated from {MODELS}")
     parser.add_argument("--lowerings", type=_csv, default=list(LOWERINGS), help=f"comma-separated from {LOWERINGS}")
     parser.add_argument("--configs", type=_csv, default=[*CONFIGS, UNCACHED],
-                        help="comma-separated cache configs; 'uncached' = optimize(cache=None), compiled only "
-                             "(default: %(default)s)")
+                        help="comma-separated cache configs; 'uncached' = optimize(cache=None), for the compiled "
+                             "lowerings that run without a cache (default: %(default)s)")
     parser.add_argument("--backend", default=None, choices=("eager", "inductor"),
                         help="torch.compile backend of the compiled lowerings (default: eager on a CPU, Dynamo "
                              "tracing only; inductor on CUDA)")
@@ -653,8 +681,10 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 DBCacheConfig.from_string(config)
             except ValueError as err:
                 parser.error(f"--configs: {config!r}: {err}")
-    if not args.configs or args.configs == [UNCACHED] and "eager" in args.lowerings:
-        parser.error("--configs: the eager lowering needs a cache config ('uncached' is for compiled lowerings)")
+    cached_only = [lw for lw in args.lowerings if not runs_uncached(lw)]
+    if not args.configs or args.configs == [UNCACHED] and cached_only:
+        parser.error(f"--configs: the lowerings {', '.join(cached_only)} need a cache config ('uncached' is for the "
+                     f"compiled lowerings that run without a cache)")
     if args.mode not in COMPILE_MODES or args.mode is None:
         parser.error(f"--mode must be one of {[m for m in COMPILE_MODES if m]}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

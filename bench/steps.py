@@ -47,6 +47,7 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     import torch
 
     import dbcache_compile as dbc
+    from dbcache_compile.lowerings import GRAPHS, lowering_named
 
     from .measure import TransformerTimer, timed_call
     from .models import load_model
@@ -57,8 +58,10 @@ def _variant(args: argparse.Namespace, graph: str, quantize: Optional[str], fuse
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = load_model(None, args.random_weights, device, dtype, args.steps, args.height, args.width, seed=0)
     pipe = model.pipe
-    compiled = dict(mode=None) if graph == "eager" else dict(mode=args.mode, graph=graph)
-    dbc.optimize(pipe, cache=args.config, quantize=quantize, fuse_qkv=fuse_qkv, attention=args.attention, **compiled)
+    # a name of optimize(graph=...) ("auto" or a compiled lowering), or a lowering that runs without a mode (eager)
+    compiled = graph in GRAPHS or lowering_named(graph).compiled
+    dbc.optimize(pipe, cache=args.config, quantize=quantize, fuse_qkv=fuse_qkv, attention=args.attention,
+                 mode=args.mode if compiled else None, graph=graph if compiled else "auto")
     transformer = pipe.transformer
     runtime = dbc.runtime_of(pipe)
     cuda = device.type == "cuda"
@@ -128,7 +131,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--graphs", default="regional,segments",
-                        help="comma-separated lowerings; 'eager' = optimize without a compile mode")
+                        help="comma-separated lowerings (dbcache_compile.lowerings: the compiled ones, 'auto', and "
+                             "the eager one, optimize without a compile mode)")
     parser.add_argument("--quantize", default="none", help="comma-separated: none, fp8, int8, ...")
     parser.add_argument("--fuse-qkv", default="off", help="comma-separated: off, on (diffusers fuse_qkv_projections)")
     parser.add_argument("--mode", default="max-autotune")
@@ -154,8 +158,14 @@ COLUMNS = ["graph", "quantize", "fuse_qkv", "first_call_s", "compile_s", "steady
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from dbcache_compile.lowerings import GRAPHS, registered
+
     if args.timed_generations < 1 or args.repeats < 1:
         parser.error("--timed-generations and --repeats must be >= 1")
+    known = list(dict.fromkeys([*GRAPHS, *(c.name for c in registered())]))
+    unknown = [g for g in args.graphs.split(",") if g not in known]
+    if unknown:
+        parser.error(f"--graphs: unknown {unknown}; choose from {', '.join(known)}")
 
 
 def execute(args: argparse.Namespace) -> int:

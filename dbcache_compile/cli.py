@@ -253,6 +253,8 @@ def format_validation(validation: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .lowerings import GRAPHS, lowering_named
+
     parser = argparse.ArgumentParser(prog="python -m dbcache_compile", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="cached vs uncached digits on the embedded model (CPU, ~1-3 min)")
@@ -260,8 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--config", default=DEFAULT_CONFIG, help=f"cache config (default {DEFAULT_CONFIG})")
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     demo.add_argument("--mode", default="default", help="torch.compile mode of the compiled row (default 'default')")
-    demo.add_argument("--graph", default="auto", choices=("auto", "regional", "segments", "cond"),
-                      help="compiled lowering")
+    demo.add_argument("--graph", default="auto", choices=GRAPHS, help="compiled lowering")
     demo.add_argument("--per-class", type=int, default=4, help="digits per class (default 4)")
     demo.add_argument("--seed", type=int, default=0)
     cal = sub.add_parser("calibrate", help="find the fastest config meeting a PSNR (or the best meeting a speedup) on "
@@ -276,7 +277,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cal.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     cal.add_argument("--per-class", type=int, default=2, help="digits per class per call (default 2)")
     cal.add_argument("--mode", default=None, help="torch.compile mode (default: eager)")
-    cal.add_argument("--graph", default="auto", choices=("auto", "regional", "segments"), help="compiled lowering")
+    # not a lowering that decides on the device: its graph holds the gates, which calibration swaps per candidate
+    cal.add_argument("--graph", default="auto", help="compiled lowering",
+                     choices=[g for g in GRAPHS if g == "auto" or not lowering_named(g).decides_on_device])
     cal.add_argument("--quantize", default=None, help="torchao quantization (int8, int8-wo, fp8-wo, ...)")
     cal.add_argument("--budget", type=float, default=10.0, help="uncached generations per call (default 10)")
     cal.add_argument("--no-validate", action="store_true", help="skip the held-out check")

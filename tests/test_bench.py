@@ -4,8 +4,10 @@ on tiny models (CPU). The FLOP count the bench reports is tested in tests/test_f
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -14,12 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import cp, soak
 from bench.cli import SUBCOMMANDS, main, parse_args
 from bench.measure import run_child
-from bench.methods import PEERS, CacheDit, FirstBlockCache, peer_unavailable
+from bench.methods import PEERS, CacheDit, FirstBlockCache, peer_unavailable, uncached_graph
+from bench.ranks import RankError, RankTimeout, launch
 from bench.metrics import Scorers, psnr, ssim
 from bench.report import COLUMNS, baseline_of, speedups
 from bench.runner import REFERENCE, RowResult, RowSpec, explicit_rows, plan_rows
+from dbcache_compile.lowerings import GRAPHS, lowering_named, registered
 from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +85,122 @@ def test_a_child_at_its_cap_dies_with_its_whole_process_group(tmp_path):
         pytest.fail("the grandchild survived its group's kill")
     done = run_child([sys.executable, "-c", "print('ok')"], cap=30.0)
     assert done.returncode == 0 and not done.timed_out and done.output.strip() == "ok"
+
+
+def _bench_imports(path: Path, modules: set[str]) -> set[str]:
+    """The modules of bench/ that ``path`` imports anywhere (inside functions too; not under ``TYPE_CHECKING``)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for stmt in node.body for n in ast.walk(stmt)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:  # from .x import y / from . import x
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif node.level == 0 and (node.module or "").split(".")[0] == "bench":
+                parts = node.module.split(".")
+                found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+    return found & modules
+
+
+def test_no_import_cycle_among_bench_modules():
+    """No module of bench/ imports, directly or through others, a module that imports it back (imports inside
+    functions count: they are where cycles hide). ``cli`` picks its subcommand's module by name at run time."""
+    modules = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"__init__", "__main__"}
+    graph = {m: _bench_imports(ROOT / "bench" / f"{m}.py", modules) for m in modules}
+    assert "cp" in graph["run"] and "ranks" in graph["cp"]  # the walk sees the imports it must
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            assert state.get(dep) != "open", f"import cycle in bench/: {' -> '.join(path + [module, dep])}"
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [])
+
+
+def test_bench_lists_of_lowerings_come_from_the_registry():
+    """bench/ iterates over lowerings named by the registry of dbcache_compile.lowerings, not by literals: the soak's
+    mix is every registered lowering plus a ``-graphs`` variant of each that captures segments by hand, and the
+    uncached only where it runs without a cache; the uncached baseline of a lowering that decides on the device
+    compiles whole segments; the library CLI's ``--graph`` choices are ``GRAPHS`` (calibrate: those whose lowering
+    does not decide on the device)."""
+    names = [c.name for c in registered()]
+    assert soak.LOWERINGS[:len(names)] == tuple(names)
+    assert {soak.lowering_of(name)[0].name for name in soak.LOWERINGS} == set(names)
+    for name in soak.LOWERINGS[len(names):]:
+        lowering, graphs = soak.lowering_of(name)
+        assert graphs and lowering.captures and name == lowering.name + soak.GRAPHS_SUFFIX
+        assert soak.runs_uncached(name) == lowering.region_blocks  # uncached, only block regions are captured
+    assert [soak.runs_uncached(n) for n in names] == [c.compiled and not c.decides_on_device for c in registered()]
+    for graph in GRAPHS:
+        baseline = uncached_graph(graph)
+        assert baseline in GRAPHS and (baseline == "auto" or not lowering_named(baseline).decides_on_device)
+        assert (baseline == graph) == (graph == "auto" or not lowering_named(graph).decides_on_device)
+    from dbcache_compile.cli import main as library_main
+    for command, choices in (("demo", set(GRAPHS)),
+                             ("calibrate", {g for g in GRAPHS if g == "auto"
+                                            or not lowering_named(g).decides_on_device})):
+        with pytest.raises(SystemExit):
+            library_main([command, "--graph", "no-such-lowering"])
+        for graph in choices:  # every choice parses (the run itself is not started: --help exits first)
+            with pytest.raises(SystemExit) as info:
+                library_main([command, "--graph", graph, "--help"])
+            assert info.value.code == 0
+    assert "cond" not in {g for g in GRAPHS if g != "auto" and not lowering_named(g).decides_on_device}
+
+
+# ------------------------------------------------------------------------------------------------------- ranks
+def _reporting_rank(rank: int, world_size: int) -> dict:
+    return {"rank": rank, "env": [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "BENCH_TEST_EXTRA")]}
+
+
+def _failing_rank(rank: int, world_size: int) -> str:
+    print(f"rank {rank} started", flush=True)
+    if rank == 1:
+        raise ValueError("bad input on rank 1")
+    time.sleep(120)  # as a rank stuck in a collective with the failed one
+    return "finished"
+
+
+def _sleeping_rank(rank: int, world_size: int) -> None:
+    time.sleep(120)
+
+
+def test_rank_launcher_collects_results_and_stops_every_rank_at_the_first_failure(tmp_path):
+    """The one launcher of ranks (``python -m bench run --cp N`` and the context-parallel tests): each rank gets the
+    torchrun environment and returns its result; a rank that raises is reported as a RankError naming it, with its
+    own exception and traceback (also in its log), while the rank still running is killed after the grace period;
+    ``--cp`` prints that error with the failing rank's traceback and log; past the timeout the ranks are killed."""
+    results = launch(_reporting_rank, 2, start_method="fork", env={"BENCH_TEST_EXTRA": "x"})
+    assert results == [{"rank": 0, "env": ["0", "2", "0", "x"]}, {"rank": 1, "env": ["1", "2", "1", "x"]}]
+    logs = [str(tmp_path / "rank0.log"), str(tmp_path / "rank1.log")]
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"^rank 1 failed: ValueError: bad input on rank 1\n") as info:
+        launch(_failing_rank, 2, start_method="fork", grace=1.0, logs=logs)
+    assert time.monotonic() - start < 30  # rank 0 sleeps 120 s: killed after the grace second
+    err = info.value
+    assert err.rank == 1 and isinstance(err.exception, ValueError) and not err.died
+    assert "_failing_rank" in err.tb and err.__cause__.rank == 1 and err.__notes__ == ["(ranks [0] were stopped)"]
+    assert "rank 0 started" in Path(logs[0]).read_text()
+    assert "ValueError: bad input on rank 1" in Path(logs[1]).read_text()  # the traceback went to the rank's log
+    message = cp.failure_message(err, 2, [None, logs[1]])
+    assert message.startswith("python -m bench run --cp 2: error: rank 1 failed: ValueError: bad input on rank 1")
+    assert f"traceback of rank 1 (its log: {logs[1]}):" in message and message.endswith("(ranks [0] were stopped)")
+    start = time.monotonic()
+    with pytest.raises(RankTimeout, match=r"ranks \[0, 1\] of 2 did not finish within 2 s"):
+        launch(_sleeping_rank, 2, start_method="fork", timeout=2.0)
+    assert time.monotonic() - start < 30
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -337,8 +458,11 @@ def test_soak_runs_a_clean_mix_and_writes_its_report(tmp_path):
     generation from ``callback_on_step_end`` and re-optimizes, as in a notebook sweep, gets no exception, no graph
     break or uncompiled fallback, and after the interruption the next generation is bit-identical to a clean one;
     the soak reports that (with RSS per generation and the standard metadata) and exits 0. Seed 1's first 12
-    generations cover both tiny models, eager and compiled (regional) lowerings, true CFG and two interruptions."""
-    rc = main(["soak", "--generations", "12", "--seed", "1", "--device", "cpu", "--out", str(tmp_path)])
+    generations of the mix eager / segments / regional / regional-graphs (the default mix is every registered
+    lowering, which draws other sessions) cover both tiny models, eager and compiled (regional) lowerings, true CFG
+    and two interruptions."""
+    rc = main(["soak", "--generations", "12", "--seed", "1", "--lowerings", "eager,segments,regional,regional-graphs",
+               "--device", "cpu", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     summary = data["summary"]
     assert rc == 0, data["failures"]
