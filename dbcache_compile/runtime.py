@@ -626,6 +626,7 @@ class CacheRuntime(BranchedRuntime):
         unnamed = self._unnamed_cfg if family.cfg == "separate" else None
         self.chains: list[GroupStep] = []
         self.block_hooks: dict = {}
+        call = None
         if self.prologue:
             if len(family.chains) != 1:
                 raise ValueError(f"{name}: a family with a prologue runs one chain, {family.name} declares "
@@ -658,8 +659,10 @@ class CacheRuntime(BranchedRuntime):
         #: (chain, index) -> output structure of the block (hook driver, recorded block by block)
         self.structure: dict[tuple[int, int], Any] = {}
         self.calls: Optional[list[_ChainCall]] = None
-        #: how a block the model called runs block by block (a compiled region, or its own forward)
-        self._region = self.impl.block_call(BLOCK_HOOK_NAME) if self.impl.region_blocks else None
+        #: how a block the model called runs block by block (a compiled region, or its own forward): the groups'
+        #: own block call, so that each block class compiles once for both paths (a second region table compiled
+        #: every block class twice)
+        self._region = call if self.impl.region_blocks and not self.prologue else None
 
     # -------------------------------------------------------------------------------------------- interface
     @property
