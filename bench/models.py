@@ -10,7 +10,8 @@ embeddings of the right shape are drawn from the prompt's seed). FLUX, Wan 2.1 T
 HunyuanVideo 1.5 pipelines keep a VAE with random weights (each model's own VAE architecture) and decode every call
 (``output_type="pt"``), so the timed call is the whole pipeline after the text encoders; Qwen-Image returns latents.
 Latency only: the images (video frames) say nothing. ``<family>-tiny`` are the tiny pipelines of
-:mod:`dbcache_compile.testing` / :mod:`dbcache_compile.testing_families` for CPU checks of the same code paths.
+:mod:`dbcache_compile.testing` / ``tests/families/`` (one file per family of the registry; run the bench from the
+repository root) for CPU checks of the same code paths.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ HUNYUAN_VIDEO15_DEFAULTS = {"height": 480, "width": 848, "num_frames": 121, "gui
 #: weights the residual diffs say nothing, so forced schedules: ``R1.0`` caches every step the W / MC gates allow).
 FORCED_CONFIGS = ("F1B0_W4MC6_R1.0", "F4B0_W4MC3_R1.0", "F8B0_W4MC2_R1.0")
 
-#: ``--random-weights`` name -> (testing_families key, display name) of the tiny CPU variants.
+#: ``--random-weights`` name -> (case of ``tests/families/``, display name) of the tiny CPU variants of the full-size
+#: families below; the case's family record says the rest (its name, its CFG mode).
 TINY_FAMILIES: dict[str, tuple[str, str]] = {
     "wan-tiny": ("wan", "tiny Wan 2.1 T2V"),
     "sd3.5-tiny": ("sd35", "tiny SD3.5"),
@@ -381,13 +383,15 @@ def _hunyuan_video15(device: torch.device, dtype: torch.dtype, steps: int, heigh
 
 def _tiny_family(kind: str, device: torch.device, dtype: torch.dtype, steps: int, height: Optional[int],
                  width: Optional[int], num_frames: Optional[int], seed: int) -> BenchModel:
-    """``<family>-tiny``: the tiny pipeline of :mod:`dbcache_compile.testing_families` (the real diffusers classes,
-    random weights) with its own call inputs; default config ``F1B0_W2MC2_R<t>`` with the threshold that makes
-    cache-dit cache on it (``testing_families.THRESHOLDS``)."""
-    from dbcache_compile import testing_families as tf
+    """``<family>-tiny``: the tiny pipeline of a case of ``tests/families/`` (the real diffusers classes, random
+    weights) with its own call inputs; default config ``F1B0_W2MC2_R<t>`` with the case's parity threshold (one that
+    makes cache-dit cache on it)."""
+    from dbcache_compile.families import family_named
+    from tests.families import CASES
 
     key, name = TINY_FAMILIES[kind]
-    builder, family_inputs = tf.FAMILIES[key]
+    case = CASES[key]
+    builder, family_inputs = case.builder, case.inputs
     pipe = builder(seed).to(device=device, dtype=dtype)
     move = _on(device, dtype)
     sample = family_inputs(seed=seed)
@@ -402,13 +406,12 @@ def _tiny_family(kind: str, device: torch.device, dtype: torch.dtype, steps: int
 
     shape = {**sample, **overrides}
     resolution = f"{shape['width']}x{shape['height']}" + (f", {shape['num_frames']} frames" if video else "")
-    family = {"wan": "wan", "sd35": "sd3", "hunyuan_video15": "hunyuan-video-1.5"}[key]
     # cond and uncond: Wan and HunyuanVideo 1.5 call the transformer twice per step (guidance > 1 / the CFG guider),
     # SD3 once on the batched [uncond, cond] pair
-    separate = family != "sd3" and sample.get("guidance_scale", 2.0) > 1
-    return BenchModel(f"{name} (random weights, dbcache_compile.testing_families)", family, pipe, device, False,
+    separate = family_named(case.family).cfg != "batched" and sample.get("guidance_scale", 2.0) > 1
+    return BenchModel(f"{name} (random weights, tests/families)", case.family, pipe, device, False,
                       False, make_inputs, lambda: builder(seed).transformer.to(dtype),
-                      default_configs=(f"F1B0_W2MC2_R{tf.THRESHOLDS[key]}",), separate_cfg=separate,
+                      default_configs=(f"F1B0_W2MC2_R{case.threshold}",), separate_cfg=separate,
                       resolution=resolution)
 
 

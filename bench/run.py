@@ -60,7 +60,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", type=_csv, default=None,
                    help="comma-separated cache configs (default: the seed's table rows for FLUX / Qwen-Image; "
                         "F1B0_W4MC6_R1.0,F4B0_W4MC3_R1.0,F8B0_W4MC2_R1.0 for wan / sd3.5 / hunyuanvideo-1.5; "
-                        "F1B0_W2MC2_R<t> for the *-tiny families, t from dbcache_compile.testing_families.THRESHOLDS)")
+                        "F1B0_W2MC2_R<t> for the *-tiny families, t the parity threshold of their case in "
+                        "tests/families/)")
     p.add_argument("--modes", type=_csv, default=None,
                    help=f"comma-separated, from {', '.join(MODES)} "
                         "(default: eager,compile,compile+fp8 on CUDA, eager,compile on CPU)")

@@ -1,5 +1,5 @@
 """Tiny configs of the real diffusers pipelines (random weights, seeded), built without text encoders: callers pass
-prompt embeddings. Used by the test suite, the golden graph records (``python -m dbcache_compile.graphs``) and by
+prompt embeddings. Used by the test suite, the golden graph records (``python tools/graph_records.py``) and by
 anyone who wants to check a cache config on CPU in seconds. Nothing here is mocked: these are the diffusers classes."""
 
 from __future__ import annotations

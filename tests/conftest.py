@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dbcache_compile
-from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, measure, run_scenario
+from tools.graph_records import SCENARIO_CONFIG, SCENARIOS, measure, run_scenario
 
 # Tiny models run fastest single-threaded, and a second process (CI runs alone, a developer may not) must not
 # oversubscribe the cores.
@@ -17,10 +17,10 @@ def generator(seed: int = 0) -> torch.Generator:
 def compiled_run():
     runs = {}
 
-    def get(adapter, lowering):
-        if (adapter, lowering) not in runs:
-            runs[adapter, lowering] = measure(adapter, lowering)
-        return runs[adapter, lowering]
+    def get(scenario, lowering):
+        if (scenario, lowering) not in runs:
+            runs[scenario, lowering] = measure(scenario, lowering)
+        return runs[scenario, lowering]
 
     return get
 
@@ -29,12 +29,12 @@ def compiled_run():
 def eager_run():
     runs = {}
 
-    def get(adapter):
-        if adapter not in runs:
-            pipe, inputs = SCENARIOS[adapter]()
+    def get(scenario):
+        if scenario not in runs:
+            pipe, inputs = SCENARIOS[scenario]()
             dbcache_compile.optimize(pipe, cache=SCENARIO_CONFIG)
-            runs[adapter] = run_scenario(pipe, inputs)
+            runs[scenario] = run_scenario(pipe, inputs)
             dbcache_compile.disable(pipe)
-        return runs[adapter]
+        return runs[scenario]
 
     return get

@@ -1,6 +1,7 @@
-"""Compiled lowerings on CPU (tiny FLUX and Qwen-Image): zero graph breaks, the golden graph counts, zero recompiles
-after warm-up, and the same decisions and images as the eager runtime. Each compile costs tens of seconds here, so
-every (adapter, lowering) is compiled once per session."""
+"""Compiled lowerings on CPU (tiny FLUX and Qwen-Image, Inductor): zero graph breaks, the golden graph counts
+(graphs/<scenario>-<lowering>.json), zero recompiles after warm-up, and the same decisions and images as the eager
+runtime. Each compile costs tens of seconds here, so every (scenario, lowering) is compiled once per session. The
+other families' records: tests/test_family_records.py."""
 
 import json
 
@@ -8,29 +9,28 @@ import pytest
 import torch
 
 import dbcache_compile as dbc
-from dbcache_compile.graphs import LOWERINGS, SCENARIOS, record_path
-from dbcache_compile.testing_families import RECORD_FAMILIES
+from tools.graph_records import LOWERINGS, SCENARIOS, UPDATE_HINT, record_path
 
-CASES = [(a, lo) for a in SCENARIOS for lo in LOWERINGS]
+SCENARIO_RUNS = [(s, lo) for s in SCENARIOS for lo in LOWERINGS]
 
 
-@pytest.mark.parametrize("adapter, lowering", CASES)
-def test_graph_structure_matches_golden_record(compiled_run, adapter, lowering):
-    """Every (adapter, lowering) compiles with zero graph breaks and zero recompiles after warm-up, and its graph
+@pytest.mark.parametrize("scenario, lowering", SCENARIO_RUNS)
+def test_graph_structure_matches_golden_record(compiled_run, scenario, lowering):
+    """Every (scenario, lowering) compiles with zero graph breaks and zero recompiles after warm-up, and its graph
     structure equals the checked-in golden record, so a structural change cannot slip in unreviewed."""
-    record = compiled_run(adapter, lowering).record
+    record = compiled_run(scenario, lowering).record
     assert record["graph_breaks"] == 0
     assert record["recompiles_after_warmup"] == 0
-    golden = json.loads(record_path(adapter, lowering).read_text())
-    assert record == golden, "graph structure changed: review and run `python -m dbcache_compile.graphs --update`"
+    golden = json.loads(record_path(scenario, lowering).read_text())
+    assert record == golden, UPDATE_HINT.format(scenario)
 
 
-@pytest.mark.parametrize("adapter, lowering", CASES)
-def test_compiled_decisions_and_images_match_eager(compiled_run, eager_run, adapter, lowering):
+@pytest.mark.parametrize("scenario, lowering", SCENARIO_RUNS)
+def test_compiled_decisions_and_images_match_eager(compiled_run, eager_run, scenario, lowering):
     """A compiled lowering takes the eager runtime's cached steps (both CFG branches) and diffs and gives its
     images, on a scenario that exercises warm-up, hits, misses and the MC limit."""
-    run = compiled_run(adapter, lowering)
-    eager_images, eager_summaries = eager_run(adapter)
+    run = compiled_run(scenario, lowering)
+    eager_images, eager_summaries = eager_run(scenario)
     for img, summary, ref_img, ref in zip(run.images, run.summaries, eager_images, eager_summaries):
         assert summary.lowering == lowering and summary.mode == "default"
         assert summary.cached_steps == ref.cached_steps and summary.cfg_cached_steps == ref.cfg_cached_steps
@@ -42,7 +42,7 @@ def test_compiled_decisions_and_images_match_eager(compiled_run, eager_run, adap
     # the scenario must exercise what the records claim: warmup, hits, misses, the MC=2 limit and a forecast
     assert first.cached_steps and first.compute_steps[:2] == [0, 1]
     assert any(s - 1 in first.cached_steps and s - 2 in first.cached_steps for s in first.compute_steps)
-    if adapter == "qwen-image":
+    if scenario == "qwen-image":
         assert first.separate_cfg and first.cfg_cached_steps
 
 
@@ -149,18 +149,3 @@ def test_uncached_regional_baseline_compiles_two_regions_and_replays_one_graph()
         dbc.disable(pipe)
     assert all("forward" not in vars(b) for b in pipe.transformer.single_transformer_blocks)
     assert torch.equal(run(), reference)
-
-
-@pytest.mark.parametrize("family", RECORD_FAMILIES)
-def test_family_graph_structure_matches_golden_record(family):
-    """Every family with a tiny pipeline (all supported ones but HiDream, eager only) compiles its block regions
-    without graph breaks and without recompiles after the first call, with the recorded graph count
-    (graphs/family-<name>-regional.json; `python -m dbcache_compile.graphs --update`), and the recorded run hits the
-    cache: the compiled hit path is what the record vouches for, not only the compute path."""
-    from dbcache_compile.graphs import measure_family
-
-    record = measure_family(family)
-    assert record["graph_breaks"] == 0 and record["recompiles_after_warmup"] == 0
-    assert any(steps for chain in record["cached_steps"].values() for steps in chain.values()), record
-    golden = json.loads(record_path(f"family-{family}", "regional").read_text())
-    assert record == golden, "graph structure changed: review and run `python -m dbcache_compile.graphs --update`"

@@ -403,9 +403,9 @@ def test_diffusers_own_cp_plans_keep_the_cached_blocks_whole(family):
     cache's first block (FLUX, FLUX.2, LTX: root; Qwen-Image, Wan: block 0's inputs) and gather after the last
     (``proj_out``); Qwen-Image's per-block splits are of its mask and modulate index, not the streams. So even the
     strictest split (F1B0: every block after the first is cached) passes the check (docs/context_parallel.md)."""
-    from dbcache_compile import testing_families as tf
-    pipe = {"flux": tiny_flux_pipeline, "flux2": tf.tiny_flux2_pipeline, "qwen": tiny_qwen_pipeline,
-            "wan": tf.tiny_wan_pipeline, "ltx": tf.tiny_ltx_pipeline}[family]()
+    from tests.families import CASES
+    pipe = {"flux": tiny_flux_pipeline, "flux2": CASES["flux2"].builder, "qwen": tiny_qwen_pipeline,
+            "wan": CASES["wan"].builder, "ltx": CASES["ltx"].builder}[family]()
     transformer = pipe.transformer
     assert type(transformer)._cp_plan
     for blocks, fn, bn in _block_chains(transformer, 1, 0):

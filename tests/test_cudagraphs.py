@@ -145,8 +145,8 @@ FAMILY_GRAPH_CASES = ["wan", "sd35", "flux2", "hunyuan_video"]
 
 
 def _family_graph_cases():
-    import dbcache_compile.testing_families as tf
-    names = [n for n in tf.THRESHOLDS if n != "hidream"] + ["bria"]
+    from families import RECORDS, case_family
+    names = [n for n in RECORDS if not case_family(n).has_prologue]
     cases = [("cpu-emulated", name) for name in FAMILY_GRAPH_CASES]
     return cases + ([("cuda", name) for name in names] if CUDA else [])
 
@@ -157,11 +157,12 @@ def test_every_family_replays_hand_captured_group_graphs_on_its_hits(device_name
     step, the cached residual on a hit, the Bn group) is one hand-captured graph, so a cached step is a few graph
     replays around the model's own glue; images equal eager, the same cached steps, hits replayed from graphs.
     (On CUDA: real CUDA graphs of Dynamo-traced regions, every family; on CPU: the emulated bookkeeping.)"""
-    import dbcache_compile.testing_families as tf
+    from families import CASES
 
     device = "cuda" if device_name == "cuda" else "cpu"
-    builder, make_inputs = tf.FAMILIES[family]
-    config = f"F1B0_W2M0MC2_T0O1_R{tf.record_threshold(family)}"
+    case = CASES[family]
+    builder, make_inputs = case.builder, case.inputs
+    config = f"F1B0_W2M0MC2_T0O1_R{case.record}"
 
     def run(pipe):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_inputs().items()}

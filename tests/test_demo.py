@@ -1,6 +1,6 @@
 """The main job, ``python -m dbcache_compile demo``, run as a user runs it (the README quick start) on a small batch
 of the embedded trained digits model: what it prints (on stdout and stderr), what it writes, and the quality it
-reports; and ``python -m dbcache_compile.graphs``' choice of folder."""
+reports."""
 
 import json
 import os
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbcache_compile import graphs
 from dbcache_compile.cli import DEFAULT_CONFIG, main
 
 PER_CLASS = 3
@@ -114,30 +113,3 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--out", "x", "--mode", "turbo"])
     assert "--mode" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------ python -m dbcache_compile.graphs (golden records)
-def test_graph_records_go_to_the_folder_given_and_need_one_outside_a_checkout(tmp_path, monkeypatch, capsys):
-    """``python -m dbcache_compile.graphs --update --dir D`` writes the golden records to D (the same record as the
-    repository's); from a checkout the default is the repository's ``graphs/``, and an installed copy (no repository
-    next to the package, e.g. site-packages) has no default: ``--dir`` is required with a clear error, so the
-    records never land in ``site-packages/graphs``."""
-    root = Path(__file__).resolve().parents[1]
-    assert graphs.RECORD_DIR == root / "graphs"
-    installed = tmp_path / "site-packages"
-    (installed / "dbcache_compile").mkdir(parents=True)
-    (installed / "graphs").mkdir()  # even a stray graphs/ beside an installed package is not a repository
-    assert graphs.repository_graphs(installed / "dbcache_compile") is None
-
-    out = tmp_path / "records" / "new"
-    assert graphs.main(["--update", "--dir", str(out), "--only", "family-sana"]) == 0
-    written = out / "family-sana-regional.json"
-    assert json.loads(written.read_text()) == json.loads((root / "graphs" / written.name).read_text())
-    assert str(written) in capsys.readouterr().out
-
-    monkeypatch.setattr(graphs, "RECORD_DIR", None)
-    with pytest.raises(SystemExit):
-        graphs.main(["--only", "family-sana"])
-    assert "--dir is required" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no repository graphs/"):
-        graphs.record_path("flux", "regional")

@@ -10,7 +10,7 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.export import capture_transformer_inputs, euler_loop, write_runner_inputs
-from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, STEPS, run_scenario
+from tools.graph_records import SCENARIO_CONFIG, SCENARIOS, STEPS, run_scenario
 from dbcache_compile.testing import flux_inputs
 
 ROOT = Path(__file__).resolve().parent.parent

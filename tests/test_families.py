@@ -1,9 +1,10 @@
-"""Model families through the generic adapter (dbcache_compile.generic, dbcache_compile.families): on tiny
-random-weight pipelines of the real diffusers classes (dbcache_compile.testing_families), our cache takes the same
-decisions as cache-dit 1.5.3 per cache chain (a family with two block lists makes two independent decisions per
-step, as cache-dit's two contexts do), per CFG branch, and per transformer (Wan 2.2's transformer_2 counts its own
-steps); compiled (regional) without graph breaks or recompiles; and a forward input the cache does not implement is
-refused by name."""
+"""Model families (dbcache_compile/families/, one record per file) on the tiny random-weight pipelines of the real
+diffusers classes (tests/families/, one file per family): our cache takes the same decisions as cache-dit 1.5.3 per
+cache chain (a family with two block lists makes two independent decisions per step, as cache-dit's two contexts
+do), per CFG branch, and per transformer (Wan 2.2's transformer_2 counts its own steps); a forward input the cache
+does not implement is refused by name; and the registry, the tiny pipelines, the graph records and the README table
+cover each other. The compiled lowerings (regional, segments) of every family take these eager decisions:
+tests/test_compiled.py."""
 
 from pathlib import Path
 
@@ -11,12 +12,10 @@ import pytest
 import torch
 
 import dbcache_compile as dbc
-import dbcache_compile.testing_families as tf
 from cachedit_oracle import cache_dit_contexts
+from tests.families import CASES, CFG_COUNT, FAMILY_CASES, PARITY, check_layout
 
 STEPS = 8
-# family -> (builder, inputs, threshold that makes cache-dit cache on the tiny model: docs/families.md section 5.1)
-CASES = {name: (*tf.FAMILIES[name], threshold) for name, threshold in tf.THRESHOLDS.items()}
 
 
 def _config(threshold: float) -> str:
@@ -39,22 +38,23 @@ def _ours(pipe, inputs: dict, config: str, **optimize_kwargs) -> list[dict]:
     return contexts, summary, images
 
 
-@pytest.mark.parametrize("family", list(CASES))
-def test_family_takes_cache_dits_decisions(family):
+@pytest.mark.parametrize("case", list(PARITY))
+def test_family_takes_cache_dits_decisions(case):
     """A user switching from cache-dit 1.5.3 gets the same cached steps per block list, CFG branch and transformer
     on every supported family with a tiny pipeline (HiDream included: its forward's per-block Llama-3 glue runs on
     hits too)."""
-    builder, make_inputs, threshold = CASES[family]
-    config = _config(threshold)
-    ours, summary, _ = _ours(builder(), make_inputs(), config)
-    theirs = cache_dit_contexts(builder(), dbc.DBCacheConfig.from_string(config), num_inference_steps=STEPS,
-                                generator=torch.Generator().manual_seed(0), **make_inputs())
+    case = PARITY[case]
+    config = _config(case.threshold)
+    pipe = case.builder()  # ours, then cache-dit on the same pipeline (disable() leaves it as it was)
+    ours, summary, _ = _ours(pipe, case.inputs(), config)
+    theirs = cache_dit_contexts(pipe, dbc.DBCacheConfig.from_string(config), num_inference_steps=STEPS,
+                                generator=torch.Generator().manual_seed(0), **case.inputs())
     assert any(c["cached"] or c["cfg_cached"] for c in theirs), "the threshold must make cache-dit cache something"
     assert len(ours) == len(theirs)
     for mine, cd in zip(ours, theirs):
         assert mine["list"] in ("", cd["list"]), (mine["list"], cd["list"])
-        assert mine["cached"] == cd["cached"], (family, cd["list"], mine, cd)
-        assert mine["cfg_cached"] == cd["cfg_cached"], (family, cd["list"], mine, cd)
+        assert mine["cached"] == cd["cached"], (cd["list"], mine, cd)
+        assert mine["cfg_cached"] == cd["cfg_cached"], (cd["list"], mine, cd)
     assert summary.num_steps > 0
 
 
@@ -77,23 +77,23 @@ def _cache_dit_told(pipe, config: str, separate_cfg: bool, **call_kwargs) -> lis
         cache_dit.disable_cache(pipe)
 
 
-@pytest.mark.parametrize("case", list(tf.CFG_COUNT_CASES))
+@pytest.mark.parametrize("case", list(CFG_COUNT))
 def test_where_cache_dit_miscounts_cfg_calls_we_take_its_decisions_on_the_real_calls(case):
     """Where cache-dit 1.5.3's CFG counting is wrong (Wan / Qwen-Image-Edit / HunyuanVideo 1.5 / distilled
     HunyuanImage without CFG: one call per step read as cond+uncond pairs; HunyuanVideo true CFG and FLUX.2 [klein]
     base: two calls per step read as two steps), we do not copy its mistake: our cached steps per block list and
     branch are the ones cache-dit itself takes when told the real call pattern (enable_separate_cfg), i.e. each branch
     compares its residual with the same branch's previous step. README 'Models' names these cases."""
-    builder, make_inputs = tf.VARIANTS.get(case) or tf.FAMILIES[case]
-    threshold, separate = tf.CFG_COUNT_CASES[case]
-    config = _config(threshold)
-    ours, summary, _ = _ours(builder(), make_inputs(), config)
-    theirs = _cache_dit_told(builder(), config, separate, num_inference_steps=STEPS,
-                             generator=torch.Generator().manual_seed(0), **make_inputs())
+    case = CFG_COUNT[case]
+    config, separate = _config(case.threshold), case.separate_cfg
+    pipe = case.builder()
+    ours, summary, _ = _ours(pipe, case.inputs(), config)
+    theirs = _cache_dit_told(pipe, config, separate, num_inference_steps=STEPS,
+                             generator=torch.Generator().manual_seed(0), **case.inputs())
     assert any(c["cached"] or c["cfg_cached"] for c in theirs), "the threshold must make cache-dit cache something"
     assert summary.separate_cfg == separate and summary.num_steps == STEPS
     assert [(c["cached"], c["cfg_cached"]) for c in ours] == [(c["cached"], c["cfg_cached"]) for c in theirs], \
-        (case, ours, theirs)
+        (ours, theirs)
 
 
 def test_hidream_refuses_compiled_lowerings_and_caches_exactly_on_identical_inputs():
@@ -101,8 +101,8 @@ def test_hidream_refuses_compiled_lowerings_and_caches_exactly_on_identical_inpu
     untouched; and a hit on a call with the same inputs as the previous compute step reproduces the uncached output
     exactly (the per-block Llama-3 concatenation and slicing the forward does between the skipped blocks is neither
     lost nor applied twice)."""
-    pipe = tf.tiny_hidream_pipeline()
-    with pytest.raises(ValueError, match="hidream.*eager only.*moe_infer"):
+    pipe = CASES["hidream"].builder()
+    with pytest.raises(ValueError, match=r"\(hidream\) cannot run graph='regional'.*moe_infer.*mode=None"):
         dbc.optimize(pipe, cache=_config(0.35), mode="default", graph="regional")
     with pytest.raises(ValueError, match="not optimized"):
         dbc.runtime_of(pipe)
@@ -129,46 +129,16 @@ def test_hidream_refuses_compiled_lowerings_and_caches_exactly_on_identical_inpu
 def test_wan22_second_transformer_counts_its_own_steps():
     """Wan 2.2 A14B switches from transformer to transformer_2 at the boundary step: each has its own state and its
     own step count, so warm-up starts again after the switch and no stale residual of the first is read."""
-    _, summary, _ = _ours(tf.tiny_wan22_pipeline(), tf.wan_inputs(), _config(0.05))
+    _, summary, _ = _ours(CASES["wan22"].builder(), CASES["wan22"].inputs(), _config(0.05))
     second = summary.transformers["transformer_2"]
     assert summary.num_steps + second.num_steps == STEPS
     assert second.cached_steps and min(second.cached_steps) >= 2  # its own warm-up (W2) after the switch
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "sd35", "flux2"])
-def test_family_compiles_regionally_without_breaks_or_recompiles(family):
-    """Wan, HunyuanVideo, SD3.5 and FLUX.2 compile with graph='regional' without graph breaks or recompiles, and
-    take eager's per-chain decisions with eager's outputs."""
-    from torch._dynamo.utils import counters
-
-    builder, make_inputs, threshold = CASES[family]
-    pipe = builder()
-    eager, eager_summary, eager_images = _ours(pipe, make_inputs(), _config(threshold))
-    torch._dynamo.reset()
-    counters.clear()
-    dbc.optimize(pipe, cache=_config(threshold), mode="default", graph="regional", compile_options={"backend": "eager"})
-    try:
-        first = pipe(**make_inputs(), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
-        with torch.compiler.set_stance("fail_on_recompile"):
-            pipe(**make_inputs(), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
-        summary = dbc.summary(pipe)
-    finally:
-        dbc.disable(pipe)
-    assert summary.lowering == "regional" and sum(counters["graph_break"].values()) == 0
-    assert summary.cached_steps == eager_summary.cached_steps
-    for name, chain in eager_summary.chains.items():
-        assert summary.chains[name]["cached_steps"] == chain["cached_steps"]
-        assert summary.chains[name]["residual_diffs"] == pytest.approx(chain["residual_diffs"], rel=1e-5)
-    out, ref = (getattr(first, "frames", None), getattr(eager_images, "frames", None))
-    if out is None:
-        out, ref = first.images, eager_images.images
-    torch.testing.assert_close(torch.as_tensor(out), torch.as_tensor(ref), rtol=1e-4, atol=1e-4)
-
-
 def test_unsupported_inputs_are_refused_by_name():
     """SD3's skip-layer guidance input (block indices to skip) is refused by name, not silently mixed with the
     cache's own skipping."""
-    pipe = tf.tiny_sd35_pipeline()
+    pipe = CASES["sd35"].builder()
     dbc.optimize(pipe, cache=_config(0.2))
     try:
         kwargs = dict(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
@@ -199,16 +169,15 @@ def _residuals(transformer, hidden: torch.Tensor, count: int) -> list:
     return [torch.full((hidden.shape[0], hidden.shape[1], width), 0.1) for _ in range(count)]
 
 
-@pytest.mark.parametrize("family, argument", [("chroma", "controlnet_block_samples"),
-                                              ("chroma", "controlnet_single_block_samples"),
-                                              ("sd35", "block_controlnet_hidden_states")])
-def test_controlnet_residuals_are_refused_by_name_on_generic_families(family, argument):
+@pytest.mark.parametrize("case, argument", [("chroma", "controlnet_block_samples"),
+                                            ("chroma", "controlnet_single_block_samples"),
+                                            ("sd35", "block_controlnet_hidden_states")])
+def test_controlnet_residuals_are_refused_by_name_on_hook_driven_families(case, argument):
     """ControlNet residuals (added after block i by the model's own loop, where a hit skips the blocks) are a clear
     error naming the argument with the cache on; the same call runs with the cache off, so without the refusal the
     cached call would silently return a different image."""
-    builder, make_inputs = tf.FAMILIES[family]
-    pipe = builder()
-    kwargs = _transformer_call(pipe, make_inputs())
+    pipe = CASES[case].builder()
+    kwargs = _transformer_call(pipe, CASES[case].inputs())
     hidden = kwargs["hidden_states"]
     tokens = hidden if hidden.ndim == 3 else hidden.flatten(2).transpose(1, 2)[:, ::4]  # SD3: 2x2 patches
     kwargs[argument] = _residuals(pipe.transformer, tokens, 2)
@@ -223,8 +192,8 @@ def test_controlnet_residuals_are_refused_by_name_on_generic_families(family, ar
 
 
 def test_controlnet_residuals_are_refused_by_name_on_flux():
-    """The explicit FLUX adapter refuses FLUX ControlNet residuals (`controlnet_block_samples`) by name; the same call
-    runs without the cache."""
+    """The FLUX.1 family (with its prologue) refuses FLUX ControlNet residuals (`controlnet_block_samples`) by name;
+    the same call runs without the cache."""
     from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
@@ -240,17 +209,16 @@ def test_controlnet_residuals_are_refused_by_name_on_flux():
         dbc.disable(pipe)
 
 
-@pytest.mark.parametrize("family, argument, value, match", [
+@pytest.mark.parametrize("case, argument, value, match", [
     ("flux2", "kv_cache_mode", "extract", "`kv_cache_mode`"),
     ("sd35", "joint_attention_kwargs", {"ip_adapter_image_embeds": [torch.zeros(1, 1, 16)]}, "ip_adapter_image_embeds"),
     ("chroma", "joint_attention_kwargs", {"ip_adapter_image_embeds": [torch.zeros(1, 1, 16)]}, "ip_adapter_image_embeds"),
 ])
-def test_kv_cache_and_ip_adapter_inputs_are_refused_by_name(family, argument, value, match):
+def test_kv_cache_and_ip_adapter_inputs_are_refused_by_name(case, argument, value, match):
     """FLUX.2's KV-cache mode (block i reads the i-th cached K/V) and IP-Adapter image embeddings (diffusers passes
     them in the attention kwargs) are refused by name on a real call of the family's transformer."""
-    builder, make_inputs = tf.FAMILIES[family]
-    pipe = builder()
-    kwargs = _transformer_call(pipe, make_inputs())
+    pipe = CASES[case].builder()
+    kwargs = _transformer_call(pipe, CASES[case].inputs())
     kwargs[argument] = value
     dbc.optimize(pipe, cache=_config(0.2))
     try:
@@ -260,26 +228,28 @@ def test_kv_cache_and_ip_adapter_inputs_are_refused_by_name(family, argument, va
         dbc.disable(pipe)
 
 
-@pytest.mark.parametrize("adapter", [None, "generic"])
-def test_wan_vace_is_refused_at_optimize_naming_the_input(adapter):
+@pytest.mark.parametrize("prologue", [None, False])
+def test_wan_vace_is_refused_at_optimize_naming_the_input(prologue):
     """Wan VACE adds each VACE hint (from `control_hidden_states`) after its block, by index, between the blocks a hit
-    skips: optimize() refuses the model, naming it and the input, instead of caching a wrong video (the generic
-    adapter would otherwise take it: its blocks are in diffusers' registry); the model is left untouched."""
-    transformer, kwargs = tf.tiny_wan_vace_transformer()
+    skips: optimize() refuses the model, naming it and the input, instead of caching a wrong video (a synthesized
+    record would otherwise take it: its blocks are in diffusers' registry); the model is left untouched."""
+    from tests.families.wan import tiny_wan_vace_transformer
+
+    transformer, kwargs = tiny_wan_vace_transformer()
     with torch.no_grad():
         reference = transformer(**kwargs)[0]
     with pytest.raises(ValueError, match="WanVACETransformer3DModel.*not supported.*control_hidden_states"):
-        dbc.optimize(transformer, cache=_config(0.1), adapter=adapter)
+        dbc.optimize(transformer, cache=_config(0.1), prologue=prologue)
     with pytest.raises(ValueError, match="not optimized"):
         dbc.runtime_of(transformer)
     with torch.no_grad():
         assert torch.equal(transformer(**kwargs)[0], reference)
 
 
-def test_unsupported_family_error_lists_the_families_and_the_adapter_contract():
+def test_unsupported_family_error_lists_the_families_and_how_to_add_one():
     """optimize() on a model of no supported family (HunyuanDiT: its blocks are in no family and not in diffusers'
-    registry) says so, lists every supported family with its transformer class, and points at the README's adapter
-    contract."""
+    registry) says so, lists every supported family with its transformer class, and points at the README's
+    'Adding a model family'."""
     from diffusers import HunyuanDiT2DModel
 
     model = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=16, patch_size=2,
@@ -296,13 +266,13 @@ def test_unsupported_family_error_lists_the_families_and_the_adapter_contract():
     assert "**Adding a model family.**" in readme.split("### Models")[1].split("\n## ")[0]
 
 
-@pytest.mark.parametrize("family", ["hunyuan_video", "hunyuan_image"])
-def test_block_ratio_counts_every_block_list(family):
+@pytest.mark.parametrize("case", ["hunyuan_video", "hunyuan_image"])
+def test_block_ratio_counts_every_block_list(case):
     """summary().block_ratio with two block lists deciding on their own (and, for HunyuanImage, two CFG branches):
     equal to uncached blocks / executed blocks counted independently (a hook on each block's attention, which runs
     only when the block does), and the printed summary shows each list's own cached steps."""
-    builder, make_inputs = tf.FAMILIES[family]
-    pipe = builder()
+    case = CASES[case]
+    pipe = case.builder()
     transformer = pipe.transformer
     blocks = [block for name in ("transformer_blocks", "single_transformer_blocks")
               for block in getattr(transformer, name)]
@@ -310,7 +280,7 @@ def test_block_ratio_counts_every_block_list(family):
     handles = [block.attn.register_forward_hook(lambda *_: executed.append(1)) for block in blocks]
     handles.append(transformer.register_forward_hook(lambda *_: calls.append(1)))
     try:
-        _, summary, _ = _ours(pipe, make_inputs(), _config(tf.THRESHOLDS[family]))
+        _, summary, _ = _ours(pipe, case.inputs(), _config(case.threshold))
     finally:
         for handle in handles:
             handle.remove()
@@ -325,52 +295,80 @@ def test_block_ratio_counts_every_block_list(family):
 
 
 def test_supported_models_lists_the_families_and_their_lowerings():
-    """supported_models() tells users which lowerings each family takes (HiDream: eager only)."""
+    """supported_models() tells users which lowerings each family takes: every family segments and regional but
+    Chroma (its groups cannot run whole: regional block by block) and HiDream (eager only); cond needs a prologue
+    (FLUX.1, Qwen-Image)."""
     table = {row["family"]: row for row in dbc.supported_models()}
-    assert table["flux"]["lowerings"] == ["eager", "segments", "regional", "cond"]
-    assert table["wan"]["lowerings"] == ["eager", "regional"] and table["wan"]["tested"]
+    assert [f for f, row in table.items() if row["prologue"]] == ["flux", "qwen-image"]
+    compiled = {"eager", "segments", "regional"}
+    special = {"flux": compiled | {"cond"}, "qwen-image": compiled | {"cond"}, "chroma": {"eager", "regional"},
+               "hidream": {"eager"}}
+    for family, row in table.items():
+        assert set(row["lowerings"]) == special.get(family, compiled), family
+        assert row["lowerings"][0] == "eager" and row["tested"], family
     assert table["hunyuan-video"]["chains"] == ["transformer_blocks", "single_transformer_blocks"]
-    assert table["hidream"]["lowerings"] == ["eager"] and table["hidream"]["tested"]
 
 
-def test_every_tested_family_has_a_parity_test_and_every_compiled_one_a_graph_record():
-    """The README's 'tested: yes' and the golden graph records cover every family (pipeline class included) they
-    claim: each family marked tested has a tiny pipeline in the parity tests (Bria: its own test, cache-dit crashes on
-    it), and each generic family with the regional lowering has a graph record."""
-    from dbcache_compile.families import FAMILIES, family_for
-    from dbcache_compile.graphs import record_path
+def test_tiny_pipelines_are_collected_one_file_per_registered_family():
+    """tests/families/ has exactly one file per family file of dbcache_compile/families/ (same module name), each
+    naming its registered family: a family added without its tiny pipeline, or a file for no family, stops the suite
+    at collection with the file to add or remove."""
+    from dbcache_compile.families import families
 
-    def families_of(names):
-        pipes = {name: tf.FAMILIES[name][0]() for name in names}
-        return ({family_for(type(p.transformer)).name for p in pipes.values() if family_for(type(p.transformer))},
-                {type(p).__name__ for p in pipes.values()})
+    assert list(FAMILY_CASES) == [f.name for f in families()]
+    check_layout({"wan": "wan"}, {"wan"})
+    with pytest.raises(ImportError, match=r"without a test file.*kling \(dbcache_compile/families/kling.py: add "
+                                          r"tests/families/kling.py\)"):
+        check_layout({"wan": "wan", "kling": "kling"}, {"wan"})
+    with pytest.raises(ImportError, match=r"name no registered family.*: kling.py"):
+        check_layout({"wan": "wan"}, {"wan", "kling"})
 
-    parity, parity_pipelines = families_of([*CASES, *tf.CFG_COUNT_CASES.keys() & tf.FAMILIES.keys()])
-    assert parity | {"bria"} == {f.name for f in FAMILIES if f.tested}
-    assert "Flux2KleinPipeline" in parity_pipelines  # the README lists it: tested through CFG_COUNT_CASES
-    recorded, _ = families_of(tf.RECORD_FAMILIES)
-    assert recorded == {f.name for f in FAMILIES if "regional" in f.lowerings}
-    assert all(record_path(f"family-{name}", "regional").exists() for name in tf.RECORD_FAMILIES)
+
+def test_every_family_has_a_tiny_pipeline_a_parity_test_and_graph_records():
+    """The registry, the tiny pipelines and the golden graph records cover each other: each case's pipeline is one
+    its family lists (so the README's pipelines column is what the tests run) and its transformers belong to that
+    family; each family marked tested has a case in the parity tests (Bria: its own test below, cache-dit crashes on
+    it); each (family, compiled lowering other than cond) has a graph record (FLUX.1 / Qwen-Image: also their
+    Inductor scenario records); and graphs/ holds no family record the suite does not check."""
+    from dbcache_compile.families import families, family_for
+    from dbcache_compile.lowerings import lowerings_for
+    from tools.graph_records import FAMILY_LOWERINGS, LOWERINGS, RECORD_DIR, SCENARIO_CASES, family_records
+
+    for name, case in CASES.items():
+        pipe = case.builder()
+        family = family_for(pipe.transformer)
+        assert family.name == case.family, (name, family.name)
+        assert type(pipe).__name__ in family.pipelines, (name, type(pipe).__name__, family.pipelines)
+        second = getattr(pipe, "transformer_2", None)
+        assert second is None or family_for(second).name == case.family
+    tested = {CASES[name].family for name in [*PARITY, *CFG_COUNT]} | {"bria"}
+    assert tested == {f.name for f in families() if f.tested}
+    recorded = {(CASES[case].family, lowering) for case, lowering in family_records()}
+    recorded |= {(CASES[case].family, lowering) for case in SCENARIO_CASES.values() for lowering in LOWERINGS}
+    for family in families():
+        for lowering in set(FAMILY_LOWERINGS) & set(lowerings_for(family)):
+            assert (family.name, lowering) in recorded, (family.name, lowering)
+    files = {p.name for p in RECORD_DIR.glob("family-*.json")}
+    assert files == {f"family-{case}-{lowering}.json" for case, lowering in family_records()}
 
 
 def test_bria_where_cache_dit_crashes_caches_and_never_caching_is_exact():
     """cache-dit 1.5.3 crashes on Bria (it reads the block outputs hidden-first; they are (encoder, hidden)): the
     family's own contract makes our cache run, cache steps, and equal the plain model when it never caches."""
-    pipe = tf.tiny_bria_pipeline()
-    plain = pipe(**tf.bria_inputs(), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
-    _, summary, _ = _ours(pipe, tf.bria_inputs(), "F1B0_W2M0MC2_T0O1_R0.9")
+    bria = CASES["bria"]
+    pipe = bria.builder()
+    plain = pipe(**bria.inputs(), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
+    _, summary, _ = _ours(pipe, bria.inputs(), "F1B0_W2M0MC2_T0O1_R0.9")
     assert any(chain["cached_steps"] for chain in summary.chains.values())
-    _, never, images = _ours(pipe, tf.bria_inputs(), "F1B0_W0_R0")
+    _, never, images = _ours(pipe, bria.inputs(), "F1B0_W0_R0")
     assert not never.cached_steps and torch.equal(images.images, plain)
 
 
 def test_readme_model_table_is_supported_models():
-    """The README's model table is generated from supported_models(): a family added or changed in one is in the
-    other."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("<!-- supported_models table: generated from dbcache_compile.supported_models() -->\n")[1]
-    rows = [line for line in table.split("<!-- end of table -->")[0].splitlines() if line.startswith("| ")][1:]
-    families = [row.split("|")[1].strip() for row in rows]
-    assert families == [r["family"] for r in dbc.supported_models()]
-    for row, model in zip(rows, dbc.supported_models()):
-        assert f"`{model['transformer']}`" in row and ("yes" if model["tested"] else "no") in row.split("|")[-2]
+    """The README's model table is generated from supported_models() (`python tools/models_table.py --update`): a
+    family added or changed in the registry is in the README."""
+    from tools.models_table import README, readme_table, table
+
+    assert readme_table(README.read_text()) == table(), "run `python tools/models_table.py --update`"
+    rows = [line for line in table().splitlines()[2:]]
+    assert [row.split("|")[1].strip() for row in rows] == [r["family"] for r in dbc.supported_models()]

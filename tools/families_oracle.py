@@ -1,9 +1,8 @@
-"""Scratch oracle for issue #14: run cache-dit 1.5.3 on every tiny family pipeline of
-``dbcache_compile/testing_families.py`` and print what it does (markdown on stdout).
+"""Scratch oracle for issue #14: run cache-dit 1.5.3 on the tiny pipelines of ``tests/families/`` (every case of
+every registered family) and print what it does (markdown on stdout).
 
-    python tools/families_oracle.py                 # every family
-    python tools/families_oracle.py wan chroma      # some
-    python tools/families_oracle.py --variants      # the CFG-mode variants (testing_families.VARIANTS)
+    python tools/families_oracle.py                 # every case
+    python tools/families_oracle.py wan chroma      # some: case names, or family names (all their cases)
     python tools/families_oracle.py --no-cache-dit  # only the structure (no cache-dit runs)
 
 Per family it reports
@@ -18,9 +17,7 @@ Per family it reports
   cache context (one per block list per transformer): cached steps, cfg cached steps, residual diffs; and the number
   of entries ``cache_dit.summary(pipe)`` returns.
 
-It loads testing_families.py by path (not through the ``dbcache_compile`` package) so that it runs while the
-package itself is being rewritten. Single-threaded: tiny models run fastest that way and other processes share the
-two cores.
+Single-threaded: tiny models run fastest that way and other processes share the two cores.
 """
 
 from __future__ import annotations
@@ -39,13 +36,10 @@ torch.set_num_threads(1)
 logging.disable(logging.WARNING)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python tools/families_oracle.py`: tests.families lives in the repository root
+    sys.path.insert(0, ROOT)
 STEPS = 8
 THRESHOLDS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 0.99, 1.0)
-
-
-def _load_families():
-    import dbcache_compile.testing_families as module
-    return module
 
 
 def _transformers(pipe) -> dict:
@@ -191,15 +185,13 @@ def run_cache_dit(pipe, inputs: dict, threshold: float) -> dict:
 
 def main(argv: list[str]) -> None:
     with_cache_dit = "--no-cache-dit" not in argv
-    names = [a for a in argv if not a.startswith("--")]
-    tf = _load_families()
-    table = {**tf.FAMILIES, **tf.VARIANTS}
-    if "--variants" in argv:
-        names += list(tf.VARIANTS)
-    names = names or list(tf.FAMILIES)
-    for family in names:
-        builder, make_inputs = table[family]
-        print(f"\n### {family}\n", flush=True)
+    from tests.families import CASES, FAMILY_CASES
+
+    wanted = [a for a in argv if not a.startswith("--")]
+    names = [case for name in wanted for case in (FAMILY_CASES[name] if name in FAMILY_CASES else [name])]
+    for name in names or list(CASES):
+        builder, make_inputs = CASES[name].builder, CASES[name].inputs
+        print(f"\n### {name} ({CASES[name].family})\n", flush=True)
         try:
             t0 = time.perf_counter()
             pipe = builder()

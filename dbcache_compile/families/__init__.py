@@ -28,6 +28,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import sys
 from typing import Any, Optional
 
 import torch
@@ -108,6 +109,8 @@ class Family:
     embedder: str = ""
     #: a one-line description for the README table's notes (optional)
     note: str = ""
+    #: the module of the file that registered the family (set by :func:`register_family`)
+    module: str = ""
 
     def __init__(self, **fields: Any) -> None:
         for name, value in fields.items():
@@ -195,6 +198,8 @@ def register_family(record: Any) -> Any:
     """Register a family: a :class:`Family` record, or (as a class decorator) a :class:`Family` subclass, of which
     one instance is registered. One family per transformer class. Returns its argument."""
     family = record() if isinstance(record, type) else record
+    # the family's file (module name): what tests/families/<module>.py pairs with
+    family.module = record.__module__ if isinstance(record, type) else sys._getframe(1).f_globals.get("__name__", "")
     if not isinstance(family, Family) or not family.name or not family.transformer or not family.chains:
         raise TypeError(f"{record!r}: a family is a Family with a name, a transformer and chains")
     if family.cfg not in ("contexts", "separate", "batched"):

@@ -1,0 +1,55 @@
+"""Stable Diffusion 3 / 3.5: SD3Transformer2DModel.transformer_blocks (JointTransformerBlock, returns (encoder, hidden);
+the last block is context_pre_only and returns encoder None). Batched CFG (one call on [uncond, cond])."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from . import Case
+from ._common import finish, gen, kl_vae
+
+FAMILY = "sd3"
+SD3_BLOCKS = 4
+
+
+def tiny_sd3_pipeline(seed: int = 0, sd35: bool = False):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)} if sd35 else {}
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=SD3_BLOCKS, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+        out_channels=4, pos_embed_max_size=16, **extra)
+    vae = kl_vae(shift_factor=0.0609, scaling_factor=1.5305)
+    return finish(StableDiffusion3Pipeline(transformer=transformer,
+                                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                           text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                           text_encoder_3=None, tokenizer_3=None))
+
+
+def tiny_sd35_pipeline(seed: int = 0):
+    """SD3.5 (Medium-style): qk RMSNorm and MMDiT-X dual-attention layers (extra attn2 on the hidden stream)."""
+    return tiny_sd3_pipeline(seed, sd35=True)
+
+
+def sd3_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8) -> dict:
+    g = gen(seed + 5000)
+    kwargs = {"prompt_embeds": torch.randn(batch, tokens, 16, generator=g),
+              "pooled_prompt_embeds": torch.randn(batch, 16, generator=g),
+              "height": 32, "width": 32, "output_type": "pt", "guidance_scale": 5.0 if cfg else 1.0}
+    if cfg:
+        kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
+        kwargs["negative_pooled_prompt_embeds"] = torch.randn(batch, 16, generator=g)
+    return kwargs
+
+
+CASES = {
+    "sd3": Case(tiny_sd3_pipeline, sd3_inputs),
+    "sd35": Case(tiny_sd35_pipeline, sd3_inputs, threshold=0.2, record=0.35),
+    # SD3 without CFG (guidance_scale 1): batch 1 instead of 2
+    "sd3_no_cfg": Case(tiny_sd3_pipeline, partial(sd3_inputs, cfg=False)),
+}
