@@ -17,13 +17,13 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from .adapters import adapter_for, adapter_named
 from .config import DBCacheConfig
-from .runtime import Applied, BranchedRuntime, Branches, refuse_while_compiling
+from .runtime import Applied, BranchedRuntime, Branches, GenerationWatch, refuse_while_compiling
 from .state import BranchState
 from .step import CacheStep, fold_records, initial_counters, transformer_output
 
@@ -113,8 +113,14 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
     """An AOTInductor package in place of the transformer: same call signature (keyword arguments), same cached-step
     decisions as the live ``cond`` lowering, no compilation. Like an optimized transformer it keeps one state per
     cache context the pipeline enters (``cache_context``) and ends a generation at the pipeline's end-of-call reset
-    (``_reset_stateful_cache``); a bare caller calls :meth:`reset` between generations. It is its own runtime
-    (:func:`dbcache_compile.runtime_of`)."""
+    (``_reset_stateful_cache``); with ``watch`` (:func:`load` with ``pipe=``) a pipeline call that follows one that
+    raised (a failing callback, Ctrl-C) also starts a new generation. A bare caller calls :meth:`reset` between
+    generations. It is its own runtime (:func:`dbcache_compile.runtime_of`).
+
+    Args:
+        path: the ``.pt2`` package written by :func:`export` (``<path>.json`` next to it).
+        watch: the :class:`~dbcache_compile.runtime.GenerationWatch` of the pipeline the package runs in, or ``None``.
+    """
 
     lowering = "aoti"
     adapter = ""
@@ -124,7 +130,7 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
     def _check_generation_start(self) -> None:
         """The package replaced the transformer: no diffusers hooks, offload or compiled blocks to check."""
 
-    def __init__(self, path: Union[str, Path]) -> None:
+    def __init__(self, path: Union[str, Path], watch: Optional[GenerationWatch] = None) -> None:
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
         path = Path(path)
@@ -143,7 +149,7 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
         self.applied = Applied()
         self.adapter = adapter_named(self.meta["adapter"]).name
         self.branches = Branches(self.meta["terms"], self.meta["enable_separate_cfg"])
-        self.watch = None
+        self.watch = watch
         self._generation = 0
         self._flat: dict[int, list[torch.Tensor]] = {}  # per branch state (id): the package's state tensors
 
@@ -205,8 +211,9 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
 def load(path: Union[str, Path], pipe: Any = None) -> LoadedCachedTransformer:
     """Load a package made by :func:`export`. With ``pipe``, it replaces ``pipe.transformer`` (the pipeline's class
     is untouched: the package follows the pipeline's cache contexts and end-of-call reset, so
-    :func:`dbcache_compile.summary` works on it)."""
-    module = LoadedCachedTransformer(path)
+    :func:`dbcache_compile.summary` works on it) and watches the pipeline's scheduler, so that the call after one
+    that raised starts a new generation (:class:`~dbcache_compile.runtime.GenerationWatch`)."""
+    module = LoadedCachedTransformer(path, watch=GenerationWatch(pipe) if pipe is not None else None)
     if pipe is not None:
         pipe.transformer = module
     return module

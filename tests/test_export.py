@@ -1,6 +1,7 @@
 """export → AOTInductor package → load (Python) and the C++ runner (CMakeLists.txt): the same outputs and cached
 steps as the live compiled ``cond`` path, from a package that needs no compilation."""
 
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,10 @@ from dbcache_compile.graphs import SCENARIO_CONFIG, SCENARIOS, STEPS, run_scenar
 from dbcache_compile.testing import flux_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +68,42 @@ def test_loaded_package_keeps_one_state_per_cache_context(package):
     assert summary.cached_steps == live_summary.cached_steps
     assert summary.cfg_cached_steps == live_summary.cfg_cached_steps
     torch.testing.assert_close(images, live, rtol=1e-4, atol=1e-4)
+
+
+class Interrupted(Exception):
+    """What a callback raises to stop a generation at step k (as Ctrl-C or a failing callback would)."""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_generation_after_an_interrupted_one_equals_a_fresh_load(package, seed):
+    """With load(path, pipe=pipe), a pipeline call that raises at a random step k (a callback raising after step k,
+    true CFG: both branches mid-generation) leaves nothing behind: the next call is bit-identical to one on a freshly
+    loaded package (it used to continue the interrupted generation's step counts and residuals)."""
+    path, _ = package
+    negative = flux_inputs(seed=7)
+
+    def call(pipe, **extra):
+        kwargs = dict(flux_inputs(), negative_prompt_embeds=negative["prompt_embeds"],
+                      negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"], true_cfg_scale=4.0)
+        return pipe(**kwargs, **extra, num_inference_steps=STEPS, generator=generator()).images
+
+    fresh_pipe, _ = SCENARIOS["flux"]()
+    dbc.load(path, pipe=fresh_pipe)
+    expected, expected_summary = call(fresh_pipe), dbc.summary(fresh_pipe)
+    k = random.Random(seed).randrange(STEPS)
+
+    def stop_at_k(pipe, i, t, callback_kwargs):
+        if i == k:
+            raise Interrupted(k)
+        return callback_kwargs
+
+    pipe, _ = SCENARIOS["flux"]()
+    dbc.load(path, pipe=pipe)
+    with pytest.raises(Interrupted):
+        call(pipe, callback_on_step_end=stop_at_k)
+    images = call(pipe)
+    assert torch.equal(images, expected)
+    assert dbc.summary(pipe) == expected_summary
 
 
 def test_export_errors(package):
