@@ -4,16 +4,23 @@
 //   dbcache_runner PACKAGE.pt2 INPUTS.pt OUTPUT.pt
 //
 // INPUTS.pt (written by dbcache_compile.export.write_runner_inputs, torch.save format) is a list of tensors:
-//   [sigmas (N+1, float32), num_state (int64 scalar), then the package's flat inputs in export order:
-//    hidden_states (initial latents), timestep, step, counters, fn_residual, ladders..., other inputs...]
+//   [sigmas (N+1, float32), num_state (int64 scalar), shape set index (int64 scalar), then that shape set's flat
+//    inputs in export order: hidden_states (initial latents), timestep, step, counters, fn_residual, ladders...,
+//    other inputs...]
+// A package holds one AOTInductor model per shape set (the call signatures it was exported for): shape set i is the
+// archive's model "model" (i = 0) or "model_<i>" (dbcache_compile.export.model_name). The model checks its inputs'
+// dtypes, sizes, strides and device at every call (AOTI_RUNTIME_CHECK_INPUTS, set here unless already set): inputs
+// of another shape are an error, not a wrong image.
 // OUTPUT.pt (torch.load-able) is a list: [final latents, hit predicate per step (N, bool)].
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/serialize.h>
 #include <torch/torch.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <string>
 #include <vector>
 
 namespace {
@@ -33,14 +40,17 @@ int main(int argc, char** argv) {
   }
   try {
     torch::NoGradGuard no_grad;
-    torch::inductor::AOTIModelPackageLoader loader(argv[1]);
+    setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", /*overwrite=*/0);  // read once, by the model's first run
     const c10::IValue loaded = torch::pickle_load(read_file(argv[2]));
     std::vector<at::Tensor> inputs;
     for (const c10::IValue& item : loaded.toListRef()) inputs.push_back(item.toTensor());
-    if (inputs.size() < 7) throw std::runtime_error("INPUTS.pt holds too few tensors");
+    if (inputs.size() < 8) throw std::runtime_error("INPUTS.pt holds too few tensors");
     const at::Tensor sigmas = inputs[0].to(torch::kFloat32);
     const int64_t num_state = inputs[1].item<int64_t>();
-    std::vector<at::Tensor> flat(inputs.begin() + 2, inputs.end());
+    const int64_t shape_set = inputs[2].item<int64_t>();
+    const std::string model = shape_set == 0 ? "model" : "model_" + std::to_string(shape_set);
+    torch::inductor::AOTIModelPackageLoader loader(argv[1], model);
+    std::vector<at::Tensor> flat(inputs.begin() + 3, inputs.end());
     const int64_t steps = sigmas.size(0) - 1;
     const at::Tensor timestep_template = flat[1];
     at::Tensor x = flat[0];
