@@ -133,8 +133,22 @@ def no_views(t: Any) -> Any:
     return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _plain(t: Any) -> Any:
-    return standard_strides(t) if isinstance(t, torch.Tensor) and t._base is not None else t
+    """A region input as a plain standard-strided tensor: a view (Dynamo would guard on its base) or a tensor with
+    other strides (a split chunk, a flattened patch embedding, a CUDA-graph-owned copy of one) is copied."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t._base is not None or t.stride() != _contiguous_strides(t.shape):
+        return standard_strides(t)
+    return t
 
 
 def fresh_function(fn: Callable) -> Callable:
@@ -164,7 +178,7 @@ def run_block_hooks(region: Callable, block: torch.nn.Module, args: tuple, kwarg
     for hook in hooks:
         args, kwargs = hook.pre_forward(block, *args, **kwargs)
     # a view makes Dynamo guard on its base, and a split's chunk is a view with the full tensor's strides, which the
-    # other blocks' inputs do not have (a recompile): views enter the region as standard-strided copies
+    # other blocks' inputs do not have (a recompile): inputs enter the region as standard-strided tensors
     args = tuple(_plain(a) for a in args)
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
     out = region(type(block).forward, block, args, kwargs)
