@@ -30,6 +30,7 @@ from .cudagraphs import SegmentGraphs
 from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync
 from .state import BranchState
 from .parallel import split_like
+from .recipe import torch_compile_args
 from .step import CacheStep, counters_from_host, fresh_function, initial_counters, region_call
 
 __all__ = ["Lowering", "Eager", "Segments", "Regional", "Cond", "CUDAGRAPH_MODES", "LOWERINGS", "regional_options",
@@ -109,7 +110,7 @@ class Compiled:
         self.name = name
         self.fn = fn
         self.code = getattr(fn, "__code__", None) or fn.__func__.__code__
-        self.compiled = torch.compile(fn, **options)
+        self.compiled = torch.compile(fn, **torch_compile_args(options))
         self.fallbacks = owner.fallbacks
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -29,6 +29,8 @@ class CacheSummary:
         attention: the diffusers attention backend set by ``optimize(attention=...)`` (``None``: untouched).
         fused_qkv: whether ``optimize(fuse_qkv=True)`` fused the attention projections.
         adapter: the model adapter's name (``"flux"``, ``"qwen-image"``, ``"generic"``).
+        recipe: the kernel recipe of the compiled graphs (``None`` eager; :mod:`dbcache_compile.recipe`).
+        vae: what was compiled of the pipeline's VAE (``None``: nothing; :mod:`dbcache_compile.vae`).
         branches: per cache context the pipeline entered (``"cond"``, ``"uncond"``, ``"cond_uncond"``, ...), in
             first-use order: ``{"calls": n, "cached_steps": [...]}``.
         compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
@@ -58,6 +60,8 @@ class CacheSummary:
     attention: Optional[str] = None
     fused_qkv: bool = False
     adapter: str = ""
+    recipe: Optional[str] = None
+    vae: Optional[str] = None
     branches: dict[str, dict] = dataclasses.field(default_factory=dict)
     compile_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     chains: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -102,6 +106,9 @@ class CacheSummary:
             + (f", attention={self.attention}" if self.attention else "")
             + (", fused QKV" if self.fused_qkv else ""),
         ]
+        if self.recipe or self.vae:
+            lines.append("  compiled: transformer" + (f" (recipe: {self.recipe})" if self.recipe else "")
+                         + (f"; VAE: {self.vae}" if self.vae else "; VAE: not compiled"))
         if len(self.chains) > 1:
             # each block list decides on its own: no one "cached" list for the model
             lines.append(f"  steps: {self.num_steps}; {len(self.chains)} block lists, each with its own cache "
