@@ -77,3 +77,35 @@ def test_recipe_options_apply_while_our_graphs_compile_and_nowhere_else():
     user(torch.randn(8))
     assert len(seen) == 2
     dbc.disable(pipe)
+
+
+@pytest.mark.parametrize("gemm_autotune", [True, False])
+def test_block_regions_under_max_autotune_tune_scaled_mm_unless_switched_off(gemm_autotune):
+    """A block region compiled as ``optimize(mode="max-autotune")`` compiles it (``max-autotune-no-cudagraphs``:
+    the segments are captured by hand) sends an fp8 ``torch._scaled_mm`` through Inductor's tuned lowering with
+    ``max_autotune`` on, so its GEMM templates are benchmarked (on a GPU; a CPU offers ATen alone);
+    ``gemm_autotune=False`` compiles the same region with max_autotune off and pointwise tuning kept."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+
+    from dbcache_compile.lowerings import CompiledSet, regional_options
+    seen = []
+    recipe = KernelRecipe(gemm_autotune=gemm_autotune, inductor={
+        "post_grad_custom_post_pass": lambda graph: seen.append((config.max_autotune, config.max_autotune_pointwise,
+                                                                 config.triton.cudagraphs))})
+    options = regional_options({**compile_options(recipe, "max-autotune", None), "mode": "max-autotune",
+                                "fullgraph": True})
+
+    def region(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledSet().compile("region", region, options)
+    a = torch.randn(64, 128).to(torch.float8_e4m3fn)
+    b = torch.randn(256, 128).to(torch.float8_e4m3fn).t()
+    scale_a, scale_b = torch.rand(64, 1) + 0.5, torch.rand(1, 256) + 0.5  # per-row scales
+    torch.testing.assert_close(compiled(a, b, scale_a, scale_b), region(a, b, scale_a, scale_b))
+    assert "aten._scaled_mm.default_64_256_128" in counters["aten_mm_info"]
+    # (max_autotune, max_autotune_pointwise, cudagraph trees) while the region compiled
+    assert seen == [(True, False, False) if gemm_autotune else (False, True, False)]
