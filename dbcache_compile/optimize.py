@@ -181,9 +181,9 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         recipe: the kernel recipe of this library's compiles (:mod:`dbcache_compile.recipe`): ``None`` /
             ``"default"``, ``"full"`` (torchao's Inductor flags too), a ``KernelRecipe`` or a dict of its parts
             (``torchao_flags``, ``gemm_autotune``, ``inductor``), applied to our graphs only.
-        compile_vae: ``None`` (with a mode, compile the pipeline's ``AutoencoderKL`` decoder too), ``True`` (any
-            VAE decoder), ``False``, or a compile mode of its own (:mod:`dbcache_compile.vae`); undone by
-            :func:`disable`, reported by :func:`summary`.
+        compile_vae: ``None`` (with a mode, compile the pipeline's ``AutoencoderKL`` decoder too when it is on
+            CUDA), ``True`` (any VAE decoder, any device), ``False``, or a compile mode of its own
+            (:mod:`dbcache_compile.vae`); undone by :func:`disable`, reported by :func:`summary`.
 
     Returns the same object, modified in place. Everything is validated before the transformer is touched: a
     refused call leaves it exactly as it was.
