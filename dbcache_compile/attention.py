@@ -10,8 +10,9 @@ the file ``$DBCACHE_COMPILE_ATTENTION_CACHE`` names, so later processes only rea
 
 Exact backends only, unless asked: a backend whose numerics differ from scaled-dot-product attention
 (SageAttention's int8 Q·K and fp8 P·V kernels, :data:`APPROXIMATE`) is never chosen silently; name it, or opt in with
-``Auto(approximate=True)``. Every measurement records each backend's error against a float32 reference (relative L2
-and PSNR) beside its time, so the bench reports what an approximate backend costs in quality.
+``Auto(approximate=True)``. Every measurement records each backend's error beside its time: against a float32
+reference (relative L2, PSNR) and against SDPA in the model's dtype (PSNR vs the ``native`` backend, e.g. bf16), so
+the bench reports what an approximate backend costs in quality.
 
 Candidates on CUDA: torch SDPA through diffusers (``native``: SDPA's own dispatch; ``_native_cudnn``,
 ``_native_flash``, ``_native_efficient``: one SDPA kernel each), and the packages diffusers 0.42.1 dispatches to when
@@ -71,8 +72,10 @@ class Auto:
 
 @dataclasses.dataclass
 class Measurement:
-    """One ``auto`` decision: the chosen backend, each candidate's median ms and error against a float32 reference
-    (``rel_l2``, ``psnr_db``), the candidates that could not run and why, and whether it came from the cache."""
+    """One ``auto`` decision: the chosen backend, each candidate's median ms, its error against a float32 reference
+    (``rel_l2``, ``psnr_db``) and its PSNR against SDPA in the same dtype (``psnr_vs_sdpa_db``: the ``native``
+    backend's output; ``None`` = identical), the candidates that could not run and why, and whether it came from the
+    cache."""
 
     choice: str
     ms: dict[str, float]
@@ -81,6 +84,7 @@ class Measurement:
     skipped: dict[str, str]
     key: str
     cached: bool = False
+    psnr_vs_sdpa_db: dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         timed = ", ".join(f"{name} {ms:.3f} ms" for name, ms in sorted(self.ms.items(), key=lambda kv: kv[1]))
@@ -160,6 +164,7 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.
     rel: dict[str, float] = {}
     psnr: dict[str, Optional[float]] = {}
     skipped: dict[str, str] = {}
+    outputs: dict[str, torch.Tensor] = {}
     for name in names or candidates(device, approximate):
         backend = AttentionBackendName(name)
         try:
@@ -189,14 +194,22 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.
             skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             continue
         ms[name] = round(statistics.median(times), 4)
-        error = (out.float() - reference).pow(2).mean()
-        rel[name] = float((error / reference.pow(2).mean()).sqrt())
-        peak = reference.abs().max().pow(2)
-        psnr[name] = round(float(10 * torch.log10(peak / error)), 2) if error > 0 else None  # None: identical
+        outputs[name] = out
+        rel[name] = float(((out.float() - reference).pow(2).mean() / reference.pow(2).mean()).sqrt())
+        psnr[name] = _psnr(out, reference)
     if not ms:
         raise RuntimeError(f"attention='auto': no attention backend ran on {device} ({skipped})")
+    sdpa = outputs.get("native")
+    vs_sdpa = {} if sdpa is None else {name: _psnr(out, sdpa.float()) for name, out in outputs.items()}
     choice = pick(ms, approximate, names or candidates(device, approximate))
-    return Measurement(choice, ms, rel, psnr, skipped, _key(shape, dtype, device, approximate))
+    return Measurement(choice, ms, rel, psnr, skipped, _key(shape, dtype, device, approximate),
+                       psnr_vs_sdpa_db=vs_sdpa)
+
+
+def _psnr(out: torch.Tensor, reference: torch.Tensor) -> Optional[float]:
+    """PSNR in dB of ``out`` against ``reference`` (peak: the reference's largest magnitude); ``None``: identical."""
+    error = (out.float() - reference).pow(2).mean()
+    return round(float(10 * torch.log10(reference.abs().max().pow(2) / error)), 2) if error > 0 else None
 
 
 def pick(ms: dict[str, float], approximate: bool, order: tuple[str, ...]) -> str:
@@ -221,10 +234,10 @@ def choose(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.d
     entry = table.get(key)
     if entry is not None:
         return Measurement(entry["choice"], entry["ms"], entry["rel_l2"], entry["psnr_db"], entry["skipped"], key,
-                           cached=True)
+                           cached=True, psnr_vs_sdpa_db=entry.get("psnr_vs_sdpa_db", {}))
     result = measure(shape, dtype, device, auto.approximate, auto.repeats)
     table[key] = {"choice": result.choice, "ms": result.ms, "rel_l2": result.rel_l2, "psnr_db": result.psnr_db,
-                  "skipped": result.skipped,
+                  "psnr_vs_sdpa_db": result.psnr_vs_sdpa_db, "skipped": result.skipped,
                   "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

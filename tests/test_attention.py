@@ -53,6 +53,8 @@ def test_auto_measures_at_the_first_call_caches_the_choice_and_disable_resets_it
     assert f"|float32|1x{config.num_attention_heads}x{tokens}x{config.attention_head_dim}|" in key
     assert entry["choice"] == choice and set(entry["ms"]) == set(CPU_CANDIDATES) and not entry["skipped"]
     assert all(err < 1e-5 for err in entry["rel_l2"].values())
+    assert entry["psnr_vs_sdpa_db"]["native"] is None  # identical to itself
+    assert all(db is None or db > 80 for db in entry["psnr_vs_sdpa_db"].values())
     dbc.disable(pipe)
     assert processor._attention_backend is None and not pipe.transformer._forward_pre_hooks
 
