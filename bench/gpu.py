@@ -65,8 +65,9 @@ TARGET_1024_S, TARGET_COMPILE_S, TARGET_FULL_STEP_MS = 1.00, 120.0, 80.0
 CONFIG = "F1B0_W4MC6_R1.0"
 #: The CUDA tests of part a (test_quantize and test_vae first: a failed capture may leave the CUDA context unusable
 #: for later tests in the process, and the capture-failure test runs last in test_cudagraphs.py).
-CUDA_TESTS = ["tests/test_quantize.py::test_fp8_compiled_on_gpu", "tests/test_vae.py::test_default_compiles_the_vae_on_cuda",
-              "tests/test_cudagraphs.py", "-k", "cuda or fp8 or host_sync"]
+CUDA_TESTS = ["tests/test_quantize.py::test_fp8_compiled_on_gpu",
+              "tests/test_vae.py::test_default_compiles_the_vae_on_cuda", "tests/test_cudagraphs.py",
+              "-k", "cuda or fp8 or host_sync"]
 #: the recipe flags of ours in parts b and d (bench run), and cache-dit's best stack beside it; Qwen-Image's
 #: attention processors do not use fused projections in diffusers 0.42.1 (optimize refuses fuse_qkv there)
 RECIPE_FLAGS = ["--compile-mode", "max-autotune", "--graph", "regional", "--attention", "auto", "--fuse-qkv",

@@ -6,8 +6,9 @@ transformer's mode and the same kernel recipe, its 2-D convolution weights and i
 Inductor's convolution kernels prefer). ``compile_vae=False`` opts out; ``compile_vae=True`` compiles any pipeline
 VAE's decoder on any device (other VAE classes, such as the video VAEs with frame caches, are not tested, and on a
 CPU a compiled decode is not measured to pay for its compile: the default leaves both alone);
-``compile_vae="default"`` (any ``torch.compile`` mode) gives the VAE its own mode. ``disable()`` removes it and restores the weights' memory
-format: the decode is then exactly the original. ``summary().vae`` says what was compiled.
+``compile_vae="default"`` (any ``torch.compile`` mode) gives the VAE its own mode. ``disable()`` removes it and
+restores the weights' memory format: the decode is then exactly the original. ``summary().vae`` says what was
+compiled.
 
 The decoder is attached the diffusers way (a ``ModelHook`` in the decoder's ``HookRegistry``), compiled through its
 own code object (its own recompile budget, released at ``disable()``), ``fullgraph=True``. CUDA graphs stay off
