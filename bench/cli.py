@@ -8,6 +8,8 @@ Subcommands (each a module of this package with ``configure(parser)``, an option
 * ``gpu``: the whole GPU proof in one command of at most 9 minutes; ``--dry-run`` on a CPU (:mod:`bench.gpu`).
 * ``steps``: cold compile and hit / miss step times per lowering, each variant in a fresh process
   (:mod:`bench.steps`).
+* ``ablation``: the kernel recipe part by part, device ms per full / cached step and VAE decode, roofline %
+  (:mod:`bench.ablation`).
 * ``cold-start``: time to first image from a fresh process, AOTInductor package vs compiling (:mod:`bench.cold_start`).
 * ``lowerings``: the compiled lowerings (cond, segments, regional) on the digits model (:mod:`bench.lowerings`).
 * ``threshold-shift``: how quantization moves the residual diffs DBCache thresholds (:mod:`bench.threshold_shift`).
@@ -35,6 +37,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "rows of uncached / ours / peers x eager / compiled / quantized: wall-clock, FLOPs, quality"),
     "gpu": ("gpu", "the whole GPU proof in one command of <= 9 minutes (--dry-run: the same on a CPU)"),
     "steps": ("steps", "cold compile and hit / miss step times per lowering, a fresh process per variant"),
+    "ablation": ("ablation", "the kernel recipe part by part: GPU ms per full / cached step and VAE decode, roofline"),
     "cold-start": ("cold_start", "time to first image from a fresh process: AOTInductor package vs compiling"),
     "lowerings": ("lowerings", "the compiled lowerings on the digits model: compile and steady time"),
     "threshold-shift": ("threshold_shift", "how quantization moves the residual diffs that DBCache thresholds"),

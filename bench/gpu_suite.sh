@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks. `quick` is the whole proof in ONE call of <= 9 minutes (`python -m bench gpu`, bench/gpu.py: CUDA
-# tests, ours vs cache-dit at 1024² and 512², extras if time is left; writes summary.md). The other parts are longer studies, each
+# tests, ours + fp8 with the kernel recipe vs cache-dit's best stack at 1024² and 512², then the recipe ablation and
+# Qwen-Image if time is left; writes summary.md). The exact call: bench/README.md, "gpu". The other parts are longer studies, each
 # one device call of < 10 minutes, for sessions with more device time. The lent box has torch 2.11 but no diffusers / torchao / cache-dit / calflops and no
 # internet: fetch their wheels here first (bench/fetch_wheels.sh), then call the device tool with carry [".whl"]
 # and, from the repository root there:
 #
-#   bash bench/gpu_suite.sh quick        # everything that matters in <= 9 minutes (python -m bench gpu)
+#   bash bench/gpu_suite.sh quick --budget 520   # everything that matters in <= 9 minutes (python -m bench gpu)
 #   bash bench/gpu_suite.sh tests        # CUDA tests: hand-captured and cudagraph-tree graphs, one sync per free step
 #   bash bench/gpu_suite.sh tests-fp8    # fp8 with regional and segments (max-autotune) on the tiny FLUX; fp8
 #                                        # threshold shift (python -m bench threshold-shift, tiny FLUX, bf16)

@@ -6,6 +6,14 @@
 * ``cache-dit``: cache-dit's DBCache with the same config (``cache_dit.enable_cache``); in compiled modes the blocks
   are compiled with diffusers' regional compile, ``transformer.compile_repeated_blocks(fullgraph=True)`` (Inductor
   default mode), with Dynamo's recompile limits raised to 96 / 2048 for the row, as cache-dit's own benchmarks do.
+  ``--cache-dit-stack best`` is its stack as cache-dit 1.5.3's examples build it (``cache_dit/_utils/utils.py``):
+  ``cache_dit.set_compile_configs()`` (its Inductor flags: coordinate descent in all directions, no epilogue
+  fusion, ``conv_1x1_as_mm``, raised recompile limits), ``torch.set_float32_matmul_precision("high")``,
+  ``compile_repeated_blocks(fullgraph=True, mode=...)`` with ``max-autotune-no-cudagraphs`` when our rows use a
+  max-autotune mode (its ``--max-autotune`` without ``--cuda-graph``: regional compile and CUDA graphs exclude each
+  other there) and the attention backend our row chose; those process-wide settings are restored after the row.
+  Its fp8 (``cache_dit.quantize(..., "float8_per_row")``) is torchao's per-row dynamic fp8 through
+  ``torch._scaled_mm``, the weights the bench's quantized modes give every row.
 * ``diffusers-fbcache``: diffusers' First Block Cache (``transformer.enable_cache(FirstBlockCacheConfig(threshold))``)
   with the config's residual threshold. Its decision is a ``@torch.compiler.disable`` function, so in compiled modes
   the regional compile runs with ``fullgraph=False``.
@@ -135,18 +143,21 @@ def uncached_graph(graph: str) -> str:
 
 
 class Ours(Method):
-    """``dbcache_compile.optimize(pipe, cache=config, mode=compile_mode, graph=graph)``."""
+    """``dbcache_compile.optimize(pipe, cache=config, mode=compile_mode, graph=graph, **options)`` (``options``: the
+    recipe's ``recipe`` / ``attention`` / ``compile_vae`` / ``fuse_qkv`` arguments)."""
 
     name = "ours"
 
-    def __init__(self, config: str, compile_mode: Optional[str], graph: str) -> None:
+    def __init__(self, config: str, compile_mode: Optional[str], graph: str,
+                 options: Optional[dict[str, Any]] = None) -> None:
         self.config = dbc.DBCacheConfig.from_string(config)
         self.compile_mode = compile_mode
         self.graph = graph
+        self.options = dict(options or {})
         self.split = (self.config.Fn_compute_blocks, self.config.Bn_compute_blocks)
 
     def attach(self, pipe: Any) -> None:
-        dbc.optimize(pipe, cache=self.config, mode=self.compile_mode, graph=self.graph)
+        dbc.optimize(pipe, cache=self.config, mode=self.compile_mode, graph=self.graph, **self.options)
 
     def detach(self, pipe: Any) -> None:
         dbc.disable(pipe)
@@ -157,7 +168,10 @@ class Ours(Method):
 
     def details(self, pipe: Any) -> dict[str, Any]:
         summary = dbc.summary(pipe)
-        return {"compile": f"mode={summary.mode}, lowering={summary.lowering}", "cudagraphs": summary.cudagraphs}
+        details = {"compile": f"mode={summary.mode}, lowering={summary.lowering}", "cudagraphs": summary.cudagraphs}
+        details.update({k: v for k, v in (("attention", summary.attention), ("recipe", summary.recipe),
+                                          ("vae", summary.vae), ("fused_qkv", summary.fused_qkv or None)) if v})
+        return details
 
 
 class CacheDit(Method):
@@ -165,10 +179,17 @@ class CacheDit(Method):
 
     name = "cache-dit"
 
-    def __init__(self, config: str, compiled: bool, separate_cfg: bool) -> None:
+    def __init__(self, config: str, compiled: bool, separate_cfg: bool, stack: str = "regional",
+                 block_mode: Optional[str] = None, attention: Optional[str] = None) -> None:
+        if stack not in ("regional", "best"):
+            raise ValueError(f"cache-dit stack must be 'regional' or 'best', got {stack!r}")
         self.config = dbc.DBCacheConfig.from_string(config)
         self.compiled = compiled
         self.separate_cfg = separate_cfg
+        self.stack = stack
+        self.block_mode = block_mode
+        self.attention = attention
+        self._settings: Optional[tuple] = None
         self.split = (self.config.Fn_compute_blocks, self.config.Bn_compute_blocks)
         self._target: Any = None
         self._state: Optional[_InstanceState] = None
@@ -194,18 +215,34 @@ class CacheDit(Method):
             family = flux_adapter if family_for(pipe.transformer).name == "flux" else qwenimage_adapter
             self._target = family(pipe)
         cache_dit.enable_cache(self._target, cache_config=cache_config, calibrator_config=calibrator)
+        if self.attention is not None:
+            pipe.transformer.set_attention_backend(self.attention)
         if self.compiled:
             dynamo = torch._dynamo.config
             self._limits = (dynamo.recompile_limit, dynamo.accumulated_recompile_limit)
             dynamo.recompile_limit, dynamo.accumulated_recompile_limit = 96, 2048
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            if self.stack == "best":
+                from torch._inductor import config as inductor
+                self._settings = (inductor.get_config_copy(), torch.get_float32_matmul_precision())
+                cache_dit.set_compile_configs()
+                torch.set_float32_matmul_precision("high")
+                pipe.transformer.compile_repeated_blocks(fullgraph=True, mode=self.block_mode)
+            else:
+                pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
     def detach(self, pipe: Any) -> None:
         import cache_dit
         cache_dit.disable_cache(self._target)
+        if self.attention is not None:
+            pipe.transformer.reset_attention_backend()
         self._state.restore()
         if self._limits is not None:
             torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit = self._limits
+        if self._settings is not None:  # set_compile_configs() changed process-wide settings: give them back
+            from torch._inductor import config as inductor
+            inductor.load_config(self._settings[0])
+            torch.set_float32_matmul_precision(self._settings[1])
+            self._settings = None
 
     def cached_calls(self, pipe: Any) -> int:
         import cache_dit
@@ -214,7 +251,14 @@ class CacheDit(Method):
         return len(stats.cached_steps) + len(stats.cfg_cached_steps or [])
 
     def details(self, pipe: Any) -> dict[str, Any]:
-        return {"compile": "compile_repeated_blocks(fullgraph=True)" if self.compiled else "eager"}
+        if not self.compiled:
+            compile_ = "eager"
+        elif self.stack == "best":
+            compile_ = (f"set_compile_configs() + compile_repeated_blocks(fullgraph=True, mode={self.block_mode}), "
+                        f"float32 matmul precision high")
+        else:
+            compile_ = "compile_repeated_blocks(fullgraph=True)"
+        return {"compile": compile_, **({"attention": self.attention} if self.attention else {})}
 
 
 class FirstBlockCache(Method):

@@ -157,8 +157,8 @@ TINY_FAMILIES: dict[str, tuple[str, str]] = {
 #: full-size ``--random-weights`` names (GPU only: tens of GB in bf16).
 FULL_SIZE = ("flux", "qwen-image", "wan", "sd3.5", "hunyuanvideo-1.5")
 
-RANDOM_WEIGHTS = ("flux", "qwen-image", "flux-tiny", "flux-narrow", "wan", "sd3.5", "hunyuanvideo-1.5",
-                  *TINY_FAMILIES)
+RANDOM_WEIGHTS = ("flux", "qwen-image", "flux-tiny", "qwen-image-tiny", "flux-narrow", "wan", "sd3.5",
+                  "hunyuanvideo-1.5", *TINY_FAMILIES)
 FAMILIES = {FluxTransformer2DModel: "flux", QwenImageTransformer2DModel: "qwen-image"}
 
 
@@ -441,6 +441,23 @@ def _random_weights(kind: str, device: torch.device, dtype: torch.dtype, steps: 
 
         return BenchModel("tiny FLUX (random weights, dbcache_compile.testing)", "flux", pipe, device, False, False,
                           make_inputs, lambda: tiny_flux_pipeline(seed).transformer.to(dtype),
+                          resolution=f"{width}x{height}")
+
+    if kind == "qwen-image-tiny":  # the CPU stand-in of qwen-image (python -m bench gpu --dry-run)
+        from dbcache_compile.testing import qwen_inputs, tiny_qwen_pipeline
+        pipe = tiny_qwen_pipeline(seed).to(device=device, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+
+        def make_inputs(i: int, prompt: str) -> dict[str, Any]:
+            kwargs = qwen_inputs(seed=seed + i)
+            kwargs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                      if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            kwargs.update(height=height, width=width, num_inference_steps=steps, output_type="latent",
+                          generator=_generator(seed + i))
+            return kwargs
+
+        return BenchModel("tiny Qwen-Image (random weights, dbcache_compile.testing)", "qwen-image", pipe, device,
+                          False, False, make_inputs, lambda: tiny_qwen_pipeline(seed).transformer.to(dtype),
                           resolution=f"{width}x{height}")
 
     if kind in ("flux", "flux-narrow"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ from . import cp, ranks
 from .methods import PEERS
 from .models import RANDOM_WEIGHTS, load_model
 from .report import metadata, write_plot, write_results
-from .runner import METHODS, RowResult, Runner, explicit_rows, plan_rows, quantization_of, run_rows
+from .runner import METHODS, Recipe, RowResult, Runner, explicit_rows, plan_rows, quantization_of, run_rows
 
 __all__ = ["configure", "validate", "execute", "FLUX_CONFIGS", "QWEN_LIGHTNING_CONFIGS", "PROMPTS", "MODES"]
 
@@ -73,6 +74,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m],
                    help="torch.compile mode of the compiled modes (default: max-autotune on CUDA, default on CPU)")
     p.add_argument("--graph", default="auto", choices=GRAPHS, help="our lowering of the cached step when compiled")
+    p.add_argument("--recipe", default=None,
+                   help="ours' kernel recipe in compiled modes: default | full | a JSON dict of "
+                        "dbcache_compile.recipe.KernelRecipe fields (default: the library's default)")
+    p.add_argument("--attention", default=None,
+                   help="ours' attention backend in compiled modes: auto (measured) or a diffusers backend name; "
+                        "cache-dit's best stack uses the same (default: the model's)")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="fused QKV projections: ours via optimize(fuse_qkv=True); quantized modes fuse before "
+                        "quantizing, for every row of the mode")
+    p.add_argument("--compile-vae", choices=("auto", "on", "off"), default="auto",
+                   help="ours: optimize(compile_vae=None|True|False) (default auto: the library's default)")
+    p.add_argument("--cache-dit-stack", choices=("regional", "best"), default="regional",
+                   help="cache-dit's compiled rows: regional (compile_repeated_blocks, Inductor defaults) or best "
+                        "(its set_compile_configs() + regional compile + our attention backend; bench/methods.py)")
     p.add_argument("--peers", type=_csv, default=list(PEERS),
                    help=f"comma-separated peers from {', '.join(PEERS)}, or 'none' (default: both)")
     p.add_argument("--prompts", type=Path, default=PROMPTS, help="prompt file, one per line (default: DrawBench200)")
@@ -129,7 +144,7 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        if quantization_of(mode) in ("fp8", "fp8-wo"):
+        if (quantization_of(mode) or "").startswith("fp8"):
             try:
                 check_fp8_supported(args.device)
             except ValueError as err:
@@ -177,6 +192,19 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--lora needs the peft package (pip install peft)")
     if args.scheduler_config and not Path(args.scheduler_config).is_file():
         p.error(f"--scheduler-config {args.scheduler_config}: no such file")
+    if args.recipe is not None:
+        from dbcache_compile.recipe import KernelRecipe
+        try:
+            args.recipe = json.loads(args.recipe) if args.recipe.lstrip().startswith("{") else args.recipe
+            KernelRecipe.coerce(args.recipe)
+        except ValueError as err:
+            p.error(f"--recipe: {err}")
+    if args.attention is not None and args.attention != "auto":
+        from dbcache_compile.attention import check
+        try:
+            check(args.attention, args.device)
+        except ValueError as err:
+            p.error(f"--attention: {err}")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -231,7 +259,9 @@ def _execute(args: argparse.Namespace, rank: Optional[cp.RankContext]) -> int:
         rows = explicit_rows(args.rows, configs, reference=model.images)
     else:
         rows = plan_rows(args.modes, configs, args.peers)
-    runner = Runner(model, prompts, args.compile_mode, args.graph)
+    runner = Runner(model, prompts, args.compile_mode, args.graph, Recipe(
+        kernels=args.recipe, attention=args.attention, fuse_qkv=args.fuse_qkv,
+        compile_vae={"auto": None, "on": True, "off": False}[args.compile_vae], cache_dit_stack=args.cache_dit_stack))
     flops_note = None
     if rank is not None:
         flops_note = (f"not counted under --cp {rank.world_size} (each rank runs a shard of the sequence; run without "
@@ -286,7 +316,8 @@ def _write(args: argparse.Namespace, model: Any, runner: Runner, configs: list[s
         **metadata(args.command_line, args.device, started), "model": model.name,
         "dtype": str(args.dtype).removeprefix("torch."),
         "prompts": len(runner.prompts), "steps": args.steps, "resolution": resolution, "seed": args.seed,
-        "compile_mode": args.compile_mode, "graph": args.graph, "modes": args.modes, "configs": configs,
+        "compile_mode": args.compile_mode, "graph": args.graph, "recipe": args.recipe, "attention": args.attention,
+        "fuse_qkv": args.fuse_qkv, "compile_vae": args.compile_vae, "cache_dit_stack": args.cache_dit_stack, "modes": args.modes, "configs": configs,
         "peers": args.peers, "rows": args.rows, "unavailable": unavailable,
         "flops_per_forward": {
             "note": "calflops 0.3.2 (linears, matmuls, norms, activations) + scaled_dot_product_attention "

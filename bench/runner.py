@@ -36,7 +36,7 @@ from .methods import CacheDit, FirstBlockCache, Method, Ours, Uncached, peer_una
 from .metrics import Scorers, psnr, ssim
 from .models import BenchModel
 
-__all__ = ["REFERENCE", "RowSpec", "RowResult", "Runner", "plan_rows", "explicit_rows", "run_rows",
+__all__ = ["REFERENCE", "RowSpec", "RowResult", "Runner", "Recipe", "plan_rows", "explicit_rows", "run_rows",
            "quantization_of", "METHODS"]
 
 #: Row methods: the baseline, ours, and the peers (bench.methods.PEERS).
@@ -217,14 +217,43 @@ class _Counter:
         return generation_flops(self.full, cached, calls, cached_calls)
 
 
+@dataclasses.dataclass
+class Recipe:
+    """What ``run``'s recipe flags ask (``--recipe``, ``--attention``, ``--fuse-qkv``, ``--compile-vae``,
+    ``--cache-dit-stack``): ours' extra ``optimize`` arguments, QKV fusion before quantizing (every row of a quantized
+    mode then runs the same fused weights), and how cache-dit's rows are built."""
+
+    kernels: Optional[str] = None
+    attention: Optional[str] = None
+    fuse_qkv: bool = False
+    compile_vae: Optional[bool] = None
+    cache_dit_stack: str = "regional"
+
+    def ours_options(self, quantized: bool) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.kernels is not None:
+            options["recipe"] = self.kernels
+        if self.attention is not None:
+            options["attention"] = self.attention
+        if self.compile_vae is not None:
+            options["compile_vae"] = self.compile_vae
+        if self.fuse_qkv and not quantized:  # quantized modes fused the weights before quantizing them
+            options["fuse_qkv"] = True
+        return options
+
+
 class Runner:
     """Runs :class:`RowSpec` rows on one :class:`BenchModel`."""
 
-    def __init__(self, model: BenchModel, prompts: list[str], compile_mode: str, graph: str) -> None:
+    def __init__(self, model: BenchModel, prompts: list[str], compile_mode: str, graph: str,
+                 recipe: Optional[Recipe] = None) -> None:
         self.model = model
         self.prompts = prompts
         self.compile_mode = compile_mode
         self.graph = graph
+        self.recipe = recipe or Recipe()
+        #: the attention backend ours' ``attention="auto"`` chose (cache-dit's best stack then uses the same)
+        self.chosen_attention: Optional[str] = None
         self.scorers = Scorers(model.device, model.prompt_inputs, model.images)
         self.reference: list[torch.Tensor] = []
         self.flops = _Counter()
@@ -238,8 +267,15 @@ class Runner:
         if spec.method == "uncached":
             return Uncached(mode, self.graph)
         if spec.method == "ours":
-            return Ours(spec.config, mode, self.graph)
+            options = self.recipe.ours_options(quantization_of(spec.mode) is not None) if mode is not None else {}
+            return Ours(spec.config, mode, self.graph, options)
         if spec.method == "cache-dit":
+            if self.recipe.cache_dit_stack == "best" and mode is not None:
+                attention = self.recipe.attention if self.recipe.attention != "auto" else self.chosen_attention
+                block_mode = ("max-autotune-no-cudagraphs" if self.compile_mode in ("max-autotune",
+                                                                                     "max-autotune-no-cudagraphs")
+                              else None)
+                return CacheDit(spec.config, True, self.separate_cfg, "best", block_mode, attention)
             return CacheDit(spec.config, mode is not None, self.separate_cfg)
         return FirstBlockCache(_threshold(spec.config), mode is not None)
 
@@ -256,6 +292,8 @@ class Runner:
             return
         self.model.replace_transformer()
         transformer = self.model.pipe.transformer
+        if self.recipe.fuse_qkv:
+            transformer.fuse_qkv_projections()  # before quantizing: the fused linear is what gets quantized
         config = resolve_quantization(quantize, self.model.device, self.compile_mode)
         quantize_transformer(transformer, config, default_filter(_block_lists(transformer)))
         self.quantized_mode = mode
@@ -314,8 +352,12 @@ class Runner:
                 self._score(result, i, prompt, self.model.output_images(output))
             result.peak_mem_bytes = memory.read()
             result.details = {**method.details(pipe), "peak_mem_kind": memory.kind}
+            if spec.method == "ours" and self.recipe.attention == "auto" and self.chosen_attention is None:
+                self.chosen_attention = (result.details.get("attention") or "").split(" ")[0] or None
             if quantization_of(spec.mode):
                 result.details["quantized"] = quantization_of(spec.mode)
+                if self.recipe.fuse_qkv:
+                    result.details["fused_qkv"] = "fused before quantization (every row of the mode)"
         finally:
             if capture is not None:
                 capture.remove()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .recipe import torch_compile_args
 from .step import fresh_function
 
 __all__ = ["CUDAGRAPH_MODES", "regional_options", "CompiledSet", "Compiled", "STORE", "clear", "store_limit"]
@@ -77,7 +78,7 @@ class Compiled:
         self.fn = fn
         self.options = options
         self.code = fn.__code__
-        self.compiled = torch.compile(fn, **options)
+        self.compiled = torch.compile(fn, **torch_compile_args(options))
         self.fallbacks = 0
 
     @property

@@ -14,10 +14,13 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from .attention import Auto, attach as attach_attention, check as check_attention
 from .config import DBCacheConfig
 from .families import Family, family_for
 from .lowerings import GRAPHS, resolve
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
+from .recipe import KernelRecipe, attach as attach_recipe, compile_options as recipe_compile_options
+from .vae import prepare as prepare_vae
 from .runtime import (HOOK_NAME, Applied, BranchedRuntime, CacheHook, CacheRuntime, GenerationWatch, HookRegistry,
                       Runtime, UncachedHook, UncachedRuntime, refuse_forward_replacing_hooks, refuse_offload,
                       refuse_offload_with_cuda_graphs)
@@ -26,8 +29,6 @@ from .stats import CacheSummary
 __all__ = ["optimize", "disable", "reset", "summary", "runtime_of", "is_optimized", "COMPILE_MODES", "GRAPHS"]
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-#: attention backends that run without CUDA (everything else needs a CUDA GPU and its kernels)
-_CPU_ATTENTION = ("native", "_native_math", "flex")
 #: diffusers hooks that change what a block computes or where its weights live: fine with the eager lowering,
 #: refused with compiled ones (they mutate modules during the forward, which a fullgraph compile cannot trace)
 _MODULE_HOOKS = ("layerwise_casting", "group_offloading", "lazy_prefetch_group_offloading")
@@ -92,23 +93,10 @@ def _resolve_family(transformer: torch.nn.Module, prologue: Optional[bool]) -> F
     return family
 
 
-def _check_attention(attention: Optional[str], device: torch.device) -> Optional[str]:
-    """The diffusers backend name ``attention`` resolves to on ``device`` (``None``: leave the model's)."""
-    if attention is None:
-        return None
-    if attention == "auto":
-        if device.type != "cuda":
-            return "native"
-        return "_native_cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "_native_flash"
-    from diffusers.models.attention_dispatch import AttentionBackendName
-    valid = [b.value for b in AttentionBackendName]
-    if attention not in valid:
-        raise ValueError(f"attention must be None, 'auto' or a diffusers attention backend ({', '.join(valid)}), "
-                         f"got {attention!r}")
-    if device.type != "cuda" and attention not in _CPU_ATTENTION:
-        raise ValueError(f"attention={attention!r} needs a CUDA GPU; the transformer is on {device.type} (use "
-                         f"'auto', or one of {', '.join(_CPU_ATTENTION)})")
-    return attention
+def _check_attention(attention: Any, device: torch.device) -> Any:
+    """The diffusers backend name ``attention`` resolves to on ``device`` (``None``: leave the model's; an
+    :class:`~dbcache_compile.attention.Auto`: measured at the first call): :mod:`dbcache_compile.attention`."""
+    return check_attention(attention, device)
 
 
 def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
@@ -119,7 +107,8 @@ def _has_subclass_weights(transformer: torch.nn.Module) -> bool:
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
              graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
              quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None,
-             attention: Optional[str] = None, fuse_qkv: bool = False, prologue: Optional[bool] = None) -> Any:
+             attention: Any = None, fuse_qkv: bool = False, prologue: Optional[bool] = None, recipe: Any = None,
+             compile_vae: Union[bool, str, None] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -142,9 +131,11 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             :func:`disable`.
         quantize_filter: ``(module, fqn) -> bool`` choosing the linears to quantize; default: attention and MLP
             linears of the blocks (no embedders, modulation or output projection).
-        attention: ``None`` (leave the transformer's attention backend alone), ``"auto"`` (cuDNN SDPA on Hopper and
-            newer, torch's flash SDPA on other CUDA GPUs, native elsewhere) or a diffusers attention backend name
-            (``transformer.set_attention_backend``); reported by :func:`summary` and reset by :func:`disable`.
+        attention: ``None`` (leave the transformer's attention backend alone), ``"auto"`` (the fastest exact
+            diffusers backend on this device, measured once for the first call's attention shape and cached on disk;
+            :class:`dbcache_compile.attention.Auto` for a given shape or to allow numerics-changing backends) or a
+            diffusers attention backend name (``transformer.set_attention_backend``); reported by :func:`summary`
+            and reset by :func:`disable`.
         fuse_qkv: fuse each attention's Q/K/V (and added Q/K/V) linears into one (diffusers
             ``fuse_qkv_projections``; before quantization, so the fused linear is quantized). Off by default: it is
             measured per model and card (``python -m bench steps --fuse-qkv``), not assumed to help. Undone by
@@ -153,6 +144,12 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             prologue, FLUX.1 and Qwen-Image) or ``False``: run the model's own forward with block hooks.
         compile_options: extra ``torch.compile`` arguments as a dict (e.g. ``{"dynamic": True}``); with a
             ``backend`` the ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
+        recipe: the kernel recipe of this library's compiles (:mod:`dbcache_compile.recipe`): ``None`` /
+            ``"default"``, ``"full"`` (torchao's Inductor flags too), a ``KernelRecipe`` or a dict of its parts
+            (``torchao_flags``, ``gemm_autotune``, ``inductor``), applied to our graphs only.
+        compile_vae: ``None`` (with a mode, compile the pipeline's ``AutoencoderKL`` decoder too when it is on
+            CUDA), ``True`` (any VAE decoder, any device), ``False``, or a compile mode of its own
+            (:mod:`dbcache_compile.vae`); undone by :func:`disable`, reported by :func:`summary`.
 
     Returns the same object, modified in place. Everything is validated before the transformer is touched: a
     refused call leaves it exactly as it was.
@@ -166,7 +163,10 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
                         f"{type(compile_options).__name__} {compile_options!r}")
     if cache is None and mode is None and quantize is None:
         raise ValueError("optimize() with cache=None, mode=None and quantize=None would do nothing")
+    kernels = KernelRecipe.coerce(recipe)
+    compile_options = recipe_compile_options(kernels, mode, compile_options)
     pipeline, transformer = _split(pipe)
+    vae = prepare_vae(pipeline, mode, compile_vae, compile_options)
     transformers = [transformer] + ([] if pipeline is None else _extra_transformers(pipeline))
     watch = GenerationWatch(pipeline) if pipeline is not None else None
     # validate every transformer before changing any
@@ -175,6 +175,7 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     with _model_offload_paused(pipeline):
         for step in apply:
             step()
+        attach_recipe(runtime_of(transformer).applied, kernels, mode, vae)
     return pipe
 
 
@@ -237,6 +238,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
         raise ValueError(f"fuse_qkv=True: {type(transformer).__name__}'s attention processors do not use fused QKV "
                          f"projections in this diffusers version (fusing would only cost memory); leave it off")
     backend = _check_attention(attention, device)
+    auto, backend = (backend, None) if isinstance(backend, Auto) else (None, backend)
     options = None
     if mode is not None:
         options = dict(compile_options or {})
@@ -261,7 +263,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
     # what changes the compiled graphs besides the functions, their options and the block split: the compile store's
     # key (dbcache_compile.compiled), so that another optimize of the same model class and config reuses them
     store_key = (_model_key(transformer), family.name, family.has_prologue, _quantization_key(quantize), fuse_qkv,
-                 backend)
+                 backend if auto is None else repr(auto))
     if config is None:
         rt: Any = UncachedRuntime(transformer, family.blocks(transformer), mode, options, lowering, applied,
                                   store_key)
@@ -290,6 +292,8 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
         for block, block_hook in rt.block_hooks.items():
             HookRegistry.check_if_exists_or_initialize(block).register_hook(block_hook, rt.block_hook_name)
         registry.invalidate_child_registries_cache()
+        if auto is not None:
+            attach_attention(transformer, auto, applied)
 
     return apply
 

@@ -6,33 +6,87 @@ peers do for quality: only the attention and MLP linears inside the cached block
 torchao configs adjust global Inductor flags when ``set_inductor_config=True`` (their default). On FLUX-size fp8
 those flags made the regional compile take 273 s and run slower than Inductor's defaults (18.4 s; docs/design.md, "Compile time"), and
 they would silently change every later ``torch.compile`` in the user's process. The named configs here therefore use
-``set_inductor_config=False``; a torchao config object you pass is applied as given (its flag is yours).
+``set_inductor_config=False``; a torchao config object you pass is applied as given (its flag is yours). The flags
+torchao recommends can be applied to this library's own compiles only: ``optimize(..., recipe=KernelRecipe(
+torchao_flags=True))`` (:mod:`dbcache_compile.recipe`).
+
+fp8 granularity (dynamic activations and weights, ``torch._scaled_mm``): ``"fp8-row"`` (one scale per row of the
+activation and per output channel of the weight), ``"fp8-tensor"`` (one scale per tensor: cheaper scaling, coarser
+rounding), ``"fp8-mix"`` (a per-layer plan: per-tensor for the attention's Q/K/V projections, whose outputs go
+through the model's RMS/LayerNorm of q and k, per-row for everything else). ``"fp8"`` is ``"fp8-row"``, the
+granularity measured on the H100 (``bench/results/gpu-h100-2026-11-26/``); the others are there to be measured
+(``python -m bench gpu``'s recipe ablation) before any becomes the default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Callable, Optional
 
 import torch
 
 __all__ = ["QUANTIZE_NAMES", "named_config", "resolve_quantization", "quantize_transformer", "count_selected",
-           "default_filter"]
+           "default_filter", "QuantizationPlan", "Rule", "plan_layers", "is_qkv_projection"]
 
-QUANTIZE_NAMES = ("fp8", "fp8-wo", "int8", "int8-wo")
-_FP8_NAMES = ("fp8", "fp8-wo")
+QUANTIZE_NAMES = ("fp8", "fp8-row", "fp8-tensor", "fp8-mix", "fp8-wo", "int8", "int8-wo")
+_FP8_NAMES = ("fp8", "fp8-row", "fp8-tensor", "fp8-mix", "fp8-wo")
+#: the last name component of the attention's query / key / value projections (separate, fused, added stream)
+QKV_PROJECTIONS = frozenset({"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_qkv",
+                             "to_added_qkv", "qkv", "to_kv"})
+
+
+def is_qkv_projection(fqn: str) -> bool:
+    """Whether the module at ``fqn`` is an attention Q / K / V projection (``...attn.to_q``, ``...attn.to_qkv``)."""
+    return fqn.rsplit(".", 1)[-1] in QKV_PROJECTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One part of a :class:`QuantizationPlan`: the linears whose qualified name ``matches`` get ``config``."""
+
+    label: str
+    matches: Callable[[str], bool]
+    config: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationPlan:
+    """A per-layer quantization: each selected linear gets the config of the first rule that matches its name."""
+
+    name: str
+    rules: tuple[Rule, ...]
+
+
+def plan_layers(transformer: torch.nn.Module, plan: QuantizationPlan,
+                filter_fn: Callable[[torch.nn.Module, str], bool]) -> dict[str, str]:
+    """``{fqn: rule label}`` for every linear ``filter_fn`` selects (first matching rule), without quantizing."""
+    chosen = {}
+    for fqn, module in transformer.named_modules():
+        if filter_fn(module, fqn):
+            rule = next((r for r in plan.rules if r.matches(fqn)), None)
+            if rule is not None:
+                chosen[fqn] = rule.label
+    return chosen
 
 
 def named_config(name: str) -> Any:
-    """The torchao config of a quantization name (``set_inductor_config=False``), without device checks.
+    """The torchao config of a quantization name (``set_inductor_config=False``), without device checks; for
+    ``"fp8-mix"`` a :class:`QuantizationPlan` of two such configs.
 
     Imports torchao (only here and in :func:`quantize_transformer`: ``import dbcache_compile`` stays silent)."""
     if name not in QUANTIZE_NAMES:
         raise ValueError(f"quantize name must be one of {QUANTIZE_NAMES}, got {name!r}")
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
-                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
-    if name == "fp8":
+                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow, PerTensor)
+    if name in ("fp8", "fp8-row"):
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    if name == "fp8-tensor":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), set_inductor_config=False)
+    if name == "fp8-mix":
+        return QuantizationPlan(name, (
+            Rule("fp8 per-tensor (Q/K/V)", is_qkv_projection, named_config("fp8-tensor")),
+            Rule("fp8 per-row", lambda fqn: True, named_config("fp8-row"))))
     if name == "fp8-wo":
         return Float8WeightOnlyConfig(set_inductor_config=False)
     if name == "int8":
@@ -55,7 +109,7 @@ _FP8_INSTEAD = {
 
 
 def check_fp8_supported(device: Any, name: str = "fp8") -> None:
-    """fp8 (``name``: ``"fp8"`` or ``"fp8-wo"``) needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper,
+    """fp8 (``name``: one of the ``"fp8*"`` names) needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper,
     Blackwell); a ``ValueError`` naming ``name`` and the reason otherwise. ``device``: a ``torch.device`` or its
     string."""
     device = torch.device(device)
@@ -81,7 +135,7 @@ def resolve_quantization(quantize: Any, device: Any, mode: Optional[str]) -> Any
 
     torchao is imported only once the request is valid (its import prints C-extension load failures and
     deprecation warnings on machines without its kernels)."""
-    if _is_torchao_config(quantize):
+    if _is_torchao_config(quantize) or isinstance(quantize, QuantizationPlan):
         return quantize
     if not isinstance(quantize, str) or quantize not in QUANTIZE_NAMES:
         raise ValueError(f"quantize must be None, one of {QUANTIZE_NAMES} or a torchao config object, "
@@ -109,11 +163,18 @@ def default_filter(block_list_names: tuple[str, ...]) -> Callable[[torch.nn.Modu
 
 def quantize_transformer(transformer: torch.nn.Module, config: Any,
                          filter_fn: Callable[[torch.nn.Module, str], bool]) -> int:
-    """Apply ``torchao.quantization.quantize_`` in place; returns the number of linears converted."""
+    """Apply ``torchao.quantization.quantize_`` in place (once per rule of a :class:`QuantizationPlan`); returns the
+    number of linears converted."""
     from torchao.quantization import quantize_
     selected = count_selected(transformer, filter_fn)
-    quantize_(transformer, config, filter_fn=filter_fn)
-    return selected
+    if not isinstance(config, QuantizationPlan):
+        quantize_(transformer, config, filter_fn=filter_fn)
+        return selected
+    chosen = plan_layers(transformer, config, filter_fn)
+    for rule in config.rules:
+        if rule.label in chosen.values():
+            quantize_(transformer, rule.config, filter_fn=lambda m, fqn, label=rule.label: chosen.get(fqn) == label)
+    return len(chosen)
 
 
 def count_selected(transformer: torch.nn.Module, filter_fn: Callable[[torch.nn.Module, str], bool]) -> int:

@@ -90,6 +90,10 @@ class Applied:
     quantized: Optional[str] = None
     attention: Optional[str] = None
     fused_qkv: bool = False
+    #: the kernel recipe of the compiles (:mod:`dbcache_compile.recipe`) and the compiled VAE decode
+    #: (:mod:`dbcache_compile.vae`), as ``summary()`` prints them
+    recipe: Optional[str] = None
+    vae: Optional[str] = None
     #: undoes the attention backend and the fused projections (``disable``)
     undo: Callable[[], None] = lambda: None
     #: whether ``optimize`` created the transformer's ``_diffusers_hook`` registry (``disable`` removes it again)
@@ -527,7 +531,7 @@ class BranchedRuntime(Runtime):
             lowering=self.lowering, mode=self.mode, num_blocks=self.num_blocks, Fn=config.Fn_compute_blocks,
             Bn=config.Bn_compute_blocks, cudagraphs=self.cudagraph_status(), quantized=self.applied.quantized,
             attention=self.applied.attention, fused_qkv=self.applied.fused_qkv, family=self.family,
-            prologue=self.prologue,
+            prologue=self.prologue, recipe=self.applied.recipe, vae=self.applied.vae,
             branches={n: {"calls": states[n].calls, "cached_steps": list(states[n].cached_steps)} for n in order
                       if n in states}, compile_fallbacks=dict(self.compile_fallbacks),
             lowerings=tuple(self.supported_lowerings), chains=self._chain_summaries(order),

@@ -31,6 +31,8 @@ class CacheSummary:
         family: the model family's name (``"flux"``, ``"wan"``, ...; ``"generic"`` for a model in no family).
         prologue: whether whole steps run in our forward (a family with a prologue), else the model's own forward
             with block hooks.
+        recipe: the kernel recipe of the compiled graphs (``None`` eager; :mod:`dbcache_compile.recipe`).
+        vae: what was compiled of the pipeline's VAE (``None``: nothing; :mod:`dbcache_compile.vae`).
         branches: per cache context the pipeline entered (``"cond"``, ``"uncond"``, ``"cond_uncond"``, ...), in
             first-use order: ``{"calls": n, "cached_steps": [...]}``.
         compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
@@ -64,6 +66,8 @@ class CacheSummary:
     fused_qkv: bool = False
     family: str = ""
     prologue: bool = False
+    recipe: Optional[str] = None
+    vae: Optional[str] = None
     branches: dict[str, dict] = dataclasses.field(default_factory=dict)
     compile_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     chains: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -109,6 +113,9 @@ class CacheSummary:
             + (f", attention={self.attention}" if self.attention else "")
             + (", fused QKV" if self.fused_qkv else ""),
         ]
+        if self.recipe or self.vae:
+            lines.append("  compiled: transformer" + (f" (recipe: {self.recipe})" if self.recipe else "")
+                         + (f"; VAE: {self.vae}" if self.vae else "; VAE: not compiled"))
         if len(self.chains) > 1:
             # each block list decides on its own: no one "cached" list for the model
             lines.append(f"  steps: {self.num_steps}; {len(self.chains)} block lists, each with its own cache "

@@ -9,6 +9,17 @@ from tools.graph_records import SCENARIO_CONFIG, SCENARIOS, measure, run_scenari
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def attention_cache(tmp_path_factory):
+    """``attention="auto"`` measurements go to a file of this test session, not the user's ~/.cache (child
+    processes inherit it)."""
+    from dbcache_compile.attention import ENV_CACHE
+    mp = pytest.MonkeyPatch()
+    mp.setenv(ENV_CACHE, str(tmp_path_factory.mktemp("dbcache_cache") / "attention.json"))
+    yield
+    mp.undo()
+
+
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -428,29 +428,60 @@ def test_bench_steps_runs_a_variant_in_a_fresh_process(tmp_path):
 
 
 def test_gpu_proof_dry_run_writes_the_summary_of_every_part(tmp_path):
-    """``python -m bench gpu --dry-run``: the one-call GPU proof on a CPU (tiny FLUX, int8 for fp8, TorchDynamo off
-    in the children), the same parts, child processes and files as on the GPU, so the script cannot rot between GPU
-    sessions: every required part passes, each e2e table has the four rows in the order that puts ours vs cache-dit
-    first, all with the forced schedule, and the ratio of ours vs cache-dit is computed from those rows."""
+    """``python -m bench gpu --dry-run``: the one-call GPU proof on a CPU (tiny FLUX / tiny Qwen-Image, int8 for fp8,
+    TorchDynamo off in the children), the same parts, child processes and files as on the GPU, so the script cannot
+    rot between GPU sessions: every part passes; each e2e table has the four rows in the order that puts ours vs
+    cache-dit first, all with the forced schedule, ours with the recipe (attention measured, recipe recorded, QKV
+    fused before quantizing) and cache-dit with its best stack on the same attention backend; the ratio of ours vs
+    cache-dit is computed from those rows; the ablation ran every variant; no target is claimed."""
+    from bench.ablation import VARIANTS
+
     rc = main(["gpu", "--dry-run", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     parts = {p["name"]: p["status"] for p in summary["parts"]}
     assert rc == 0, parts
-    assert parts == {"tests": "pass", "e2e-1024": "pass", "e2e-512": "pass", "fp8-shift": "pass"}
+    assert parts == {"tests": "pass", "e2e-1024": "pass", "e2e-512": "pass", "ablation": "pass", "qwen-1328": "pass"}
     assert "skipped" in (tmp_path / "tests.log").read_text()  # the CUDA tests were collected and skipped here
     assert "python -m bench run " in (tmp_path / "e2e-1024" / "results.md").read_text()
-    for name in ("e2e-1024", "e2e-512"):
+    for name in ("e2e-1024", "e2e-512", "qwen-1328"):
         rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
         assert [(r["method"], r["mode"]) for r in rows] == [
             ("ours", "compile+int8"), ("cache-dit", "compile+int8"), ("ours", "compile"), ("uncached", "compile")]
-        assert all(r["status"] == "ok" for r in rows)
+        assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows]
         assert [r["per_prompt"]["cached_calls"] for r in rows] == [[4], [4], [4], [0]]  # W4 of 8 steps, then hits
+        ours, peer = rows[0]["details"], rows[1]["details"]
+        assert ours["attention"].split()[0] in ("native", "_native_math") and "auto" in ours["attention"]
+        assert ours["recipe"].startswith("torchao_flags=off, gemm_autotune=on")
+        assert peer["compile"].startswith("set_compile_configs()") and peer["attention"] == ours["attention"].split()[0]
+        assert ("fused_qkv" in ours) == name.startswith("e2e-")
         ratio = summary["ratios"][name]
         assert ratio["ratio"] == pytest.approx(ratio["cache_dit_s"] / ratio["ours_s"])
         assert ratio["met"] is None  # a dry run never claims a target
-    assert (tmp_path / "extras" / "threshold_shift_flux-tiny_int8.md").is_file()
+    assert [r["variant"] for r in summary["ablation"]] == list(VARIANTS)
+    assert all("error" not in r and r["full_step_ms"] > 0 and r["cached_step_ms"] > 0 for r in summary["ablation"])
+    assert all(t["met"] is None for t in summary["targets"]) and len(summary["targets"]) == 3
+    assert json.loads((tmp_path / "attention.json").read_text())  # auto's measurements come back with the results
     assert "| tests | pass |" in (tmp_path / "summary.md").read_text()
     assert summary["meta"]["command"].startswith("python -m bench gpu --dry-run")
+
+
+def test_ablation_variants_change_one_part_each_and_peaks_are_the_datasheets():
+    """Each ablation variant changes exactly what its name says relative to ``full``; off a capable GPU the fp8
+    granularities become int8 stand-ins; H100 and H200 share NVIDIA's dense peaks, other cards get none."""
+    from bench.ablation import peak_tflops, variant_options
+
+    full = variant_options("full", "fp8", "max-autotune", cpu=False)
+    assert full == {"mode": "max-autotune", "quantize": "fp8", "recipe": {}, "fuse_qkv": True, "attention": "auto",
+                    "compile_vae": True}
+    assert variant_options("no-gemm-autotune", "fp8", "max-autotune", False) == {**full,
+                                                                                  "recipe": {"gemm_autotune": False}}
+    assert variant_options("fp8-mix", "fp8", "max-autotune", False) == {**full, "quantize": "fp8-mix"}
+    assert variant_options("fp8-mix", "fp8", "max-autotune", True)["quantize"] == "int8"
+    assert variant_options("base", "fp8", "max-autotune", False) == {**full, "mode": "reduce-overhead",
+                                                                     "fuse_qkv": False, "attention": None,
+                                                                     "compile_vae": False}
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == peak_tflops("NVIDIA H200") == {"bf16": 989.0, "fp8": 1979.0}
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") is None
 
 
 def test_soak_runs_a_clean_mix_and_writes_its_report(tmp_path):

@@ -94,7 +94,8 @@ def test_quantize_errors_are_clear():
     pipe = tiny_flux_pipeline()
     with pytest.raises(ValueError, match=r"compute capability >= 8.9.*Use quantize='int8'"):
         dbc.optimize(pipe, cache=CONFIG, mode="max-autotune", quantize="fp8")
-    with pytest.raises(ValueError, match=r"one of \('fp8', 'fp8-wo', 'int8', 'int8-wo'\)"):
+    with pytest.raises(ValueError, match=r"one of \('fp8', 'fp8-row', 'fp8-tensor', 'fp8-mix', 'fp8-wo', 'int8', "
+                                         r"'int8-wo'\)"):
         dbc.optimize(pipe, cache=CONFIG, quantize="int4")
     with pytest.raises(ValueError, match="selected no linear"):
         dbc.optimize(pipe, cache=CONFIG, quantize="int8", quantize_filter=lambda m, n: False)
@@ -103,16 +104,51 @@ def test_quantize_errors_are_clear():
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight.data) is torch.Tensor
 
 
+def test_fp8_granularities_are_named_configs_and_the_mix_is_a_per_layer_plan():
+    """``"fp8"`` is ``"fp8-row"`` (per-row scales, the measured default), ``"fp8-tensor"`` one scale per tensor,
+    ``"fp8-mix"`` a plan: per-tensor for every attention Q/K/V projection (separate or fused, image and text streams),
+    per-row for every other linear the filter selects (planned on the real tiny FLUX without quantizing: torchao
+    refuses fp8 activations off a capable GPU). Every fp8 name is refused on a CPU with the reason and what to use."""
+    from torchao.quantization import PerRow, PerTensor
+
+    from dbcache_compile.quantize import QuantizationPlan, named_config, plan_layers
+    def kinds(config):  # torchao normalizes the granularity to (activation, weight)
+        return {type(g) for g in config.granularity}
+
+    row, tensor = named_config("fp8"), named_config("fp8-tensor")
+    assert kinds(row) == kinds(named_config("fp8-row")) == {PerRow} and kinds(tensor) == {PerTensor}
+    assert not row.set_inductor_config and not tensor.set_inductor_config
+    mix = named_config("fp8-mix")
+    assert isinstance(mix, QuantizationPlan)
+    assert [kinds(r.config) for r in mix.rules] == [{PerTensor}, {PerRow}]
+    pipe = tiny_flux_pipeline()
+    keep = default_filter(("transformer_blocks", "single_transformer_blocks"))
+    plan = plan_layers(pipe.transformer, mix, keep)
+    assert set(plan) == {n for n, m in pipe.transformer.named_modules() if keep(m, n)}
+    per_tensor = {n for n, label in plan.items() if "per-tensor" in label}
+    assert per_tensor == {n for n in plan if n.rsplit(".", 1)[-1] in
+                          ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+    assert "transformer_blocks.0.attn.add_k_proj" in per_tensor and "single_transformer_blocks.0.attn.to_v" in per_tensor
+    assert plan["transformer_blocks.0.ff.net.2"] == plan["single_transformer_blocks.0.proj_mlp"] == "fp8 per-row"
+    pipe.transformer.fuse_qkv_projections()
+    fused = plan_layers(pipe.transformer, mix, lambda m, n: keep(m, n) and n.endswith(("to_qkv", "to_added_qkv")))
+    assert fused and all("per-tensor" in label for label in fused.values())
+    for name in ("fp8-row", "fp8-tensor", "fp8-mix"):
+        with pytest.raises(ValueError, match=rf"quantize='{name}' needs a CUDA GPU.*on cpu\. Use quantize='int8'"):
+            dbc.optimize(tiny_flux_pipeline(), cache=CONFIG, mode="max-autotune", quantize=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="fp8 needs a CUDA GPU with compute capability >= 8.9 (none here)")
-@pytest.mark.parametrize("graph", ["regional", "segments"])
-def test_fp8_compiled_on_gpu(graph):
+@pytest.mark.parametrize("graph,quantize", [("regional", "fp8"), ("segments", "fp8"), ("regional", "fp8-tensor"),
+                                            ("regional", "fp8-mix")])
+def test_fp8_compiled_on_gpu(graph, quantize):
     """fp8 on a capable GPU is refused without a compile mode; with reduce-overhead (regional or segments) it
-    caches, gives finite images and captures CUDA graphs."""
+    caches, gives finite images and captures CUDA graphs; per-tensor and the per-layer mix too."""
     pipe = tiny_flux_pipeline().to("cuda", torch.bfloat16)
     with pytest.raises(ValueError, match="without torch.compile"):
-        dbc.optimize(pipe, cache=CONFIG, quantize="fp8")
-    dbc.optimize(pipe, cache=CONFIG, mode="reduce-overhead", quantize="fp8", graph=graph)
+        dbc.optimize(pipe, cache=CONFIG, quantize=quantize)
+    dbc.optimize(pipe, cache=CONFIG, mode="reduce-overhead", quantize=quantize, graph=graph)
     inputs = {k: v.to("cuda", torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in flux_inputs().items()}
     out = pipe(**inputs, num_inference_steps=10, generator=torch.Generator("cuda").manual_seed(0)).images
     summary = dbc.summary(pipe)

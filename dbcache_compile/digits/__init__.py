@@ -23,20 +23,28 @@ from typing import Iterator
 #: tensor class it registers for ``torch.load`` (diffusers 0.42.1 with torchao 0.18: ``torchao.dtypes.NF4Tensor`` is
 #: gone). The digits weights are plain safetensors, never torchao-serialized, so that warning says nothing here.
 TORCHAO_QUANTIZER_LOGGER = "diffusers.quantizers.torchao.torchao_quantizer"
+#: What importing diffusers' model classes prints when torchao is installed (diffusers imports torchao there, in
+#: ``diffusers.quantizers.torchao``, whatever the caller asked for): torchao's own logger ("Failed to load
+#: .../_C_mxfp8...so", "_C_cutlass_90a": its CUDA kernel libraries on a machine without them), torch's pytree
+#: deprecation for the enums torchao registers, and the quantizer warning above. Warnings about a quantization the
+#: demo never runs.
+QUIET_AT_IMPORT = ("torchao", "torch.utils._pytree", TORCHAO_QUANTIZER_LOGGER)
 
 
 @contextlib.contextmanager
 def _quiet_torchao_quantizer() -> Iterator[None]:
-    """Drop that one logger's warnings while this package imports diffusers' models (the warning fires once per
-    process, at that import); its errors, every other logger and every exception pass as usual, and its level is
+    """Drop those loggers' warnings while this package imports diffusers' models (they fire once per process, at
+    that import); their errors, every other logger and every exception pass as usual, and their levels are
     restored."""
-    logger = logging.getLogger(TORCHAO_QUANTIZER_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in QUIET_AT_IMPORT]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 with _quiet_torchao_quantizer():
