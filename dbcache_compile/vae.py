@@ -42,11 +42,17 @@ class VaePlan:
     def apply(self) -> tuple[str, Callable[[], None]]:
         from diffusers.hooks.hooks import HookRegistry, ModelHook
 
-        from .lowerings import CompiledSet, compile_method, regional_options
+        import hashlib
+        import json
+
+        from .compiled import CompiledSet, regional_options
         decoder = self.vae.decoder
         options = regional_options(self.options)
-        compiled = CompiledSet()
-        forward = compile_method(type(decoder).forward, decoder, options, compiled)
+        # the compile store's key: the VAE's class and config (another optimize of the same VAE reuses the graph)
+        config = json.dumps(dict(getattr(self.vae, "config", {}) or {}), sort_keys=True, default=str)
+        compiled = CompiledSet(("vae", type(self.vae).__module__, type(self.vae).__qualname__,
+                                hashlib.sha1(config.encode()).hexdigest()))
+        forward = compiled.compile_method("decoder", type(decoder).forward, decoder, options)
         # 2-D convolution weights go channels_last (a 3-D video VAE's 5-D weights stay as they are)
         plain = {name for name, p in decoder.named_parameters()
                  if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)}
