@@ -9,12 +9,14 @@ hook and leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
 from .adapters import Adapter, adapter_for, supported_models
+from .compile_cache import attach as attach_compile_cache, open_compile_cache
 from .config import DBCacheConfig
 from .lowerings import build_lowering
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
@@ -154,7 +156,8 @@ def _resolve_graph(graph: str, mode: Optional[str], device: torch.device, quanti
 def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.2", mode: Optional[str] = None,
              graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
              quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None,
-             attention: Optional[str] = None, fuse_qkv: bool = False, adapter: Optional[str] = None) -> Any:
+             attention: Optional[str] = None, fuse_qkv: bool = False, adapter: Optional[str] = None,
+             compile_cache: Union[str, os.PathLike, None] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -187,6 +190,12 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
             and diffusers' ``TransformerBlockRegistry`` (lowerings ``eager`` and ``regional``).
         compile_options: extra ``torch.compile`` arguments as a dict (e.g. ``{"dynamic": True}``); with a
             ``backend`` the ``mode`` only selects compiling and is not passed on. ``fullgraph=True`` is always set.
+        compile_cache: a directory (str or PathLike, needs a ``mode``) that keeps torch's compile caches across
+            processes: Inductor's FX graph and AOTAutograd caches and the compiled kernels are written there as the
+            transformer compiles (its forward runs with ``$TORCHINDUCTOR_CACHE_DIR`` pointing there; the previous
+            value is restored after each call, so no other compile of the process uses it), and a later process
+            with the same directory loads them instead of compiling. Dynamo still traces in every process. Fill it
+            ahead of serving with ``python -m dbcache_compile warmup``; see :mod:`dbcache_compile.compile_cache`.
 
     Returns the same object, modified in place. Everything is validated before the transformer is touched: a
     refused call leaves it exactly as it was.
@@ -201,14 +210,20 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     if cache is None and mode is None and quantize is None:
         raise ValueError("optimize() with cache=None, mode=None and quantize=None would do nothing")
     pipeline, transformer = _split(pipe)
+    store = open_compile_cache(compile_cache, mode, next(transformer.parameters()).device)
     transformers = [transformer] + ([] if pipeline is None else _extra_transformers(pipeline))
     watch = GenerationWatch(pipeline) if pipeline is not None else None
     # validate every transformer before changing any
     apply = [_prepare(pipeline, t, watch, cache, mode, graph, quantize, compile_options, quantize_filter, attention,
                       fuse_qkv, adapter) for t in transformers]
     with _model_offload_paused(pipeline):
+        if store is not None:
+            store.create()
         for step in apply:
             step()
+        if store is not None:
+            for t in transformers:
+                attach_compile_cache(runtime_of(t), store)
     return pipe
 
 

@@ -1,0 +1,163 @@
+"""``optimize(..., compile_cache=DIR)``: a second process loads what the first compiled (real Inductor, fresh
+processes, each with its own empty default Inductor cache), the directory scoping, the validation, and the
+``warmup`` command."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import dbcache_compile as dbc
+from dbcache_compile.compile_cache import MANIFEST, open_compile_cache
+from dbcache_compile.testing import tiny_flux_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "F1B0_W1MC2_R0.45"
+
+#: one compiled generation of the tiny FLUX with a compile cache; prints torch's cache lookups inside our forwards
+#: and where the process's own Inductor cache directory points afterwards, saves the images
+_CHILD = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    import dbcache_compile as dbc
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+    cache_dir, out = sys.argv[1], sys.argv[2]
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache={config!r}, mode="default", graph="regional", compile_cache=cache_dir)
+    images = pipe(**flux_inputs(), num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    torch.save(images, out)
+    store = dbc.compile_cache_of(pipe)
+    print("RESULT", json.dumps({{"counts": store.counts, "cached_steps": dbc.summary(pipe).cached_steps,
+                                "env": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "entries": store.entries()}}))
+""").format(config=CONFIG)
+
+
+def _child(tmp_path: Path, cache_dir: Path, name: str) -> dict:
+    """Run :data:`_CHILD` in a fresh process whose default Inductor cache is a new empty directory."""
+    default = tmp_path / f"default-{name}"
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(default), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / f"{name}.pt"
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(cache_dir), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    result["images"] = torch.load(out)
+    result["default_dir"] = default
+    return result
+
+
+def test_second_process_loads_what_the_first_compiled(tmp_path):
+    """A child fills DIR; a second child, with a fresh default Inductor cache and the same DIR, hits torch's FX graph
+    and AOTAutograd caches for every graph (no miss: nothing compiled again) and makes bit-identical images. Neither
+    process's own Inductor cache directory receives a graph: the compiles went to DIR only, and the environment
+    variable is back to the process's own value after the forward."""
+    cache_dir = tmp_path / "compile-cache"
+    first = _child(tmp_path, cache_dir, "fill")
+    assert first["counts"]["fxgraph_miss"] >= 2 and first["counts"]["fxgraph_hit"] == 0  # two block classes
+    assert first["entries"]["fxgraph"] >= 2 and first["entries"]["aotautograd"] >= 2
+    assert first["entries"]["kernel_libraries"] >= 1
+    second = _child(tmp_path, cache_dir, "load")
+    assert second["counts"]["fxgraph_miss"] == 0 and second["counts"]["autograd_miss"] == 0
+    assert second["counts"]["autograd_hit"] == first["counts"]["autograd_miss"] >= 2
+    assert second["cached_steps"] == first["cached_steps"]
+    assert torch.equal(second["images"], first["images"])
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    assert manifest["torch"] == torch.__version__
+    for run in (first, second):
+        assert run["env"] == str(run["default_dir"])
+        assert not (run["default_dir"] / "fxgraph").exists() and not (run["default_dir"] / "aotautograd").exists()
+    # the warmup command on the filled directory: loads everything, compiles nothing, says so
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "default-cli"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "dbcache_compile", "warmup", "--model", "flux-tiny", "--config",
+                           CONFIG, "--mode", "default", "--graph", "regional", "--height", "32", "--width", "32",
+                           "--steps", "3", "--threads", "1", "--compile-cache", str(cache_dir), "--json", str(tmp_path / "w.json")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "w.json").read_text())
+    (run,) = report["runs"]
+    assert run["fxgraph_miss"] == 0 and run["fxgraph_hit"] >= 2, report
+    assert "FX graph cache: " in proc.stdout
+
+
+def test_forward_runs_inside_the_directory_and_restores_the_environment(tmp_path, monkeypatch):
+    """The wrapped forward sees Inductor's cache directory in DIR and the caller's value comes back afterwards, also
+    when the forward raises, and when the variable was unset."""
+    store = open_compile_cache(tmp_path / "cc", "default", torch.device("cpu"))
+    seen = []
+
+    def forward(fail=False):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        if fail:
+            raise RuntimeError("boom")
+        return 1
+
+    wrapped = store.wrap(forward)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    assert wrapped() == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapped(fail=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    wrapped()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert seen == [str(tmp_path / "cc" / "inductor")] * 3
+
+
+def test_refused_arguments_leave_the_model_untouched(tmp_path):
+    pipe = tiny_flux_pipeline()
+    before = dict(vars(pipe.transformer))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    cases = [
+        (dict(mode=None, compile_cache=tmp_path / "a"), ValueError, "needs a compile mode"),
+        (dict(mode="default", compile_cache=3), TypeError, "directory path"),
+        (dict(mode="default", compile_cache=""), ValueError, "empty"),
+        (dict(mode="default", compile_cache=tmp_path / "file"), ValueError, "is a file"),
+        (dict(mode="default", compile_cache=tmp_path / "other"), ValueError, "not a compile cache"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            dbc.optimize(pipe, cache=CONFIG, graph="regional", **kwargs)
+        assert dict(vars(pipe.transformer)) == before
+    assert not (tmp_path / "a").exists()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        with pytest.raises(ValueError, match="fx_graph_cache"):
+            dbc.optimize(pipe, cache=CONFIG, mode="default", compile_cache=tmp_path / "b")
+    assert dict(vars(pipe.transformer)) == before
+
+
+def test_manifest_of_another_torch_version_or_damaged_warns(tmp_path):
+    """A directory filled by another torch version is used (its entries simply miss) with a warning naming both
+    versions; an unreadable manifest is rewritten with a warning. Neither is an error."""
+    pipe = tiny_flux_pipeline()
+    cache_dir = tmp_path / "cc"
+    cache_dir.mkdir()
+    (cache_dir / MANIFEST).write_text(json.dumps({"format": 1, "torch": "2.11.0+cu128", "cuda": "12.8",
+                                                  "hip": None, "python": "3.11.7"}))
+    with pytest.warns(UserWarning, match=r"torch 2\.11\.0\+cu128 \(now " + torch.__version__.replace("+", r"\+")):
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional", compile_cache=cache_dir)
+    assert dbc.compile_cache_of(pipe).directory == cache_dir
+    assert json.loads((cache_dir / MANIFEST).read_text())["torch"] == torch.__version__
+    dbc.disable(pipe)
+    (cache_dir / MANIFEST).write_text("{not json")
+    with pytest.warns(UserWarning, match="cannot read"):
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional", compile_cache=str(cache_dir))
+    dbc.disable(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional", compile_cache=cache_dir)
+    assert dbc.compile_cache_of(pipe) is not None
+    dbc.disable(pipe)
+    dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional")
+    assert dbc.compile_cache_of(pipe) is None
+    dbc.disable(pipe)
