@@ -104,9 +104,13 @@ def warmup(model: str, compile_cache: Union[str, "os.PathLike[str]"], config: st
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
+        forced = False
+        if config is not None and steps >= 2 and not _every_branch_hit(pipe):
+            forced = _forced_hits_generation(pipe, lambda: _call_kwargs(model, pipe, height, width, steps, batch,
+                                                                       prompt, dev, torch_dtype), log)
         counts = {k: store.counts[k] - before[k] for k in store.counts}
         shape = "default" if height is None else f"{height}x{width}"
-        runs.append({"shape": shape, "seconds": round(seconds, 2), **counts})
+        runs.append({"shape": shape, "seconds": round(seconds, 2), "forced_hits_generation": forced, **counts})
         log(f"  {shape}: {seconds:.1f} s (FX graph cache: {counts['fxgraph_hit']} hits, {counts['fxgraph_miss']} "
             f"misses; AOTAutograd cache: {counts['autograd_hit']} hits, {counts['autograd_miss']} misses)")
     entries = store.entries()
@@ -115,6 +119,39 @@ def warmup(model: str, compile_cache: Union[str, "os.PathLike[str]"], config: st
     return {"directory": str(store.directory), "model": model, "lowering": lowering, "mode": mode, "config": config,
             "quantize": quantize, "device": str(dev), "dtype": str(torch_dtype), "steps": steps, "batch": batch,
             "runs": runs, "entries": entries, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def _every_branch_hit(pipe: Any) -> bool:
+    """Whether the last generation served a step from the cache in each CFG branch (so the hit graph compiled)."""
+    import dbcache_compile as dbc
+
+    summary = dbc.summary(pipe)
+    return bool(summary.cached_steps) and (not summary.separate_cfg or bool(summary.cfg_cached_steps))
+
+
+def _forced_hits_generation(pipe: Any, make_kwargs: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> bool:
+    """One more generation that caches every step after the first (``R >= 1``, no warm-up or limits), then the
+    user's config back: the hit graph is compiled even when the config's thresholds cached nothing at warm-up.
+    The graphs are the config's own: thresholds, warm-up and limits are host data (``runtime.reconfigure``).
+    Returns whether it ran (not with ``cond``, whose one graph holds both branches)."""
+    import dataclasses
+
+    import dbcache_compile as dbc
+
+    runtime = dbc.runtime_of(pipe)
+    config = runtime.cache_config
+    if runtime.lowering == "cond" or not hasattr(runtime, "reconfigure"):
+        return False
+    log("  no step was served from the cache in every branch, so the hit graph is not compiled yet: one more "
+        "generation with every step after the first cached (same graphs, host-side thresholds only)")
+    runtime.reconfigure(dataclasses.replace(config, max_warmup_steps=1, warmup_interval=1, max_cached_steps=-1,
+                                            max_continuous_cached_steps=-1, residual_diff_threshold=1.0,
+                                            steps_computation_mask=None))
+    try:
+        pipe(**make_kwargs())
+    finally:
+        runtime.reconfigure(config)
+    return True
 
 
 def add_warmup_parser(sub: Any) -> argparse.ArgumentParser:

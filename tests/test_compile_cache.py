@@ -161,3 +161,22 @@ def test_manifest_of_another_torch_version_or_damaged_warns(tmp_path):
     dbc.optimize(pipe, cache=CONFIG, mode="default", graph="regional")
     assert dbc.compile_cache_of(pipe) is None
     dbc.disable(pipe)
+
+
+def test_warmup_forces_a_hit_when_the_config_cached_nothing():
+    """A config whose thresholds cache nothing in the warm-up generation would leave the hit graph uncompiled: the
+    warm-up runs one more generation with every step after the first cached (same block split, so the same graphs),
+    then puts the user's config back."""
+    from dbcache_compile.testing import flux_inputs
+    from dbcache_compile.warmup import _every_branch_hit, _forced_hits_generation
+
+    pipe = tiny_flux_pipeline()
+    config = dbc.DBCacheConfig.from_string("F1B0_W2MC2_R0.0001")
+    dbc.optimize(pipe, cache=config)
+    make = lambda: dict(flux_inputs(), num_inference_steps=4, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    pipe(**make())
+    assert not _every_branch_hit(pipe)
+    assert _forced_hits_generation(pipe, make, log=lambda msg: None)
+    assert dbc.summary(pipe).cached_steps == [1, 2, 3]
+    assert dbc.runtime_of(pipe).cache_config == config
+    dbc.disable(pipe)
