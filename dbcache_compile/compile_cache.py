@@ -92,6 +92,8 @@ class CompileCache:
         self.inductor_dir = directory / "inductor"
         self.previous = previous
         self.counts = dict.fromkeys(_COUNTERS, 0)
+        #: torch's counters when the first compile inside the current forward started (``None``: none yet)
+        self._before: Optional[tuple[int, ...]] = None
         # Triton's own cache directory follows Inductor's layout (triton_cache_dir(): cache_dir()/triton/<index>)
         self._triton_dir = (str(self.inductor_dir / "triton" / str(device.index or 0))
                             if device.type == "cuda" else None)
@@ -125,19 +127,19 @@ class CompileCache:
         torch's cache lookups inside are added to :attr:`counts`. A compile error inside gets a note naming
         ``DIR`` (a truncated kernel library there makes torch's compile fail rather than rebuild it)."""
         env = os.environ
-        groups = torch._dynamo.utils.counters
-        names = tuple(_COUNTERS.items())
         local_cache_path = _memoized_local_cache_path()
+        watched = _watch_compiles()
 
         @functools.wraps(forward)
         def forward_in_compile_cache(*args: Any, **kwargs: Any) -> Any:
             old_dir, old_triton = env.get(_ENV_DIR), env.get(_ENV_TRITON)
-            before = [groups[group][key] for _, (group, key) in names]
             env[_ENV_DIR] = self._inductor_str
             if self._triton_dir is not None:
                 env[_ENV_TRITON] = self._triton_dir
             if local_cache_path is not None:
                 local_cache_path.cache_clear()
+            self._before = None if watched else _lookups()
+            _ACTIVE.append(self)
             try:
                 return forward(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -147,15 +149,52 @@ class CompileCache:
                                f"full disk or an interrupted copy), delete it or pass an empty directory")
                 raise
             finally:
+                _ACTIVE.pop()
                 _restore(env, _ENV_DIR, old_dir)
                 if self._triton_dir is not None:
                     _restore(env, _ENV_TRITON, old_triton)
                 if local_cache_path is not None:
                     local_cache_path.cache_clear()
-                for (name, (group, key)), value in zip(names, before):
-                    self.counts[name] += groups[group][key] - value
+                if self._before is not None:  # something compiled inside (or no compile callbacks to tell)
+                    for name, new, old in zip(_NAMES, _lookups(), self._before):
+                        self.counts[name] += new - old
+                    self._before = None
 
         return forward_in_compile_cache
+
+
+#: the compile caches whose forward is running (innermost last)
+_ACTIVE: list[CompileCache] = []
+_NAMES = tuple(_COUNTERS)
+_WATCHING: list[bool] = []
+
+
+def _lookups() -> tuple[int, ...]:
+    """torch's cache lookup counters, in :data:`_NAMES` order."""
+    groups = torch._dynamo.utils.counters
+    return tuple(groups[group].get(key, 0) for group, key in _COUNTERS.values())
+
+
+def _on_compile_start(*args: Any) -> None:
+    """Dynamo starts compiling: inside one of our forwards, remember the counters (read once per forward that
+    compiles, instead of around every forward)."""
+    if _ACTIVE and _ACTIVE[-1]._before is None:
+        _ACTIVE[-1]._before = _lookups()
+
+
+def _watch_compiles() -> bool:
+    """Register :func:`_on_compile_start` with Dynamo's compile callbacks once; ``False`` where this torch has
+    none (the counters are then read around every forward)."""
+    if not _WATCHING:
+        try:
+            from torch._dynamo.callback import callback_handler
+        except ImportError:
+            callback_handler = None
+        register = getattr(callback_handler, "register_start_callback", None)
+        if register is not None:
+            register(_on_compile_start)
+        _WATCHING.append(register is not None)
+    return _WATCHING[0]
 
 
 def _restore(env: Any, key: str, value: Optional[str]) -> None:
