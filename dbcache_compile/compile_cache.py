@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -66,14 +67,13 @@ def _platform() -> dict[str, Optional[str]]:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
-def _cache_dir_function() -> Callable[[], str]:
-    """Inductor's ``cache_dir()``; a clear error on a torch without it."""
+def _require_cache_dir() -> None:
+    """A clear error on a torch whose Inductor has no ``cache_dir()`` reading ``$TORCHINDUCTOR_CACHE_DIR``."""
     try:
-        from torch._inductor.runtime.runtime_utils import cache_dir
+        from torch._inductor.runtime.runtime_utils import cache_dir  # noqa: F401
     except ImportError as e:  # torch 2.11-2.14 all have it
         raise RuntimeError(f"compile_cache needs Inductor's cache_dir() (torch._inductor.runtime.runtime_utils, "
                            f"torch 2.11-2.14); this torch {torch.__version__} has none") from e
-    return cache_dir
 
 
 class CompileCache:
@@ -126,20 +126,12 @@ class CompileCache:
         """``forward`` run with Inductor's (and Triton's) cache directory pointing into ``DIR``, restored after;
         torch's cache lookups inside are added to :attr:`counts`. A compile error inside gets a note naming
         ``DIR`` (a truncated kernel library there makes torch's compile fail rather than rebuild it)."""
-        env = os.environ
-        local_cache_path = _memoized_local_cache_path()
         watched = _watch_compiles()
 
         @functools.wraps(forward)
         def forward_in_compile_cache(*args: Any, **kwargs: Any) -> Any:
-            old_dir, old_triton = env.get(_ENV_DIR), env.get(_ENV_TRITON)
-            env[_ENV_DIR] = self._inductor_str
-            if self._triton_dir is not None:
-                env[_ENV_TRITON] = self._triton_dir
-            if local_cache_path is not None:
-                local_cache_path.cache_clear()
+            _enter(self)
             self._before = None if watched else _lookups()
-            _ACTIVE.append(self)
             try:
                 return forward(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -149,12 +141,7 @@ class CompileCache:
                                f"full disk or an interrupted copy), delete it or pass an empty directory")
                 raise
             finally:
-                _ACTIVE.pop()
-                _restore(env, _ENV_DIR, old_dir)
-                if self._triton_dir is not None:
-                    _restore(env, _ENV_TRITON, old_triton)
-                if local_cache_path is not None:
-                    local_cache_path.cache_clear()
+                _exit()
                 if self._before is not None:  # something compiled inside (or no compile callbacks to tell)
                     for name, new, old in zip(_NAMES, _lookups(), self._before):
                         self.counts[name] += new - old
@@ -163,10 +150,42 @@ class CompileCache:
         return forward_in_compile_cache
 
 
-#: the compile caches whose forward is running (innermost last)
-_ACTIVE: list[CompileCache] = []
 _NAMES = tuple(_COUNTERS)
+#: the process-wide window: how many of our forwards run now (all threads), and the environment values before the
+#: first of them, restored when the last returns (so overlapping forwards in two threads cannot leave DIR behind)
+_LOCK = threading.Lock()
+_WINDOW: dict[str, Any] = {"depth": 0, "saved": (None, None)}
+#: per thread, the compile caches whose forward runs (innermost last): Dynamo compiles in the calling thread
+_ACTIVE = threading.local()
 _WATCHING: list[bool] = []
+_LOCAL_CACHE_PATH: list[Any] = []
+
+
+def _enter(store: CompileCache) -> None:
+    env = os.environ
+    with _LOCK:
+        if _WINDOW["depth"] == 0:
+            _WINDOW["saved"] = (env.get(_ENV_DIR), env.get(_ENV_TRITON))
+        _WINDOW["depth"] += 1
+        env[_ENV_DIR] = store._inductor_str
+        if store._triton_dir is not None:
+            env[_ENV_TRITON] = store._triton_dir
+    _clear_local_cache_path()
+    stack = getattr(_ACTIVE, "stack", None)
+    if stack is None:
+        stack = _ACTIVE.stack = []
+    stack.append(store)
+
+
+def _exit() -> None:
+    _ACTIVE.stack.pop()
+    with _LOCK:
+        _WINDOW["depth"] -= 1
+        if _WINDOW["depth"] == 0:
+            old_dir, old_triton = _WINDOW["saved"]
+            _restore(os.environ, _ENV_DIR, old_dir)
+            _restore(os.environ, _ENV_TRITON, old_triton)
+    _clear_local_cache_path()
 
 
 def _lookups() -> tuple[int, ...]:
@@ -176,10 +195,11 @@ def _lookups() -> tuple[int, ...]:
 
 
 def _on_compile_start(*args: Any) -> None:
-    """Dynamo starts compiling: inside one of our forwards, remember the counters (read once per forward that
-    compiles, instead of around every forward)."""
-    if _ACTIVE and _ACTIVE[-1]._before is None:
-        _ACTIVE[-1]._before = _lookups()
+    """Dynamo starts compiling: inside one of our forwards (this thread's), remember the counters (read once per
+    forward that compiles, instead of around every forward)."""
+    stack = getattr(_ACTIVE, "stack", None)
+    if stack and stack[-1]._before is None:
+        stack[-1]._before = _lookups()
 
 
 def _watch_compiles() -> bool:
@@ -197,22 +217,25 @@ def _watch_compiles() -> bool:
     return _WATCHING[0]
 
 
+def _clear_local_cache_path() -> None:
+    """Inductor memoizes the path of its local autotuning cache (``CacheBase.get_local_cache_path``, a
+    ``functools.cache`` over ``cache_dir()``): cleared when the directory changes, so that it follows it."""
+    if not _LOCAL_CACHE_PATH:
+        try:
+            from torch._inductor.codecache import CacheBase
+            path = getattr(CacheBase, "get_local_cache_path", None)
+        except ImportError:
+            path = None
+        _LOCAL_CACHE_PATH.append(path if hasattr(path, "cache_clear") else None)
+    if _LOCAL_CACHE_PATH[0] is not None:
+        _LOCAL_CACHE_PATH[0].cache_clear()
+
+
 def _restore(env: Any, key: str, value: Optional[str]) -> None:
     if value is None:
         env.pop(key, None)
     else:
         env[key] = value
-
-
-def _memoized_local_cache_path() -> Optional[Any]:
-    """Inductor memoizes the path of its local autotuning cache (``CacheBase.get_local_cache_path``, a
-    ``functools.cache`` over ``cache_dir()``): cleared around our forwards so that it follows the directory."""
-    try:
-        from torch._inductor.codecache import CacheBase
-    except ImportError:
-        return None
-    path = getattr(CacheBase, "get_local_cache_path", None)
-    return path if hasattr(path, "cache_clear") else None
 
 
 def open_compile_cache(directory: Union[str, os.PathLike, None], mode: Optional[str],
@@ -233,7 +256,7 @@ def open_compile_cache(directory: Union[str, os.PathLike, None], mode: Optional[
     if mode is None:
         raise ValueError("compile_cache keeps torch.compile's caches: it needs a compile mode (mode='default', "
                          "'max-autotune', ...); without one nothing is compiled")
-    _cache_dir_function()
+    _require_cache_dir()
     if torch.compiler.config.force_disable_caches:
         raise ValueError("compile_cache cannot work while torch's compile caches are disabled "
                          "(torch.compiler.config.force_disable_caches, $TORCHINDUCTOR_FORCE_DISABLE_CACHES)")

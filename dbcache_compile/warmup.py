@@ -13,6 +13,7 @@ cache hits / misses; ``--json FILE`` writes the same as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -106,8 +107,8 @@ def warmup(model: str, compile_cache: Union[str, "os.PathLike[str]"], config: st
         seconds = time.perf_counter() - start
         forced = False
         if config is not None and steps >= 2 and not _every_branch_hit(pipe):
-            forced = _forced_hits_generation(pipe, lambda: _call_kwargs(model, pipe, height, width, steps, batch,
-                                                                       prompt, dev, torch_dtype), log)
+            again = functools.partial(_call_kwargs, model, pipe, height, width, steps, batch, prompt, dev, torch_dtype)
+            forced = _forced_hits_generation(pipe, again, log)
         counts = {k: store.counts[k] - before[k] for k in store.counts}
         shape = "default" if height is None else f"{height}x{width}"
         runs.append({"shape": shape, "seconds": round(seconds, 2), "forced_hits_generation": forced, **counts})

@@ -112,6 +112,30 @@ def test_forward_runs_inside_the_directory_and_restores_the_environment(tmp_path
     assert seen == [str(tmp_path / "cc" / "inductor")] * 3
 
 
+def test_overlapping_forwards_in_two_threads_restore_the_callers_value(tmp_path, monkeypatch):
+    """Two optimized pipelines served from two threads: forwards that overlap (one enters, the other enters, the
+    first returns, then the second) leave the caller's value behind, not DIR."""
+    import threading
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/callers/own")
+    first = open_compile_cache(tmp_path / "a", "default", torch.device("cpu")).wrap
+    second = open_compile_cache(tmp_path / "b", "default", torch.device("cpu")).wrap
+    inside, leave = threading.Event(), threading.Event()
+
+    def held():
+        inside.set()
+        leave.wait(10)
+
+    thread = threading.Thread(target=second(held))
+    thread.start()
+    inside.wait(10)
+    first(lambda: None)()  # enters and returns while the other thread's forward is inside
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != "/callers/own"  # the other forward still runs in a DIR
+    leave.set()
+    thread.join(10)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/callers/own"
+
+
 def test_refused_arguments_leave_the_model_untouched(tmp_path):
     pipe = tiny_flux_pipeline()
     before = dict(vars(pipe.transformer))
@@ -173,7 +197,7 @@ def test_warmup_forces_a_hit_when_the_config_cached_nothing():
     pipe = tiny_flux_pipeline()
     config = dbc.DBCacheConfig.from_string("F1B0_W2MC2_R0.0001")
     dbc.optimize(pipe, cache=config)
-    make = lambda: dict(flux_inputs(), num_inference_steps=4, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    make = lambda: dict(flux_inputs(), num_inference_steps=4, generator=torch.Generator().manual_seed(0))
     pipe(**make())
     assert not _every_branch_hit(pipe)
     assert _forced_hits_generation(pipe, make, log=lambda msg: None)
