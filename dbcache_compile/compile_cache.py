@@ -9,24 +9,26 @@ What torch persists, and what this module does with it (torch 2.11-2.14; read in
   and their Python bindings (``<2 chars>/<hash>.so`` on CPU), Triton kernels (``triton/<device>/``; also bundled
   into the FX graph entries) and autotuning results. So a compile cache is simply that directory:
   ``DIR/inductor`` is ``$TORCHINDUCTOR_CACHE_DIR`` (and ``DIR/inductor/triton/<index>`` ``$TRITON_CACHE_DIR``)
-  **while our transformer's forward runs**, and the previous values are restored when it returns, so no other
-  compile of the process reads or writes ``DIR`` (torch passes both variables to its compile workers with each job:
+  **while our transformer's forward runs**, and the previous values are restored when the last such forward
+  returns, so no other compile of the process reads or writes ``DIR`` (unless it runs in another thread at that very
+  moment; torch passes both variables to its compile workers with each job:
   ``async_compile.py``, "we want to support changing these env vars after (and while) the process pool is
   running").
 * ``torch.compiler.save_cache_artifacts`` / ``load_cache_artifacts`` ("mega-cache", ``torch/compiler/_cache.py``)
   serialize the FX graph and AOTAutograd entries (plus autotune / PGO ones) of the whole process into one byte
-  string and write them back into the current ``cache_dir()``. They carry no compiled C++: measured on the tiny FLUX
-  (CPU, ``segments``), a fresh process that loaded them still spent 48.5 s in its first generation against 7.7 s
-  with the whole directory and 112 s cold: the C++ compiles are most of the cold time on a CPU. The directory holds
-  everything the mega-cache holds, so it is not used here.
+  string and write them back into the current ``cache_dir()``. They carry no compiled C++: in a probe on the tiny
+  FLUX (CPU, ``segments``, 4 steps, a loaded machine), a fresh process that loaded them still spent 48.5 s in its
+  first generation against 7.7 s with the whole directory and 112 s cold: the C++ compiles are most of the cold time
+  on a CPU. The directory holds everything the mega-cache holds, so it is not used here.
 * Nothing needs saving at the end of a generation: torch writes each entry as it is compiled, atomically (a
   temporary file renamed into place, ``write_atomic`` in ``torch/_inductor/codecache.py``; C++ builds under a file
   lock in ``DIR/inductor/locks``), so two processes can fill one ``DIR`` together and a process killed mid-generation
   keeps what it finished. What is loaded in a new process is decided by torch's keys (graph, inputs, config, torch
   version, device): a ``DIR`` written by another torch version is simply missed (and warned about here).
 * Not persisted by torch: Dynamo's own tracing of the Python code and its guards (every process re-traces; on the
-  tiny FLUX about half of the warm first generation), CUDA graphs (captured again per process), and automatic
-  dynamic-shape decisions (Dynamo's PGO cache only works with ``torch.compiler.config.job_id`` set).
+  tiny FLUX a third to a half of the warm first generation: bench/results/cold-start-cpu-2026-12-06), CUDA graphs
+  (captured again per process), and automatic dynamic-shape decisions (Dynamo's PGO cache only works with
+  ``torch.compiler.config.job_id`` set).
 
 Layout of ``DIR``: ``dbcache_compile.json`` (what wrote it: torch, CUDA/HIP, Python versions) and ``inductor/``.
 """

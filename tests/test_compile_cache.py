@@ -79,7 +79,8 @@ def test_second_process_loads_what_the_first_compiled(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "dbcache_compile", "warmup", "--model", "flux-tiny", "--config",
                            CONFIG, "--mode", "default", "--graph", "regional", "--height", "32", "--width", "32",
-                           "--steps", "3", "--threads", "1", "--compile-cache", str(cache_dir), "--json", str(tmp_path / "w.json")],
+                           "--steps", "3", "--threads", "1", "--compile-cache", str(cache_dir),
+                           "--json", str(tmp_path / "w.json")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "w.json").read_text())
