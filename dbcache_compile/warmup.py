@@ -156,9 +156,8 @@ def _forced_hits_generation(pipe: Any, make_kwargs: Callable[[], dict[str, Any]]
 
 
 def add_warmup_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``warmup`` on the subparsers of ``python -m dbcache_compile``."""
-    from .optimize import COMPILE_MODES, GRAPHS
-
+    """Register ``warmup`` on the subparsers of ``python -m dbcache_compile`` (without importing torch: the other
+    commands' ``--help`` stays fast; :func:`run_warmup` checks ``--mode`` / ``--graph``)."""
     p = sub.add_parser("warmup", help="fill a compile cache directory ahead of serving: optimize with "
                                       "compile_cache=DIR and run one generation per shape")
     p.add_argument("--model", required=True, help="tiny (the embedded digits model), flux-tiny (random weights, "
@@ -166,8 +165,9 @@ def add_warmup_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", required=True, type=Path, help="the directory to fill (created if missing)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"cache config (default {DEFAULT_CONFIG}); 'none' for "
                                                             f"the uncached compiled baseline")
-    p.add_argument("--mode", default="default", choices=[m for m in COMPILE_MODES if m], help="torch.compile mode")
-    p.add_argument("--graph", default="auto", choices=GRAPHS, help="lowering (default auto)")
+    p.add_argument("--mode", default="default", help="torch.compile mode: default, reduce-overhead, max-autotune, "
+                                                     "max-autotune-no-cudagraphs")
+    p.add_argument("--graph", default="auto", help="lowering: auto, segments, regional, cond (default auto)")
     p.add_argument("--height", type=int, nargs="+", help="pixels, one value per generation (pairs with --width)")
     p.add_argument("--width", type=int, nargs="+", help="pixels, one value per generation (pairs with --height)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per generation (default 4: enough for the "
@@ -186,6 +186,12 @@ def add_warmup_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_warmup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``python -m dbcache_compile warmup``: 0 when every generation ran."""
+    from .optimize import COMPILE_MODES, GRAPHS
+
+    if args.mode not in COMPILE_MODES[1:]:
+        parser.error(f"--mode must be one of {', '.join(COMPILE_MODES[1:])}")
+    if args.graph not in GRAPHS:
+        parser.error(f"--graph must be one of {', '.join(GRAPHS)}")
     heights, widths = args.height or [None], args.width or [None]
     if len(heights) != len(widths) or (args.height is None) != (args.width is None):
         parser.error("--height and --width take the same number of values (one pair per generation)")

@@ -205,3 +205,17 @@ def test_warmup_forces_a_hit_when_the_config_cached_nothing():
     assert dbc.summary(pipe).cached_steps == [1, 2, 3]
     assert dbc.runtime_of(pipe).cache_config == config
     dbc.disable(pipe)
+
+
+def test_warmup_command_refuses_bad_arguments(tmp_path, capsys):
+    """Argument errors exit with status 2 and a message, before any model is built or directory created."""
+    from dbcache_compile.cli import main
+
+    cases = [(["--mode", "fast"], "--mode must be one of"), (["--graph", "whole"], "--graph must be one of"),
+             (["--height", "32"], "same number of values"), (["--steps", "0"], ">= 1"),
+             (["--height", "32", "--width", "32"], "16x16 images only")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["warmup", "--model", "tiny", "--compile-cache", str(tmp_path / "cc"), *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "cc").exists()
