@@ -55,7 +55,7 @@ def _call_kwargs(model: str, pipe: Any, height: Optional[int], width: Optional[i
     generator = torch.Generator("cpu").manual_seed(0)
     if model == "tiny":
         return {"labels": [i % 10 for i in range(batch)], "num_inference_steps": steps, "generator": generator,
-                "progress": True}
+                "progress": True, "output_type": "pt"}
     pipe.set_progress_bar_config(disable=False)
     if model == "flux-tiny":
         from .testing import flux_inputs
@@ -74,11 +74,14 @@ def warmup(model: str, compile_cache: Union[str, "os.PathLike[str]"], config: st
            mode: str = "default", graph: str = "auto",
            shapes: tuple[tuple[Optional[int], Optional[int]], ...] = ((None, None),), steps: int = 4, batch: int = 1,
            quantize: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-           prompt: str = "warmup", log: Callable[[str], None] = print) -> dict[str, Any]:
+           prompt: str = "warmup", save_images: Optional[Union[str, "os.PathLike[str]"]] = None,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fill ``compile_cache``: optimize ``model`` with it and run one generation per shape.
 
     ``shapes``: ``(height, width)`` in pixels per generation (``(None, None)``: the pipeline's default; the digits
     model makes 16x16 images only). ``dtype``: a torch dtype name (default bfloat16 on CUDA, float32 elsewhere).
+    ``save_images``: ``torch.save`` the images of the last shape's generation there (a tensor), e.g. to check a
+    serving process's output against the warm-up's.
     Returns what was done: seconds per generation, torch's cache lookups in it, what the directory holds."""
     import torch
 
@@ -101,19 +104,25 @@ def warmup(model: str, compile_cache: Union[str, "os.PathLike[str]"], config: st
         before = dict(store.counts)
         kwargs = _call_kwargs(model, pipe, height, width, steps, batch, prompt, dev, torch_dtype)
         start = time.perf_counter()
-        pipe(**kwargs)
+        images = pipe(**kwargs).images
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
+        summary = dbc.summary(pipe) if config is not None else None
+        cached = None if summary is None else {"cached_steps": summary.cached_steps,
+                                               "cfg_cached_steps": summary.cfg_cached_steps}
         forced = False
         if config is not None and steps >= 2 and not _every_branch_hit(pipe):
             again = functools.partial(_call_kwargs, model, pipe, height, width, steps, batch, prompt, dev, torch_dtype)
             forced = _forced_hits_generation(pipe, again, log)
         counts = {k: store.counts[k] - before[k] for k in store.counts}
         shape = "default" if height is None else f"{height}x{width}"
-        runs.append({"shape": shape, "seconds": round(seconds, 2), "forced_hits_generation": forced, **counts})
+        runs.append({"shape": shape, "seconds": round(seconds, 2), **(cached or {}), "forced_hits_generation": forced,
+                     **counts})
         log(f"  {shape}: {seconds:.1f} s (FX graph cache: {counts['fxgraph_hit']} hits, {counts['fxgraph_miss']} "
             f"misses; AOTAutograd cache: {counts['autograd_hit']} hits, {counts['autograd_miss']} misses)")
+    if save_images is not None:
+        torch.save(torch.as_tensor(images).cpu(), save_images)
     entries = store.entries()
     log(f"compile cache {store.directory}: {entries['fxgraph']} FX graph entries, {entries['aotautograd']} "
         f"AOTAutograd entries, {entries['kernel_libraries']} kernel libraries, {entries['bytes'] / 2**20:.1f} MiB")
@@ -181,6 +190,8 @@ def add_warmup_parser(sub: Any) -> argparse.ArgumentParser:
                                                              "process's)")
     p.add_argument("--prompt", default="warmup", help="prompt of local text-to-image pipelines")
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    p.add_argument("--save-images", type=Path, default=None, help="torch.save the last shape's images (a tensor) "
+                                                                  "to this file, to compare a server's output with")
     return p
 
 
@@ -203,7 +214,8 @@ def run_warmup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         torch.set_num_threads(args.threads)
     try:
         report = warmup(args.model, args.compile_cache, config, args.mode, args.graph, tuple(zip(heights, widths)),
-                        args.steps, args.batch, args.quantize, args.device, args.dtype, args.prompt)
+                        args.steps, args.batch, args.quantize, args.device, args.dtype, args.prompt,
+                        args.save_images)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     if args.json is not None:

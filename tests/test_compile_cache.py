@@ -38,55 +38,44 @@ _CHILD = textwrap.dedent("""
 """).format(config=CONFIG)
 
 
-def _child(tmp_path: Path, cache_dir: Path, name: str) -> dict:
-    """Run :data:`_CHILD` in a fresh process whose default Inductor cache is a new empty directory."""
-    default = tmp_path / f"default-{name}"
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(default), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = tmp_path / f"{name}.pt"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(cache_dir), str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
-    result["images"] = torch.load(out)
-    result["default_dir"] = default
-    return result
+def _env(default: Path) -> dict:
+    """A fresh process's environment: its own (new, empty) default Inductor cache, one thread, this checkout."""
+    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(default), OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
 def test_second_process_loads_what_the_first_compiled(tmp_path):
-    """A child fills DIR; a second child, with a fresh default Inductor cache and the same DIR, hits torch's FX graph
-    and AOTAutograd caches for every graph (no miss: nothing compiled again) and makes bit-identical images. Neither
-    process's own Inductor cache directory receives a graph: the compiles went to DIR only, and the environment
-    variable is back to the process's own value after the forward."""
+    """``python -m dbcache_compile warmup`` fills DIR in a fresh process; a second process, with a fresh default
+    Inductor cache and the same DIR, hits torch's FX graph and AOTAutograd caches for every graph (no miss: nothing
+    compiled again) and makes bit-identical images with the same cached steps. Neither process's own Inductor cache
+    directory receives a graph (the compiles went to DIR only), and the environment variable is back to the process's
+    own value after the forward."""
     cache_dir = tmp_path / "compile-cache"
-    first = _child(tmp_path, cache_dir, "fill")
-    assert first["counts"]["fxgraph_miss"] >= 2 and first["counts"]["fxgraph_hit"] == 0  # two block classes
-    assert first["entries"]["fxgraph"] >= 2 and first["entries"]["aotautograd"] >= 2
-    assert first["entries"]["kernel_libraries"] >= 1
-    second = _child(tmp_path, cache_dir, "load")
-    assert second["counts"]["fxgraph_miss"] == 0 and second["counts"]["autograd_miss"] == 0
-    assert second["counts"]["autograd_hit"] == first["counts"]["autograd_miss"] >= 2
-    assert second["cached_steps"] == first["cached_steps"]
-    assert torch.equal(second["images"], first["images"])
-    manifest = json.loads((cache_dir / MANIFEST).read_text())
-    assert manifest["torch"] == torch.__version__
-    for run in (first, second):
-        assert run["env"] == str(run["default_dir"])
-        assert not (run["default_dir"] / "fxgraph").exists() and not (run["default_dir"] / "aotautograd").exists()
-    # the warmup command on the filled directory: loads everything, compiles nothing, says so
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "default-cli"), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    fill_default, load_default = tmp_path / "default-fill", tmp_path / "default-load"
     proc = subprocess.run([sys.executable, "-m", "dbcache_compile", "warmup", "--model", "flux-tiny", "--config",
                            CONFIG, "--mode", "default", "--graph", "regional", "--height", "32", "--width", "32",
                            "--steps", "3", "--threads", "1", "--compile-cache", str(cache_dir),
-                           "--json", str(tmp_path / "w.json")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--json", str(tmp_path / "fill.json"), "--save-images", str(tmp_path / "fill.pt")],
+                          env=_env(fill_default), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads((tmp_path / "w.json").read_text())
-    (run,) = report["runs"]
-    assert run["fxgraph_miss"] == 0 and run["fxgraph_hit"] >= 2, report
-    assert "FX graph cache: " in proc.stdout
+    assert "FX graph cache: 0 hits, 2 misses" in proc.stdout  # the two block classes
+    fill = json.loads((tmp_path / "fill.json").read_text())
+    (run,) = fill["runs"]
+    assert fill["entries"]["fxgraph"] >= 2 and fill["entries"]["aotautograd"] >= 2
+    assert fill["entries"]["kernel_libraries"] >= 1
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(cache_dir), str(tmp_path / "load.pt")],
+                          env=_env(load_default), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    load = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert load["counts"]["fxgraph_miss"] == 0 and load["counts"]["autograd_miss"] == 0
+    assert load["counts"]["fxgraph_hit"] == run["fxgraph_miss"] and load["counts"]["autograd_hit"] >= 2
+    assert load["cached_steps"] == run["cached_steps"]
+    assert torch.equal(torch.load(tmp_path / "load.pt"), torch.load(tmp_path / "fill.pt"))
+    assert load["env"] == str(load_default)
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    assert manifest["torch"] == torch.__version__
+    for default in (fill_default, load_default):
+        assert not (default / "fxgraph").exists() and not (default / "aotautograd").exists()
 
 
 def test_forward_runs_inside_the_directory_and_restores_the_environment(tmp_path, monkeypatch):
