@@ -14,12 +14,12 @@ _PUBLIC = {
     "reset": "optimize", "summary": "optimize", "runtime_of": "optimize", "is_optimized": "optimize",
     "export": "export", "load": "export", "LoadedCachedTransformer": "export", "supported_models": "families",
     "calibrate": "calibrate", "CalibrationResult": "calibrate", "clear_compiled": ("compiled", "clear"),
-    "compile_store_limit": ("compiled", "store_limit"),
+    "compile_store_limit": ("compiled", "store_limit"), "compile_cache_of": "compile_cache",
 }
 
 __all__ = ["DBCacheConfig", "CacheSummary", "optimize", "disable", "reset", "summary", "runtime_of", "is_optimized",
            "export", "load", "LoadedCachedTransformer", "supported_models", "calibrate", "CalibrationResult",
-           "clear_compiled", "compile_store_limit"]
+           "clear_compiled", "compile_store_limit", "compile_cache_of"]
 __version__ = "0.1.0"
 
 

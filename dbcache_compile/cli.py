@@ -1,5 +1,6 @@
-"""Command line: ``python -m dbcache_compile demo --out DIR`` and ``python -m dbcache_compile calibrate --model tiny
---min-psnr 35`` (also the ``dbcache-compile`` console script).
+"""Command line: ``python -m dbcache_compile demo --out DIR``, ``python -m dbcache_compile calibrate --model tiny
+--min-psnr 35`` and ``python -m dbcache_compile warmup --model ... --compile-cache DIR`` (also the
+``dbcache-compile`` console script).
 
 The demo generates the same batch of digits with the embedded, really trained tiny FLUX-architecture model three
 ways — uncached eager, cached eager, cached compiled — and prints what each costs and what it changes.
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+from .warmup import add_warmup_parser, run_warmup
 
 if TYPE_CHECKING:
     from .digits.demo import DigitSamples
@@ -283,7 +286,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cal.add_argument("--quantize", default=None, help="torchao quantization (int8, int8-wo, fp8-wo, ...)")
     cal.add_argument("--budget", type=float, default=10.0, help="uncached generations per call (default 10)")
     cal.add_argument("--no-validate", action="store_true", help="skip the held-out check")
+    add_warmup_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "warmup":
+        return run_warmup(parser, args)
     import torch
 
     # the tiny model runs fastest single-threaded; more threads only add synchronisation on 2-core machines

@@ -187,10 +187,13 @@ class CompiledSet:
     Args:
         base: what changes a segment's graphs besides its function and options (module doc): part of every key of
             :meth:`compile` with ``structural=True``.
+        scope: part of every key (a ``compile_cache`` directory: what compiles for it must be written there, not
+            taken from graphs that other runtimes compiled).
     """
 
-    def __init__(self, base: tuple = ()) -> None:
+    def __init__(self, base: tuple = (), scope: tuple = ()) -> None:
         self.base = base
+        self.scope = scope
         self.items: list[Compiled] = []
         self._start: dict[int, tuple[int, int]] = {}  # id(compiled) -> (graphs, fallbacks) when this set took it
         self._stored: set[int] = set()
@@ -199,7 +202,7 @@ class CompiledSet:
                 extra: tuple = ()) -> Compiled:
         """``torch.compile`` of (a copy of) ``fn`` from the store: ``structural=False`` for a function whose graphs
         depend on nothing but its arguments and ``extra`` (a block region: its block class)."""
-        key = (name, fn.__module__, fn.__qualname__, self.base if structural else extra, freeze(options))
+        key = (name, fn.__module__, fn.__qualname__, self.base if structural else extra, freeze(options), self.scope)
         compiled, stored = STORE.get(key, name, fn, options)
         if id(compiled) not in self._start:
             self.items.append(compiled)

@@ -9,12 +9,14 @@ hook and leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
 from .attention import Auto, attach as attach_attention, check as check_attention
+from .compile_cache import attach as attach_compile_cache, open_compile_cache
 from .config import DBCacheConfig
 from .families import Family, family_for
 from .lowerings import GRAPHS, resolve
@@ -108,7 +110,8 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
              graph: str = "auto", quantize: Any = None, compile_options: Optional[dict[str, Any]] = None,
              quantize_filter: Optional[Callable[[torch.nn.Module, str], bool]] = None,
              attention: Any = None, fuse_qkv: bool = False, prologue: Optional[bool] = None, recipe: Any = None,
-             compile_vae: Union[bool, str, None] = None) -> Any:
+             compile_vae: Union[bool, str, None] = None,
+             compile_cache: Union[str, os.PathLike, None] = None) -> Any:
     """Make a diffusers pipeline (or bare transformer) faster with DBCache, ``torch.compile`` and quantization.
 
     Args:
@@ -150,6 +153,12 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
         compile_vae: ``None`` (with a mode, compile the pipeline's ``AutoencoderKL`` decoder too when it is on
             CUDA), ``True`` (any VAE decoder, any device), ``False``, or a compile mode of its own
             (:mod:`dbcache_compile.vae`); undone by :func:`disable`, reported by :func:`summary`.
+        compile_cache: a directory (str or PathLike, needs a ``mode``) that keeps torch's compile caches across
+            processes: Inductor's FX graph and AOTAutograd caches and the compiled kernels are written there as the
+            transformer compiles (its forward runs with ``$TORCHINDUCTOR_CACHE_DIR`` pointing there; the previous
+            value is restored after each call, so no other compile of the process uses it), and a later process
+            with the same directory loads them instead of compiling. Dynamo still traces in every process. Fill it
+            ahead of serving with ``python -m dbcache_compile warmup``; see :mod:`dbcache_compile.compile_cache`.
 
     Returns the same object, modified in place. Everything is validated before the transformer is touched: a
     refused call leaves it exactly as it was.
@@ -167,15 +176,21 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     compile_options = recipe_compile_options(kernels, mode, compile_options)
     pipeline, transformer = _split(pipe)
     vae = prepare_vae(pipeline, mode, compile_vae, compile_options)
+    cache_dir = open_compile_cache(compile_cache, mode, next(transformer.parameters()).device)
     transformers = [transformer] + ([] if pipeline is None else _extra_transformers(pipeline))
     watch = GenerationWatch(pipeline) if pipeline is not None else None
     # validate every transformer before changing any
     apply = [_prepare(pipeline, t, watch, cache, mode, graph, quantize, compile_options, quantize_filter, attention,
-                      fuse_qkv, prologue) for t in transformers]
+                      fuse_qkv, prologue, compile_cache) for t in transformers]
     with _model_offload_paused(pipeline):
+        if cache_dir is not None:
+            cache_dir.create()
         for step in apply:
             step()
         attach_recipe(runtime_of(transformer).applied, kernels, mode, vae)
+        if cache_dir is not None:
+            for t in transformers:
+                attach_compile_cache(runtime_of(t), cache_dir)
     return pipe
 
 
@@ -206,7 +221,7 @@ def _extra_transformers(pipeline: Any) -> list[torch.nn.Module]:
 def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[GenerationWatch], cache: Any,
              mode: Optional[str], graph: str, quantize: Any, compile_options: Optional[dict],
              quantize_filter: Optional[Callable], attention: Optional[str], fuse_qkv: bool,
-             prologue: Optional[bool]) -> Callable[[], None]:
+             prologue: Optional[bool], compile_cache: Any = None) -> Callable[[], None]:
     """Validate everything for one transformer and build its runtime (nothing changes yet); returns the function
     that applies it."""
     if _hook(transformer) is not None:
@@ -264,12 +279,16 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
     # key (dbcache_compile.compiled), so that another optimize of the same model class and config reuses them
     store_key = (_model_key(transformer), family.name, family.has_prologue, _quantization_key(quantize), fuse_qkv,
                  backend if auto is None else repr(auto))
+    # with compile_cache, what compiles for it must be written into its directory, not taken from graphs another
+    # runtime of the process compiled: the directory scopes every key
+    scope = () if compile_cache is None else (os.path.abspath(os.fspath(compile_cache)),)
     if config is None:
         rt: Any = UncachedRuntime(transformer, family.blocks(transformer), mode, options, lowering, applied,
-                                  store_key)
+                                  store_key, scope)
         hook: Any = UncachedHook(rt)
     else:
-        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, store_key)
+        rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, store_key,
+                          scope)
         hook = CacheHook(rt)
 
     def apply() -> None:

@@ -651,9 +651,9 @@ class CacheRuntime(BranchedRuntime):
 
     def __init__(self, transformer: torch.nn.Module, family: Any, config: DBCacheConfig, lowering: type[Lowering],
                  mode: Optional[str], options: dict[str, Any], applied: Applied,
-                 watch: Optional[GenerationWatch] = None, store_key: tuple = ()) -> None:
+                 watch: Optional[GenerationWatch] = None, store_key: tuple = (), scope: tuple = ()) -> None:
         fn, bn = config.Fn_compute_blocks, config.Bn_compute_blocks
-        self.impl = lowering(mode, options, (*store_key, fn, bn, config.taylorseer_terms))
+        self.impl = lowering(mode, options, (*store_key, fn, bn, config.taylorseer_terms), scope)
         self.lowering = lowering.name
         self.mode = mode
         self.family = family.name
@@ -1166,14 +1166,15 @@ class UncachedRuntime(Runtime):
     block_hook_name = REGION_HOOK_NAME
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
-                 options: Optional[dict], lowering: type[Lowering], applied: Applied, store_key: tuple = ()) -> None:
+                 options: Optional[dict], lowering: type[Lowering], applied: Applied, store_key: tuple = (),
+                 scope: tuple = ()) -> None:
         self.mode = mode
         self.transformer = transformer
         self.applied = applied
         self._graphs: Optional[SegmentGraphs] = None
         self.regional_blocks: list[torch.nn.Module] = []
         self._compiled: Optional[Callable] = None
-        self.compiled = CompiledSet(("uncached", *store_key))
+        self.compiled = CompiledSet(("uncached", *store_key), scope)
         if mode is not None and lowering.region_blocks:
             regions: dict[type, Callable] = {}
             opts = regional_options(options or {})

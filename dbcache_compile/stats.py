@@ -37,8 +37,8 @@ class CacheSummary:
             first-use order: ``{"calls": n, "cached_steps": [...]}``.
         compile_fallbacks: compiled function -> calls that ran uncompiled because torch's recompile limit for it was
             reached (empty when all is compiled).
-        chains: families run through their own forward (cache-dit's contexts, e.g. HunyuanVideo's double and single blocks, each deciding
-            on its own): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs", "num_blocks",
+        chains: families run through their own forward (cache-dit's contexts, e.g. HunyuanVideo's double and single
+            blocks, each deciding on its own): per chain ``{"cached_steps", "cfg_cached_steps", "residual_diffs", "num_blocks",
             "branches"}`` (``branches``: cached steps per cache context, as ``branches`` above); ``cached_steps`` /
             ``residual_diffs`` above are the first chain's.
         lowerings: the lowerings the family can run (``optimize(graph=...)``).

@@ -33,7 +33,8 @@ from .decision import DIFF_ALWAYS_HIT, DIFF_NOT_COMPUTED, cache_allowed, hit_pre
 from .parallel import relative_l1_over, split_like
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
-__all__ = ["BlockIO", "BlockCall", "call_block", "plain_call", "region_call", "run_block_hooks", "CacheStep", "GroupStep", "decide_on_host",
+__all__ = ["BlockIO", "BlockCall", "call_block", "plain_call", "region_call", "run_block_hooks", "CacheStep",
+           "GroupStep", "decide_on_host",
            "fold_records", "initial_counters", "counters_from_host", "no_views", "standard_strides",
            "transformer_output", "fresh_function", "CACHED", "CONSECUTIVE", "HAS_PREV", "LAST_COMPUTE", "VALID",
            "LAST_CACHED"]

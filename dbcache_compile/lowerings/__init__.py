@@ -64,12 +64,12 @@ class Lowering:
     #: why a combination is refused: ``(condition, message)`` pairs are checked by :meth:`check`
     description = ""
 
-    def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = ()) -> None:
+    def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = (), scope: tuple = ()) -> None:
         self.mode = mode
         self.options = dict(options)
         #: the compiled functions this lowering uses, from the process-wide store under ``store_key`` (what changes
-        #: its graphs: :mod:`dbcache_compile.compiled`)
-        self.compiled_fns = CompiledSet((self.name, *store_key))
+        #: its graphs: :mod:`dbcache_compile.compiled`) and ``scope``
+        self.compiled_fns = CompiledSet((self.name, *store_key), scope)
         #: a value that changes what segments compute without being their argument (the LoRA scale); set by the
         #: runtime before each step, part of a hand-captured graph's key
         self.variant: Any = None

@@ -21,8 +21,8 @@ class Cond(Lowering):
     needs_prologue = decides_on_device = exportable = True
     captures = runs_quantized = False
 
-    def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = ()) -> None:
-        super().__init__(mode, options, store_key)
+    def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = (), scope: tuple = ()) -> None:
+        super().__init__(mode, options, store_key, scope)
         self._cond_step: Any = None
 
     def new_buffers(self, buffers: list[torch.Tensor]) -> None:
