@@ -220,6 +220,19 @@ def test_numeric_tokens_are_bounded_with_the_field_and_range_named(text, field, 
     assert field in str(info.value) and allowed in str(info.value)
 
 
+@pytest.mark.parametrize("key, field", [("F", "Fn_compute_blocks"), ("B", "Bn_compute_blocks"),
+                                        ("W", "max_warmup_steps"), ("I", "warmup_interval"), ("M", "max_cached_steps"),
+                                        ("MC", "max_continuous_cached_steps"), ("O", "taylorseer_order")])
+def test_leading_zeros_past_pythons_int_digit_limit(key, field):
+    """An integer token written with more than 4,300 leading zeros is its value (it used to escape as Python's
+    int-digit-limit ValueError naming neither the token nor the field); out of range, the error names the field."""
+    cfg = DBCacheConfig.from_string(f"{key}{'0' * 5000}1_F2" if key != "F" else f"F{'0' * 5000}1B0_R0.2")
+    assert getattr(cfg, field) == 1
+    with pytest.raises(ValueError) as info:
+        DBCacheConfig.from_string(f"{key}{'0' * 5000}{MAX_STEPS + 1}")
+    assert field in str(info.value)
+
+
 @pytest.mark.parametrize("field, value", [
     ("max_warmup_steps", 2 ** 63), ("taylorseer_order", 99999999999), ("taylorseer_order", 100000),
     ("Fn_compute_blocks", 10 ** 5000), ("max_cached_steps", MAX_STEPS + 1), ("warmup_interval", 2 ** 64),
