@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 
 from .adapters import Adapter, adapter_for, supported_models
+from .checks import check_optimize_arguments, refuse_module_hooks
 from .config import DBCacheConfig
 from .lowerings import build_lowering
 from .quantize import count_selected, default_filter, quantize_transformer, resolve_quantization
@@ -30,9 +31,6 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 GRAPHS = ("auto", "segments", "cond", "regional")
 #: attention backends that run without CUDA (everything else needs a CUDA GPU and its kernels)
 _CPU_ATTENTION = ("native", "_native_math", "flex")
-#: diffusers hooks that change what a block computes or where its weights live: fine with the eager lowering,
-#: refused with compiled ones (they mutate modules during the forward, which a fullgraph compile cannot trace)
-_MODULE_HOOKS = ("layerwise_casting", "group_offloading", "lazy_prefetch_group_offloading")
 
 
 def _split(obj: Any) -> tuple[Optional[Any], torch.nn.Module]:
@@ -70,16 +68,6 @@ def runtime_of(pipe_or_transformer: Any) -> Runtime:
         raise ValueError(f"{type(pipe_or_transformer).__name__} is not optimized by dbcache_compile (call "
                          f"optimize() first)")
     return hook.runtime
-
-
-def _module_hooks(transformer: torch.nn.Module) -> list[str]:
-    """Names of diffusers hooks on the transformer's modules that a compiled lowering cannot run through."""
-    found = set()
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            found.update(name for name in registry.hooks if name in _MODULE_HOOKS)
-    return sorted(found)
 
 
 def _resolve_adapter(transformer: torch.nn.Module, name: Optional[str]) -> Adapter:
@@ -191,13 +179,8 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     Returns the same object, modified in place. Everything is validated before the transformer is touched: a
     refused call leaves it exactly as it was.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    if compile_options is not None and not isinstance(compile_options, dict):
-        raise TypeError(f"compile_options must be a dict of torch.compile arguments (e.g. {{'dynamic': True}}), got "
-                        f"{type(compile_options).__name__} {compile_options!r}")
+    check_optimize_arguments(mode, graph, compile_options, quantize_filter, attention, fuse_qkv, adapter,
+                             COMPILE_MODES, GRAPHS)
     if cache is None and mode is None and quantize is None:
         raise ValueError("optimize() with cache=None, mode=None and quantize=None would do nothing")
     pipeline, transformer = _split(pipe)
@@ -268,11 +251,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
     if config is None and lowering == "cond":
         raise ValueError("graph='cond' needs a cache (the cond is the cache decision); without one use "
                          "graph='regional' or 'segments' (a whole-forward compile)")
-    hooks = _module_hooks(transformer)
-    if hooks and mode is not None:
-        raise ValueError(f"the transformer has diffusers {', '.join(hooks)} hooks, which change modules during "
-                         f"the forward: a fullgraph compile cannot run through them. Use mode=None (eager cache) "
-                         f"or remove those hooks")
+    refuse_module_hooks(transformer, mode, "at optimize()")
     ao_config = None if quantize is None else resolve_quantization(quantize, device, mode)
     quant_filter = quantize_filter or default_filter(adapter.block_lists)
     if quantize is not None and not fuse_qkv:  # with fusion the filter may select the fused linears only
