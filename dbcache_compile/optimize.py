@@ -282,7 +282,8 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
                       created_registry=not hasattr(transformer, "_diffusers_hook"))
     # the runtime is built before anything changes (building it validates the block layout and touches nothing)
     if config is None:
-        rt: Any = UncachedRuntime(transformer, adapter.blocks(transformer), mode, options, lowering, applied)
+        rt: Any = UncachedRuntime(transformer, adapter.blocks(transformer), mode, options, lowering, applied,
+                                 watch)
         hook: Any = UncachedHook(rt)
     elif generic:
         rt = GenericRuntime(transformer, adapter, config, lowering, mode, options, applied, watch, pipeline)

@@ -51,6 +51,7 @@ def _import_diffusers_hooks() -> Any:
 
 _hooks = _import_diffusers_hooks()
 HookRegistry, ModelHook, StateManager = _hooks.HookRegistry, _hooks.ModelHook, _hooks.StateManager
+from .checks import refuse_module_hooks
 from .config import DBCacheConfig
 from .cudagraphs import SegmentGraphs
 from .lowerings import CUDAGRAPH_MODES, Lowering, Regional
@@ -329,6 +330,7 @@ class BranchedRuntime(Runtime):
         refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
         refuse_offload(self.transformer, True, "after optimize()")
         refuse_offload_with_cuda_graphs(self.transformer, None, self.mode, "enabled after optimize()")
+        refuse_module_hooks(self.transformer, self.mode, "added after optimize()")
         self._refuse_compiled_blocks()
 
     def _refuse_compiled_blocks(self) -> None:
@@ -592,8 +594,11 @@ class UncachedRuntime(Runtime):
     block_hook_name = REGION_HOOK_NAME
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
-                 options: Optional[dict], graph: str, applied: Applied) -> None:
+                 options: Optional[dict], graph: str, applied: Applied,
+                 watch: Optional[GenerationWatch] = None) -> None:
         from .lowerings import CompiledSet, regional_options
+        self.watch = watch
+        self._checked_generation: Optional[int] = None
         self.mode = mode
         self.transformer = transformer
         self.applied = applied
@@ -632,8 +637,21 @@ class UncachedRuntime(Runtime):
             self._graphs = SegmentGraphs(emulate=emulate)
         return self._graphs
 
+    def reset(self) -> None:
+        self._checked_generation = None
+
+    def _check_generation_start(self) -> None:
+        """Once per generation (told by the pipeline's scheduler; a bare transformer: its first call and after
+        ``reset()``): diffusers hooks added after optimize that a compiled forward cannot run through."""
+        generation = self.watch.poll() if self.watch is not None else 0
+        if generation != self._checked_generation:
+            refuse_module_hooks(self.transformer, self.mode, "added after optimize()")
+            self._checked_generation = generation
+
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
         refuse_while_compiling()
+        if self.mode is not None:
+            self._check_generation_start()
         device = next(module.parameters()).device
         if self._graphs is not None and not self._graphs.emulate and device.type != "cuda":
             self._graphs = None
