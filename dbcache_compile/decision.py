@@ -48,10 +48,13 @@ class Gates(NamedTuple):
     lowerings, and constants of an exported graph) or device tensors (:func:`gate_tensors`: inputs of the ``cond``
     graph, so that :meth:`~dbcache_compile.runtime.BranchedRuntime.reconfigure` swaps them without a recompile).
 
+    On the device every number is a one-element vector (float64 threshold, int64 counts): torch 2.13 traces a 0-dim
+    CPU tensor input as a symbolic number, and a symbolic float makes Dynamo restart its analysis (a second trace).
+
     Attributes:
-        threshold: ``residual_diff_threshold`` (a float64 0-dim tensor on the device).
+        threshold: ``residual_diff_threshold``.
         warmup_stop, warmup_interval: the warm-up set is ``range(0, warmup_stop, warmup_interval)``
-            (:func:`warmup_steps`: ``W`` cut to the mask's leading run of 1s); int64 0-dim tensors on the device.
+            (:func:`warmup_steps`: ``W`` cut to the mask's leading run of 1s).
         max_cached, max_consecutive: ``max_cached_steps`` / ``max_continuous_cached_steps``, ``-1`` = unlimited.
         mask: ``steps_computation_mask`` as a tuple (empty: no mask) or, on the device, a bool vector of the mask
             followed by at least one ``False`` (steps past the mask are indexed there: no length is baked in).
@@ -79,8 +82,8 @@ def gate_tensors(config: DBCacheConfig, device: torch.device, out: Optional[Gate
     host = gates_of(config)
     mask = torch.tensor([*host.mask, 0] + [0] * (1 - len(host.mask)), dtype=torch.bool)  # >= 2 entries: not 0/1
     if out is None:
-        scalars = [torch.tensor(float(host.threshold), dtype=torch.float64, device=device)]
-        scalars += [torch.tensor(v, dtype=torch.int64, device=device) for v in host[1:5]]
+        scalars = [torch.tensor([float(host.threshold)], dtype=torch.float64, device=device)]
+        scalars += [torch.tensor([v], dtype=torch.int64, device=device) for v in host[1:5]]
         return Gates(*scalars, mask.to(device))
     for buf, value in zip(out[:5], host[:5]):
         buf.fill_(value)
@@ -88,6 +91,13 @@ def gate_tensors(config: DBCacheConfig, device: torch.device, out: Optional[Gate
         out.mask.copy_(mask)
         return out
     return out._replace(mask=mask.to(device))
+
+
+def _numbers(config: Union[DBCacheConfig, Gates]) -> Gates:
+    """The gate numbers to compute with: a config's host values, or the device vectors read as 0-dim tensors."""
+    if not isinstance(config, Gates):
+        return gates_of(config)
+    return Gates(*(v.reshape(()) if isinstance(v, torch.Tensor) else v for v in config[:5]), config.mask)
 
 
 def _not(value: IntLike) -> IntLike:
@@ -118,7 +128,7 @@ def cache_allowed(config: Union[DBCacheConfig, Gates], step: IntLike, cached_cou
 
     Returns a Python bool when everything is a host value, else a bool tensor.
     """
-    gates = config if isinstance(config, Gates) else gates_of(config)
+    gates = _numbers(config)
     in_warmup = (step < gates.warmup_stop) & (step % gates.warmup_interval == 0)
     allowed = _not(in_warmup) & _not(_mask_forces(gates.mask, step)) & (gates.threshold > 0.0)
     allowed = allowed & ((gates.max_cached < 0) | (cached_count < gates.max_cached))
@@ -137,14 +147,14 @@ def hit_predicate(config: Union[DBCacheConfig, Gates], allowed: IntLike, diff: t
     The comparison runs in float64 against the threshold, as cache-dit compares ``diff.item()``; a threshold ``>= 1``
     hits without looking at the diff (even NaN).
     """
-    threshold = (config if isinstance(config, Gates) else gates_of(config)).threshold
+    threshold = _numbers(config).threshold
     return ((diff.to(torch.float64) < threshold) | (threshold >= 1.0)) & allowed
 
 
 def recorded_diff(gates: Gates, allowed: IntLike, diff: torch.Tensor) -> torch.Tensor:
     """The diff a device-side record keeps (``cond``, packages): :data:`DIFF_ALWAYS_HIT` where the threshold is
     ``>= 1`` (cache-dit records -1.0), :data:`DIFF_NOT_COMPUTED` where the gates forced a compute."""
-    always = gates.threshold >= 1.0
+    always = _numbers(gates).threshold >= 1.0
     if isinstance(always, torch.Tensor):
         diff = torch.where(always, torch.full_like(diff, DIFF_ALWAYS_HIT), diff)
     elif always:

@@ -9,7 +9,9 @@
   a CUDA-graph mode each segment is captured by hand as one CUDA graph (:mod:`dbcache_compile.cudagraphs`). Same host
   logic as ``Segments``; compiles in seconds where whole-segment graphs of a FLUX-size model take minutes.
 * :class:`Cond`: the whole forward is ONE graph; the decision is ``torch.cond`` on a device predicate, the counters
-  live on the device and the state is carried functionally. No host sync per step, no graph break, exportable;
+  and the config's gate numbers (threshold, warm-up, limits, steps mask: graph inputs, so ``reconfigure`` needs no
+  recompile) live on the device and the state is carried functionally. No host sync per step, no graph break,
+  exportable;
   Inductor disables CUDA graphs for any graph with a cond (torch 2.11-2.14), which :meth:`Lowering.cudagraph_status`
   reports.
 
@@ -27,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .cudagraphs import SegmentGraphs
-from .decision import DIFF_ALWAYS_HIT, cache_allowed, hit_predicate, read_decision_sync
+from .decision import DIFF_ALWAYS_HIT, Gates, cache_allowed, gate_tensors, hit_predicate, read_decision_sync
 from .state import BranchState
 from .parallel import split_like
 from .step import CacheStep, counters_from_host, fresh_function, initial_counters, region_call
@@ -337,6 +339,17 @@ class Cond(Lowering):
     def __init__(self, step: CacheStep, mode: Optional[str], options: dict[str, Any]) -> None:
         super().__init__(step, mode)
         self._cond_step = compile_method(CacheStep.cond_step, step, options, self.compiled)
+        self._gates: dict[torch.device, tuple[Any, Gates]] = {}
+
+    def gates(self, device: torch.device) -> Gates:
+        """The config's gate numbers as device tensors, inputs of the graph (refilled in place when ``reconfigure``
+        changed the config; the mask's length is dynamic): a new config needs no recompile."""
+        config, gates = self._gates.get(device, (None, None))
+        if config is not self.config:
+            gates = gate_tensors(self.config, device, out=gates)
+            torch._dynamo.mark_dynamic(gates.mask, 0)
+            self._gates[device] = (self.config, gates)
+        return gates
 
     def new_buffers(self, state: BranchState) -> None:
         state.device_counters = counters_from_host(state, state.fn_residual.device)
@@ -350,7 +363,7 @@ class Cond(Lowering):
     def run(self, state: BranchState, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
         step_t = torch.tensor(step, dtype=torch.int64, device=state.fn_residual.device)
         out, pred, diff = self._cond_step(step_t, state.device_counters, state.fn_residual, state.ladder_h,
-                                          state.ladder_e, *args, **kwargs)
+                                          state.ladder_e, *args, gates=self.gates(step_t.device), **kwargs)
         state.records.append((step, pred, diff))
         return out
 

@@ -279,9 +279,10 @@ class BranchedRuntime(Runtime):
     def reconfigure(self, config: DBCacheConfig) -> None:
         """Use another cache config from the next generation on, without recompiling or recapturing anything.
 
-        The compiled graphs depend only on the block split (Fn, Bn) and the TaylorSeer terms; thresholds, warm-up and
-        the cached-step limits are host data in the eager, ``segments`` and ``regional`` lowerings (``cond`` bakes
-        the gates into its graph). So a config that keeps Fn, Bn and the TaylorSeer order swaps in place: what
+        The compiled graphs depend only on the block split (Fn, Bn) and the TaylorSeer terms; thresholds, warm-up,
+        the cached-step limits and the steps mask are host data in the eager, ``segments`` and ``regional``
+        lowerings and device tensors filled in place in ``cond`` (inputs of its graph). So a config that keeps Fn, Bn
+        and the TaylorSeer order swaps in place: what
         :func:`dbcache_compile.calibrate` relies on to measure many candidates on one compiled model."""
         config = DBCacheConfig.coerce(config)
         old = self.cache_config
@@ -291,8 +292,6 @@ class BranchedRuntime(Runtime):
             raise ValueError(f"reconfigure() keeps the block split and the TaylorSeer order (F{old.Fn_compute_blocks}"
                              f"B{old.Bn_compute_blocks}, {old.taylorseer_terms} terms); {config} changes them: "
                              f"disable() and optimize() again")
-        if self.lowering == "cond":
-            raise ValueError("reconfigure() is not available with graph='cond' (its graph holds the gates)")
         self._set_config(config)
         self.branches.separate = config.enable_separate_cfg
         self.reset()
