@@ -13,6 +13,8 @@ Subcommands (each a module of this package with ``configure(parser)``, an option
 * ``threshold-shift``: how quantization moves the residual diffs DBCache thresholds (:mod:`bench.threshold_shift`).
 * ``soak``: many generations over a shape / config / lowering mix on the tiny models, with interruptions: exceptions,
   recompiles, bit-identity after an interruption, memory growth (:mod:`bench.soak`).
+* ``fuzz``: fuzzed cache configs through every lowering on the tiny FLUX; each run ends in success or a clear error
+  naming the config field (:mod:`bench.fuzz`).
 
 Every subcommand records the same metadata and writes its results through :func:`bench.report.write_report`.
 """
@@ -37,6 +39,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "lowerings": ("lowerings", "cond vs segments vs regional on the digits model: compile and steady time"),
     "threshold-shift": ("threshold_shift", "how quantization moves the residual diffs that DBCache thresholds"),
     "soak": ("soak", "N generations over a shape / config / lowering mix: exceptions, recompiles, memory"),
+    "fuzz": ("fuzz", "fuzzed cache configs x lowerings on the tiny FLUX: success or a clear error naming the field"),
 }
 
 

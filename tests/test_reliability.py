@@ -446,3 +446,22 @@ def test_a_shape_sweep_never_raises_and_keeps_the_graph_count_bounded():
     graphs = counters["stats"]["unique_graphs"]
     print(f"shape sweep: {len(calls)} calls, {graphs} graphs")
     assert graphs <= 3 * 5, f"{graphs} graphs for {len(calls)} input variants"
+
+
+def test_fuzzed_configs_through_eager_and_cond_end_in_success_or_a_named_error():
+    """`python -m bench fuzz` in small (issue #26): 40 fuzzed configs (valid ones in the F3 group, whose Fn ends in
+    a FLUX single block, with masks, limits and thresholds of every kind; out-of-range tokens; garbage) on the tiny
+    FLUX, eager and graph='cond' (aot_eager checks cond's aliasing as Inductor does; one compile, reconfigure() per
+    config). Each run succeeds or raises a ValueError / NotImplementedError naming the config field or token, no
+    recompile after the first generation, and cond caches the steps eager caches."""
+    from bench.fuzz import run_fuzz
+
+    result = run_fuzz(40, seed=26, lowerings=("eager", "cond"), backend="aot_eager", groups=((3, 0, 0),),
+                      log=lambda _: None)
+    assert not result["failures"], [(r["config"], r["lowering"], r["error"]) for r in result["failures"][:3]]
+    for lowering in ("eager", "cond"):
+        counts = result["counts"][lowering]
+        assert counts["ok"] >= 20 and counts["clear_error"] >= 5 and sum(counts.values()) == 40, counts
+    assert not result["disagreements"], result["disagreements"][:3]
+    masked = [r for r in result["records"] if r["lowering"] == "cond" and r["outcome"] == "ok" and "SCM" in r["config"]]
+    assert masked and any(r["cached_steps"]["cond"] for r in masked)  # the masks really reach the cond graph
