@@ -21,7 +21,8 @@ model are passed to ``optimize`` on a pipeline never optimized, for every loweri
 their cached steps equal the eager run's), ``clear_error`` (``ValueError`` / ``NotImplementedError`` whose message
 names a :class:`~dbcache_compile.DBCacheConfig` field or a config token) or ``failure`` (anything else: an error from
 Dynamo / Inductor / a shape, an unnamed error, a recompile, non-finite images). Writes ``results.md`` /
-``results.json`` under ``--out``; exit status 1 when anything failed.
+``results.json`` (every run, folded per config: :func:`per_config`) under ``--out``; exit status 1 when anything
+failed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["GROUPS", "LOWERINGS", "Case", "draw_cases", "classify", "run_fuzz", "configure", "validate", "execute"]
+__all__ = ["GROUPS", "LOWERINGS", "Case", "draw_cases", "classify", "run_fuzz", "per_config", "configure", "validate",
+           "execute"]
 
 #: block groups of the valid configs: (Fn, Bn, TaylorSeer order, 0 = off); the tiny FLUX has 2 double + 6 single
 #: blocks, so F3 ends in a single block (the cond lowering's aliasing case)
@@ -343,6 +345,17 @@ def run_fuzz(count: int, seed: int = 0, lowerings: tuple[str, ...] = LOWERINGS, 
             "compile_s": compile_s, "records": records}
 
 
+def per_config(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run records folded per config: ``{index, config, kind, group, steps, true_cfg, runs: {lowering: {outcome,
+    seconds, cached_steps / error, ...}}}`` (what ``results.json`` keeps: one entry per config, not per run)."""
+    case_keys = ("index", "config", "kind", "group", "steps", "true_cfg")
+    folded: dict[int, dict[str, Any]] = {}
+    for row in records:
+        entry = folded.setdefault(row["index"], {**{k: row[k] for k in case_keys}, "runs": {}})
+        entry["runs"][row["lowering"]] = {k: v for k, v in row.items() if k not in case_keys and k != "lowering"}
+    return [folded[i] for i in sorted(folded)]
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """The flags of ``python -m bench fuzz``."""
     parser.add_argument("--count", type=int, default=1500, help="fuzzed configs (default: 1500)")
@@ -381,8 +394,10 @@ def execute(args: argparse.Namespace) -> int:
                  "seconds": round(seconds, 1)})
     counts, failures = result["counts"], result["failures"]
     rows = [[lo, c["ok"], c["clear_error"], c["failure"], sum(c.values()),
-             sum(1 for r in result["records"] if r["lowering"] == lo and r.get("agrees_with_eager") is True),
-             sum(1 for r in result["disagreements"] if r["lowering"] == lo)] for lo, c in counts.items()]
+             None if lo == "eager" else sum(r.get("agrees_with_eager") is True for r in result["records"]
+                                            if r["lowering"] == lo),
+             None if lo == "eager" else sum(r["lowering"] == lo for r in result["disagreements"])]
+            for lo, c in counts.items()]
     total = sum(sum(c.values()) for c in counts.values())
     body = [f"{result['cases']} configs ({', '.join(f'{n} {k}' for k, n in result['kinds'].items())}) x "
             f"{len(args.lowerings)} lowerings = {total} runs on the tiny FLUX pipeline, backend `{args.backend}`, "
@@ -412,7 +427,8 @@ def execute(args: argparse.Namespace) -> int:
     body += ["", "Clear errors, most frequent messages (numbers and quoted text elided):", "",
              *markdown_table(["message", "runs"], sorted(errors.items(), key=lambda kv: -kv[1])[:15])]
     md, _ = write_report(args.out / "results", f"Config fuzz over the lowerings ({result['cases']} configs)", meta,
-                         body, result)
+                         body, {**{k: v for k, v in result.items() if k != "records"},
+                                "per_config": per_config(result["records"])})
     print(md.read_text()[:4000])
     return 1 if failures else 0
 
