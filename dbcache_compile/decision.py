@@ -147,7 +147,7 @@ def hit_predicate(config: Union[DBCacheConfig, Gates], allowed: IntLike, diff: t
     The comparison runs in float64 against the threshold, as cache-dit compares ``diff.item()``; a threshold ``>= 1``
     hits without looking at the diff (even NaN).
     """
-    threshold = _numbers(config).threshold
+    threshold = _numbers(config).threshold if isinstance(config, Gates) else config.residual_diff_threshold
     return ((diff.to(torch.float64) < threshold) | (threshold >= 1.0)) & allowed
 
 
