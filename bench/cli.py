@@ -17,6 +17,8 @@ Subcommands (each a module of this package with ``configure(parser)``, an option
   memory and time per cycle (:mod:`bench.sweep`).
 * ``soak``: many generations over a shape / config / lowering mix on the tiny models, with interruptions: exceptions,
   recompiles, bit-identity after an interruption, memory growth (:mod:`bench.soak`).
+* ``fuzz``: fuzzed cache configs through every lowering on the tiny FLUX; each run ends in success or a clear error
+  naming the config field (:mod:`bench.fuzz`).
 
 Every subcommand records the same metadata and writes its results through :func:`bench.report.write_report`.
 """
@@ -43,6 +45,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "threshold-shift": ("threshold_shift", "how quantization moves the residual diffs that DBCache thresholds"),
     "sweep": ("sweep", "optimize -> generate -> disable with a new config per cycle: graphs, memory, time"),
     "soak": ("soak", "N generations over a shape / config / lowering mix: exceptions, recompiles, memory"),
+    "fuzz": ("fuzz", "fuzzed cache configs x lowerings on the tiny FLUX: success or a clear error naming the field"),
 }
 
 

@@ -251,7 +251,7 @@ class DBCacheConfig:
                 allowed = f"0..{hi} (0 = unlimited)" if key in ("M", "MC") else f"{lo}..{hi}"
                 raise ValueError(f"DBCacheConfig.{_TOKEN_FIELD[key]} (token {key}) must be in {allowed}, got an "
                                  f"integer of {len(digits)} digits (cache config {shown})")
-            return int(number)
+            return int(digits or "0")  # without the leading zeros: int() refuses strings past 4300 characters
 
         def as_flag(key: str) -> bool:
             number = values[key]

@@ -17,6 +17,7 @@ import torch
 
 from .attention import Auto, attach as attach_attention, check as check_attention
 from .compile_cache import attach as attach_compile_cache, open_compile_cache
+from .checks import check_optimize_arguments, refuse_module_hooks
 from .config import DBCacheConfig
 from .families import Family, family_for
 from .lowerings import GRAPHS, resolve
@@ -31,9 +32,6 @@ from .stats import CacheSummary
 __all__ = ["optimize", "disable", "reset", "summary", "runtime_of", "is_optimized", "COMPILE_MODES", "GRAPHS"]
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-#: diffusers hooks that change what a block computes or where its weights live: fine with the eager lowering,
-#: refused with compiled ones (they mutate modules during the forward, which a fullgraph compile cannot trace)
-_MODULE_HOOKS = ("layerwise_casting", "group_offloading", "lazy_prefetch_group_offloading")
 
 
 def _split(obj: Any) -> tuple[Optional[Any], torch.nn.Module]:
@@ -71,16 +69,6 @@ def runtime_of(pipe_or_transformer: Any) -> Runtime:
         raise ValueError(f"{type(pipe_or_transformer).__name__} is not optimized by dbcache_compile (call "
                          f"optimize() first)")
     return hook.runtime
-
-
-def _module_hooks(transformer: torch.nn.Module) -> list[str]:
-    """Names of diffusers hooks on the transformer's modules that a compiled lowering cannot run through."""
-    found = set()
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            found.update(name for name in registry.hooks if name in _MODULE_HOOKS)
-    return sorted(found)
 
 
 def _resolve_family(transformer: torch.nn.Module, prologue: Optional[bool]) -> Family:
@@ -163,13 +151,8 @@ def optimize(pipe: Any, cache: Union[DBCacheConfig, str, None] = "F1B0_W4MC2_R0.
     Returns the same object, modified in place. Everything is validated before the transformer is touched: a
     refused call leaves it exactly as it was.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
-    if not isinstance(graph, str) or graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    if compile_options is not None and not isinstance(compile_options, dict):
-        raise TypeError(f"compile_options must be a dict of torch.compile arguments (e.g. {{'dynamic': True}}), got "
-                        f"{type(compile_options).__name__} {compile_options!r}")
+    check_optimize_arguments(mode, graph, compile_options, quantize_filter, attention, fuse_qkv, prologue,
+                             COMPILE_MODES, GRAPHS)
     if cache is None and mode is None and quantize is None:
         raise ValueError("optimize() with cache=None, mode=None and quantize=None would do nothing")
     kernels = KernelRecipe.coerce(recipe)
@@ -240,11 +223,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
     refuse_forward_replacing_hooks(transformer, "at optimize()")
     refuse_offload(transformer, pipeline, "at optimize()")
     refuse_offload_with_cuda_graphs(transformer, pipeline, mode, "at optimize()")
-    hooks = _module_hooks(transformer)
-    if hooks and mode is not None:
-        raise ValueError(f"the transformer has diffusers {', '.join(hooks)} hooks, which change modules during "
-                         f"the forward: a fullgraph compile cannot run through them. Use mode=None (eager cache) "
-                         f"or remove those hooks")
+    refuse_module_hooks(transformer, mode, "at optimize()")
     ao_config = None if quantize is None else resolve_quantization(quantize, device, mode)
     quant_filter = quantize_filter or default_filter(family.block_lists)
     if quantize is not None and not fuse_qkv:  # with fusion the filter may select the fused linears only
@@ -284,7 +263,7 @@ def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[Genera
     scope = () if compile_cache is None else (os.path.abspath(os.fspath(compile_cache)),)
     if config is None:
         rt: Any = UncachedRuntime(transformer, family.blocks(transformer), mode, options, lowering, applied,
-                                  store_key, scope)
+                                  store_key, scope, watch)
         hook: Any = UncachedHook(rt)
     else:
         rt = CacheRuntime(transformer, family, config, lowering, mode, options or {}, applied, watch, store_key,

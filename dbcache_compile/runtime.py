@@ -61,6 +61,7 @@ def _import_diffusers_hooks() -> Any:
 
 _hooks = _import_diffusers_hooks()
 HookRegistry, ModelHook, StateManager = _hooks.HookRegistry, _hooks.ModelHook, _hooks.StateManager
+from .checks import refuse_module_hooks  # noqa: E402
 from .compiled import CUDAGRAPH_MODES, CompiledSet, regional_options  # noqa: E402
 from .config import DBCacheConfig  # noqa: E402
 from .cudagraphs import SegmentGraphs  # noqa: E402
@@ -439,9 +440,10 @@ class BranchedRuntime(Runtime):
     def reconfigure(self, config: DBCacheConfig) -> None:
         """Use another cache config from the next generation on, without recompiling or recapturing anything.
 
-        The compiled graphs depend only on the block split (Fn, Bn) and the TaylorSeer terms; thresholds, warm-up and
-        the cached-step limits are host data in the host-deciding lowerings (``cond`` bakes the gates into its
-        graph). So a config that keeps Fn, Bn and the TaylorSeer order swaps in place: what
+        The compiled graphs depend only on the block split (Fn, Bn) and the TaylorSeer terms; thresholds, warm-up,
+        the cached-step limits and the steps mask are host data in the eager, ``segments`` and ``regional``
+        lowerings and device tensors filled in place in ``cond`` (inputs of its graph). So a config that keeps Fn, Bn
+        and the TaylorSeer order swaps in place: what
         :func:`dbcache_compile.calibrate` relies on to measure many candidates on one compiled model."""
         config = DBCacheConfig.coerce(config)
         old = self.cache_config
@@ -451,13 +453,9 @@ class BranchedRuntime(Runtime):
             raise ValueError(f"reconfigure() keeps the block split and the TaylorSeer order (F{old.Fn_compute_blocks}"
                              f"B{old.Bn_compute_blocks}, {old.taylorseer_terms} terms); {config} changes them: "
                              f"disable() and optimize() again")
-        self._check_reconfigure()
         self._set_config(config)
         self.branches.separate = config.enable_separate_cfg
         self.reset()
-
-    def _check_reconfigure(self) -> None:
-        """Raise where the runtime cannot swap configs in place."""
 
     def _set_config(self, config: DBCacheConfig) -> None:
         self.cache_config = config
@@ -737,11 +735,6 @@ class CacheRuntime(BranchedRuntime):
     def release(self) -> None:
         self.impl.compiled_fns.release()
 
-    def _check_reconfigure(self) -> None:
-        if self.impl.decides_on_device:
-            raise ValueError(f"reconfigure() is not available with graph={self.lowering!r} (its graph holds the "
-                             f"gates)")
-
     def _set_config(self, config: DBCacheConfig) -> None:
         self.cache_config = config
         if self.prologue:
@@ -763,6 +756,7 @@ class CacheRuntime(BranchedRuntime):
         refuse_forward_replacing_hooks(self.transformer, "added after optimize()")
         refuse_offload(self.transformer, True, "after optimize()")
         refuse_offload_with_cuda_graphs(self.transformer, None, self.mode, "enabled after optimize()")
+        refuse_module_hooks(self.transformer, self.mode, "added after optimize()")
         self._refuse_compiled_blocks()
 
     def _refuse_compiled_blocks(self) -> None:
@@ -1167,7 +1161,9 @@ class UncachedRuntime(Runtime):
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[torch.nn.Module], mode: Optional[str],
                  options: Optional[dict], lowering: type[Lowering], applied: Applied, store_key: tuple = (),
-                 scope: tuple = ()) -> None:
+                 scope: tuple = (), watch: Optional[GenerationWatch] = None) -> None:
+        self.watch = watch
+        self._checked_generation: Optional[int] = None
         self.mode = mode
         self.transformer = transformer
         self.applied = applied
@@ -1209,8 +1205,21 @@ class UncachedRuntime(Runtime):
             self._graphs = SegmentGraphs(emulate=emulate)
         return self._graphs
 
+    def reset(self) -> None:
+        self._checked_generation = None
+
+    def _check_generation_start(self) -> None:
+        """Once per generation (told by the pipeline's scheduler; a bare transformer: its first call and after
+        ``reset()``): diffusers hooks added after optimize that a compiled forward cannot run through."""
+        generation = self.watch.poll() if self.watch is not None else 0
+        if generation != self._checked_generation:
+            refuse_module_hooks(self.transformer, self.mode, "added after optimize()")
+            self._checked_generation = generation
+
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
         refuse_while_compiling()
+        if self.mode is not None:
+            self._check_generation_start()
         device = next(module.parameters()).device
         if self._graphs is not None and not self._graphs.emulate and device.type != "cuda":
             self._graphs = None

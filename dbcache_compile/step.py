@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import DBCacheConfig
-from .decision import DIFF_ALWAYS_HIT, DIFF_NOT_COMPUTED, cache_allowed, hit_predicate, read_decision_sync, relative_l1
+from .decision import (DIFF_ALWAYS_HIT, Gates, cache_allowed, gates_of, hit_predicate, read_decision_sync,
+                       recorded_diff, relative_l1)
 from .parallel import relative_l1_over, split_like
 from .state import BranchState, taylor_coefficients_tensor, taylor_forecast, taylor_update
 
@@ -459,16 +460,24 @@ class CacheStep:
         return self.tail(hidden, encoder, kw)
 
     def cond_step_functional(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
-                             ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
+                             ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any,
+                             gates: Optional[Gates] = None, **kwargs: Any):
         """The whole cached forward as a pure function (the ``cond`` lowering; what :func:`dbcache_compile.export`
         exports): returns ``(output, hit predicate, diff or NaN when not computed, new counters, new fn_residual,
         new ladder_h, new ladder_e)``. The cond branches only return the middle residuals (no mutation, no alias).
+
+        ``gates``: the config's gate numbers as device tensors (the ``cond`` lowering: graph inputs, so another
+        threshold, warm-up, limit or mask needs no recompile); ``None``: the config's, as constants (an export).
         """
-        cfg, terms = self.config, self.config.taylorseer_terms
+        terms = self.config.taylorseer_terms
+        gates = gates_of(self.config) if gates is None else gates
         hidden, encoder, residual, diff, kw = self.head_diff(fn_residual, *args, **kwargs)
+        # Fn ending in a FLUX single block: both streams are slices of one output, and cond operands must not alias
+        # one another ("cond_true might be aliasing the input or the output"); the encoder stream is the smaller one
+        encoder = encoder.clone()
         consecutive = torch.where(counters[LAST_CACHED] == step - 1, counters[CONSECUTIVE], 0)
-        allowed = cache_allowed(cfg, step, counters[CACHED], consecutive, counters[HAS_PREV])
-        pred = hit_predicate(cfg, allowed, diff)
+        allowed = cache_allowed(gates, step, counters[CACHED], consecutive, counters[HAS_PREV])
+        pred = hit_predicate(gates, allowed, diff)
         coeffs = taylor_coefficients_tensor(step - counters[LAST_COMPUTE], counters[VALID], terms)
 
         def hit_fn(h, e, coeffs, ladder_h, ladder_e):
@@ -496,16 +505,14 @@ class CacheStep:
                               counters[LAST_COMPUTE], counters[VALID], step * one])
         on_miss = torch.stack([counters[CACHED], consecutive, one, step * one, 1 + n, counters[LAST_CACHED]])
         new_counters = torch.where(pred, on_hit, on_miss)
-        if cfg.residual_diff_threshold >= 1.0:
-            diff = torch.full_like(diff, DIFF_ALWAYS_HIT)
-        diff = torch.where(allowed, diff, torch.full_like(diff, DIFF_NOT_COMPUTED))
-        return out, pred, diff, new_counters, new_fn, new_h, new_e
+        return out, pred, recorded_diff(gates, allowed, diff), new_counters, new_fn, new_h, new_e
 
     def cond_step(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
-                  ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any, **kwargs: Any):
+                  ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any,
+                  gates: Optional[Gates] = None, **kwargs: Any):
         """:meth:`cond_step_functional` with the new state copied into the static buffers (in the same graph)."""
         out, pred, diff, new_counters, new_fn, new_h, new_e = self.cond_step_functional(
-            step, counters, fn_residual, ladder_h, ladder_e, *args, **kwargs)
+            step, counters, fn_residual, ladder_h, ladder_e, *args, gates=gates, **kwargs)
         for buf, value in zip([counters, fn_residual, *ladder_h, *ladder_e], [new_counters, new_fn, *new_h, *new_e]):
             buf.copy_(value)
         return out, pred, diff

@@ -107,6 +107,85 @@ def test_cond_with_fn_ending_inside_single_blocks(config):
         dbc.disable(pipe)
 
 
+def test_cond_runs_steps_masks_and_fn_in_the_single_blocks_and_reconfigures_without_recompiling():
+    """graph='cond' used to accept, then crash on, a steps mask (SCM: "Could not extract specialized integer from
+    data-dependent expression") and an Fn reaching into FLUX's single blocks (F3 on the tiny model: "cond_true might
+    be aliasing the input or the output"). Compiled with aot_eager (it checks cond's aliasing as Inductor does), one
+    graph now runs both, and every other threshold / warm-up / limit / mask through reconfigure(): the eager cache's
+    cached steps and images, 0 graph breaks, no recompile."""
+    from torch._dynamo.utils import counters
+
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    configs = ["F3B0_W1MC2_R0.6_SCM10100110", "F3B0_W0_R0.4_SCM0000000000111", "F3B0_W1I2M3MC1_R0.5", "F3B0_W2_R1.5",
+               "F3B0_W0_R0", "F3B0_W3_R0.6_SCM1"]
+    pipe = tiny_flux_pipeline()
+    run = lambda: pipe(**flux_inputs(), num_inference_steps=9, generator=torch.Generator().manual_seed(0)).images
+    eager = {}
+    for config in configs:
+        dbc.optimize(pipe, cache=config)
+        eager[config] = run(), dbc.summary(pipe).cached_steps
+        dbc.disable(pipe)
+    assert eager[configs[0]][1] and eager[configs[1]][1]  # the masks leave steps to cache: the gates are exercised
+    torch._dynamo.reset()
+    counters.clear()
+    dbc.optimize(pipe, cache=configs[0], mode="default", graph="cond", compile_options={"backend": "aot_eager"})
+    try:
+        for i, config in enumerate(configs + configs[:1]):
+            if i:
+                dbc.runtime_of(pipe).reconfigure(config)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                images = run()
+            torch.testing.assert_close(images, eager[config][0], rtol=1e-4, atol=1e-4)
+            assert dbc.summary(pipe).cached_steps == eager[config][1], config
+        assert counters["stats"]["unique_graphs"] == 1 and sum(counters["graph_break"].values()) == 0
+        with pytest.raises(ValueError, match="keeps the block split"):
+            dbc.runtime_of(pipe).reconfigure("F2B0_W0_R0.4")
+    finally:
+        dbc.disable(pipe)
+
+
+def test_export_traces_steps_masks_and_fn_in_the_single_blocks():
+    """export() traces CacheStep.cond_step_functional with the config's gates as constants; it failed the same two
+    ways as graph='cond' (the mask when tracing, the aliasing when lowering to ATen as AOTInductor does first). Now
+    one cond node, and the program follows the mask: with R >= 1 every step the gates allow is a hit, so SCM0110
+    gives compute, compute (mask), compute (mask), hit, hit (past the mask)."""
+    from dbcache_compile.config import DBCacheConfig
+    from dbcache_compile.export import capture_transformer_inputs
+    from dbcache_compile.state import BranchState
+    from dbcache_compile.step import CacheStep, initial_counters
+    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    kwargs = {k: v for k, v in capture_transformer_inputs(pipe, **flux_inputs()).items() if k != "return_dict"}
+    from dbcache_compile.families import family_for
+    step_fns = CacheStep(pipe.transformer, family_for(pipe.transformer),
+                         DBCacheConfig.from_string("F3B0_W0_R1.5_SCM0110"))
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+    class Step(torch.nn.Module):
+        def forward(self, step, counters, fn_residual, ladder_h, ladder_e, *tensors):
+            inputs = dict(kwargs, **dict(zip(names, tensors)))
+            out, pred, _, counters, fn_residual, (ladder_h,), (ladder_e,) = step_fns.cond_step_functional(
+                step, counters, fn_residual, [ladder_h], [ladder_e], **inputs)
+            return out, pred, counters, fn_residual, ladder_h, ladder_e
+
+    state = BranchState(1)
+    with torch.no_grad():
+        hidden, encoder, _, _ = step_fns.head(**kwargs)
+        state.allocate(hidden, encoder)
+        carried = [initial_counters(hidden.device), state.fn_residual, state.ladder_h[0], state.ladder_e[0]]
+        tensors = [kwargs[k] for k in names]
+        program = torch.export.export(Step(), (torch.tensor(0), *carried, *tensors), strict=False)
+        program = program.run_decompositions()  # what AOTInductor runs first
+        assert sum(n.target is torch.ops.higher_order.cond for n in program.graph.nodes) == 1
+        hits = []
+        for step in range(5):
+            _, pred, *carried = program.module()(torch.tensor(step), *carried, *tensors)
+            hits.append(bool(pred))
+    assert hits == [False, False, False, True, True]
+
+
 def test_uncached_compiled_baseline_on_a_pipeline():
     """optimize(cache=None, mode=...) compiles the uncached pipeline with unchanged images; summary() refuses it
     naming cache=None, and disable() removes the forward override."""

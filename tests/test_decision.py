@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dbcache_compile import DBCacheConfig
-from dbcache_compile.decision import (cache_allowed, hit_predicate, read_decision_sync, relative_l1,
+from dbcache_compile.decision import (cache_allowed, gate_tensors, hit_predicate, read_decision_sync, relative_l1,
                                       warmup_steps)
 
 
@@ -53,16 +53,57 @@ def test_previous_residual_and_threshold_gates():
     assert not allowed(DBCacheConfig(max_warmup_steps=0, residual_diff_threshold=-0.5), 3)
 
 
+GATE_CONFIGS = [DBCacheConfig.from_string(s) for s in (
+    "F1B0_W4I2M3MC2_R0.5", "F1B0_W2_R0", "F1B0_W0MC1_R1.0", "F1B0_W0_R-0.5", "F1B0_W3I3M1_R2.5",
+    "F1B0_W5_R0.3_SCM110", "F1B0_W1_R0.3_SCM0", "F1B0_W0M2MC1_R0.3_SCM1", "F1B0_W8_R0.3_SCM1111111111")]
+GATE_CONFIGS.append(DBCacheConfig(max_warmup_steps=3, steps_computation_mask=(1, 0, 1, 1, 0, 1),
+                                  residual_diff_threshold=0.3))
+
+
 def test_gates_agree_on_ints_and_tensors():
-    """The gates decide the same on host ints (eager, segments) and device tensors (cond lowering), returning a
-    bool and a bool tensor respectively."""
-    cfgs = [DBCacheConfig.from_string(s) for s in ("F1B0_W4I2M3MC2_R0.5", "F1B0_W2_R0", "F1B0_W0MC1_R1.0")]
-    cfgs.append(DBCacheConfig(max_warmup_steps=3, steps_computation_mask=(1, 0, 1, 1, 0, 1), residual_diff_threshold=0.3))
-    for cfg, step, cached, cons, prev in itertools.product(cfgs, range(9), range(4), range(3), (0, 1)):
-        host = cache_allowed(cfg, step, cached, cons, bool(prev))
-        dev = cache_allowed(cfg, torch.tensor(step), torch.tensor(cached), torch.tensor(cons), torch.tensor(prev))
-        assert isinstance(host, bool) and isinstance(dev, torch.Tensor) and dev.dtype == torch.bool
-        assert bool(dev) == host, (str(cfg), step, cached, cons, prev)
+    """The gates decide the same on host ints (eager, segments), on device counters with the config's numbers as
+    constants (an exported graph), and on device counters with the numbers as device tensors (the cond graph: made
+    fresh, or refilled in place from another config, the mask changing length), returning a bool and bool tensors."""
+    previous = gate_tensors(GATE_CONFIGS[-1], torch.device("cpu"))
+    for cfg in GATE_CONFIGS:
+        fresh = gate_tensors(cfg, torch.device("cpu"))
+        refilled = previous = gate_tensors(cfg, torch.device("cpu"), out=previous)
+        assert refilled.mask.shape == fresh.mask.shape and len(fresh.mask) >= 2
+        for step, cached, cons, prev in itertools.product(range(12), range(4), range(3), (0, 1)):
+            host = cache_allowed(cfg, step, cached, cons, bool(prev))
+            counters = (torch.tensor(step), torch.tensor(cached), torch.tensor(cons), torch.tensor(prev))
+            assert isinstance(host, bool)
+            for gates in (cfg, fresh, refilled):
+                dev = cache_allowed(gates, *counters)
+                assert isinstance(dev, torch.Tensor) and dev.dtype == torch.bool
+                assert bool(dev) == host, (str(cfg), step, cached, cons, prev)
+        for diff in (0.0, 0.29, 0.3, 0.7, 2.0, float("nan")):
+            expected = bool(hit_predicate(cfg, True, torch.tensor(diff)))
+            assert bool(hit_predicate(fresh, torch.tensor(True), torch.tensor(diff))) == expected
+            assert bool(hit_predicate(refilled, torch.tensor(True), torch.tensor(diff))) == expected
+
+
+def test_device_gates_trace_without_specializing_and_swap_without_recompiling():
+    """The steps mask is indexed on the device (it was read with a tensor index: 'Could not extract specialized
+    integer from data-dependent expression' under torch.compile, graph='cond' with SCM), and the gates' numbers are
+    graph inputs: one graph serves every config, a mask of another length included (its length is dynamic)."""
+    fn = torch.compile(cache_allowed, fullgraph=True, backend="eager")
+    cpu = torch.device("cpu")
+    gates = gate_tensors(GATE_CONFIGS[5], cpu)
+    torch._dynamo.mark_dynamic(gates.mask, 0)
+    counters = lambda step, cached, cons: (torch.tensor(step), torch.tensor(cached), torch.tensor(cons),  # noqa: E731
+                                           torch.tensor(1))
+    fn(gates, *counters(0, 0, 0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for cfg in GATE_CONFIGS:
+            gates = gate_tensors(cfg, cpu, out=gates)
+            torch._dynamo.mark_dynamic(gates.mask, 0)
+            for step, cached, cons in itertools.product(range(12), range(3), range(3)):
+                assert bool(fn(gates, *counters(step, cached, cons))) == cache_allowed(cfg, step, cached, cons, True)
+    exported = torch.compile(lambda step: cache_allowed(GATE_CONFIGS[5], step, step, step, step), fullgraph=True,
+                             backend="eager")  # the config's numbers as constants (an exported graph)
+    assert [bool(exported(torch.tensor(s))) for s in range(5)] == [cache_allowed(GATE_CONFIGS[5], s, s, s, s)
+                                                                   for s in range(5)]
 
 
 def test_relative_l1_matches_definition():

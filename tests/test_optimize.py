@@ -1,11 +1,13 @@
 """The public API on real tiny diffusers pipelines: attach/detach, per-call reset, isolation, errors."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
 
 import dbcache_compile as dbc
 from conftest import generator
+from dbcache_compile.optimize import is_optimized
 from dbcache_compile.testing import FLUX_BLOCKS, flux_inputs, qwen_inputs, tiny_flux_pipeline, tiny_qwen_pipeline
 
 CONFIG = "F1B0_W2M0MC2_T0O1_R0.4"
@@ -197,6 +199,33 @@ def test_errors_are_clear(flux):
     finally:
         dbc.disable(flux)
     assert type(flux) is FluxPipeline
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    ({"fuse_qkv": "yes"}, TypeError, "fuse_qkv"), ({"fuse_qkv": 1}, TypeError, "fuse_qkv"),
+    ({"fuse_qkv": None}, TypeError, "fuse_qkv"),
+    ({"mode": 1}, TypeError, "mode"), ({"mode": np.array(["default", "default"])}, TypeError, "mode"),
+    ({"mode": True}, TypeError, "mode"),
+    ({"mode": "default", "graph": None}, TypeError, "graph"), ({"mode": "default", "graph": 0}, TypeError, "graph"),
+    ({"attention": 1}, TypeError, "attention"), ({"attention": np.array(["a", "b"])}, TypeError, "attention"),
+    ({"prologue": "no"}, TypeError, "prologue"), ({"prologue": np.array([False, True])}, TypeError, "prologue"),
+    ({"quantize_filter": "attn"}, TypeError, "quantize_filter"),
+    ({"mode": "default", "compile_options": {"dinamic": True}}, TypeError, "dinamic"),
+    ({"mode": "default", "compile_options": {1: True}}, TypeError, "no torch.compile argument"),
+    ({"mode": "default", "compile_options": {"dynamic": "yes"}}, TypeError, "dynamic"),
+    ({"mode": "default", "compile_options": {"disable": 1}}, TypeError, "disable"),
+    ({"mode": "default", "compile_options": {"options": "max"}}, TypeError, "options"),
+    ({"mode": "default", "compile_options": {"backend": 3}}, TypeError, "backend"),
+    ({"mode": "default", "compile_options": {"mode": "max-autotune"}}, ValueError, "optimize\\(mode=...\\)"),
+    ({"mode": "default", "compile_options": {"fullgraph": False}}, ValueError, "fullgraph=True"),
+])
+def test_every_optimize_argument_of_a_wrong_type_is_a_named_error(flux, kwargs, error, needle):
+    """Each flag and option of optimize() takes its own type only: fuse_qkv="yes" used to count as True, a NumPy
+    array as mode failed inside a comparison, a string quantize_filter failed at quantization, an unknown
+    compile_options key inside torch.compile at the first call. Nothing is touched."""
+    with pytest.raises(error, match=needle):
+        dbc.optimize(flux, cache=CONFIG, **kwargs)
+    assert not is_optimized(flux)
 
 
 def test_attention_backend_choice_is_applied_reported_and_reset(flux):

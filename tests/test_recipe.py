@@ -88,7 +88,7 @@ def test_block_regions_under_max_autotune_tune_scaled_mm_unless_switched_off(gem
     from torch._dynamo.utils import counters
     from torch._inductor import config
 
-    from dbcache_compile.lowerings import CompiledSet, regional_options
+    from dbcache_compile.compiled import CompiledSet, regional_options
     seen = []
     recipe = KernelRecipe(gemm_autotune=gemm_autotune, inductor={
         "post_grad_custom_post_pass": lambda graph: seen.append((config.max_autotune, config.max_autotune_pointwise,

@@ -220,6 +220,19 @@ def test_numeric_tokens_are_bounded_with_the_field_and_range_named(text, field, 
     assert field in str(info.value) and allowed in str(info.value)
 
 
+@pytest.mark.parametrize("key, field", [("F", "Fn_compute_blocks"), ("B", "Bn_compute_blocks"),
+                                        ("W", "max_warmup_steps"), ("I", "warmup_interval"), ("M", "max_cached_steps"),
+                                        ("MC", "max_continuous_cached_steps"), ("O", "taylorseer_order")])
+def test_leading_zeros_past_pythons_int_digit_limit(key, field):
+    """An integer token written with more than 4,300 leading zeros is its value (it used to escape as Python's
+    int-digit-limit ValueError naming neither the token nor the field); out of range, the error names the field."""
+    cfg = DBCacheConfig.from_string(f"{key}{'0' * 5000}1_F2" if key != "F" else f"F{'0' * 5000}1B0_R0.2")
+    assert getattr(cfg, field) == 1
+    with pytest.raises(ValueError) as info:
+        DBCacheConfig.from_string(f"{key}{'0' * 5000}{MAX_STEPS + 1}")
+    assert field in str(info.value)
+
+
 @pytest.mark.parametrize("field, value", [
     ("max_warmup_steps", 2 ** 63), ("taylorseer_order", 99999999999), ("taylorseer_order", 100000),
     ("Fn_compute_blocks", 10 ** 5000), ("max_cached_steps", MAX_STEPS + 1), ("warmup_interval", 2 ** 64),
@@ -433,3 +446,22 @@ def test_a_shape_sweep_never_raises_and_keeps_the_graph_count_bounded():
     graphs = counters["stats"]["unique_graphs"]
     print(f"shape sweep: {len(calls)} calls, {graphs} graphs")
     assert graphs <= 3 * 5, f"{graphs} graphs for {len(calls)} input variants"
+
+
+def test_fuzzed_configs_through_eager_and_cond_end_in_success_or_a_named_error():
+    """`python -m bench fuzz` in small (issue #26): 40 fuzzed configs (valid ones in the F3 group, whose Fn ends in
+    a FLUX single block, with masks, limits and thresholds of every kind; out-of-range tokens; garbage) on the tiny
+    FLUX, eager and graph='cond' (aot_eager checks cond's aliasing as Inductor does; one compile, reconfigure() per
+    config). Each run succeeds or raises a ValueError / NotImplementedError naming the config field or token, no
+    recompile after the first generation, and cond caches the steps eager caches."""
+    from bench.fuzz import run_fuzz
+
+    result = run_fuzz(40, seed=26, lowerings=("eager", "cond"), backend="aot_eager", groups=((3, 0, 0),),
+                      log=lambda _: None)
+    assert not result["failures"], [(r["config"], r["lowering"], r["error"]) for r in result["failures"][:3]]
+    for lowering in ("eager", "cond"):
+        counts = result["counts"][lowering]
+        assert counts["ok"] >= 20 and counts["clear_error"] >= 5 and sum(counts.values()) == 40, counts
+    assert not result["disagreements"], result["disagreements"][:3]
+    masked = [r for r in result["records"] if r["lowering"] == "cond" and r["outcome"] == "ok" and "SCM" in r["config"]]
+    assert masked and any(r["cached_steps"]["cond"] for r in masked)  # the masks really reach the cond graph

@@ -582,6 +582,51 @@ def test_module_hooks_work_eager_and_are_refused_compiled(kind):
         dbc.disable(pipe)
 
 
+def enable_module_hooks(pipe, kind):
+    if kind == "layerwise_casting":
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    else:
+        pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                              offload_type="block_level", num_blocks_per_group=1)
+
+
+@pytest.mark.parametrize("kind", ["layerwise_casting", "group_offloading"])
+@pytest.mark.parametrize("cache, graph, prologue", [(CONFIG, "segments", None), (CONFIG, "cond", None),
+                                                    (CONFIG, "regional", False), (None, "regional", None),
+                                                    (None, "auto", None)])
+def test_module_hooks_added_after_a_compiled_optimize_are_a_named_error_at_the_next_generation(kind, cache, graph,
+                                                                                               prologue):
+    """Layerwise casting or group offloading enabled after a compiled optimize() (cached, through the model's own
+    forward, or the uncached baseline) used to die inside Dynamo ("Attempted to use torch.nn.Parameter()
+    constructor", "Skip inlining torch.compiler.disable()d function"); the next generation now refuses them by name
+    before running."""
+    pipe = tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=cache, mode="default", graph=graph, prologue=prologue,
+                 compile_options={"backend": "eager"})
+    try:
+        run(pipe, steps=2)
+        enable_module_hooks(pipe, kind)
+        with pytest.raises(ValueError, match=f"{kind} hooks added after optimize"):
+            run(pipe, steps=2)
+    finally:
+        dbc.disable(pipe)
+
+
+@pytest.mark.parametrize("kind", ["layerwise_casting", "group_offloading"])
+def test_module_hooks_added_after_an_eager_optimize_still_run(kind):
+    """The eager cache runs layerwise casting and group offloading added after optimize(), with the images of the
+    plain model carrying the same hooks (a never-caching config)."""
+    pipe, reference_pipe = tiny_flux_pipeline(), tiny_flux_pipeline()
+    dbc.optimize(pipe, cache=NEVER)
+    try:
+        run(pipe, steps=2)
+        for p in (pipe, reference_pipe):
+            enable_module_hooks(p, kind)
+        assert torch.equal(run(pipe), run(reference_pipe))
+    finally:
+        dbc.disable(pipe)
+
+
 def test_lora_scale_is_applied_like_the_models_own_forward():
     """joint_attention_kwargs={"scale": s} scales PEFT LoRA layers in diffusers' forward; the cached forward used
     to ignore it (scale 0 gave the scale-1 image). With a never-caching config the images equal the plain model's

@@ -1,5 +1,6 @@
-"""``cond``: the whole forward is ONE graph; the decision is ``torch.cond`` on a device predicate, the counters live
-on the device and the state is carried functionally. No host sync per step, no graph break, exportable
+"""``cond``: the whole forward is ONE graph; the decision is ``torch.cond`` on a device predicate, the counters and the
+config's gate numbers (threshold, warm-up, limits, steps mask: graph inputs, so ``reconfigure`` needs no recompile)
+live on the device and the state is carried functionally. No host sync per step, no graph break, exportable
 (:func:`dbcache_compile.export`). Inductor disables CUDA graphs for any graph with a cond (torch 2.11-2.14), which
 :meth:`Cond.cudagraph_status` reports; ``torch.cond`` rejects tensor-subclass (torchao) weights. Needs a family with
 a prologue (the whole forward written out)."""
@@ -11,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..compiled import CUDAGRAPH_MODES
+from ..decision import Gates, gate_tensors
 from ..step import CacheStep, counters_from_host, fold_records, initial_counters
 from . import Lowering, register_lowering
 
@@ -24,6 +26,17 @@ class Cond(Lowering):
     def __init__(self, mode: Optional[str], options: dict[str, Any], store_key: tuple = (), scope: tuple = ()) -> None:
         super().__init__(mode, options, store_key, scope)
         self._cond_step: Any = None
+        self._gates: dict[torch.device, tuple[Any, Gates]] = {}
+
+    def gates(self, config: Any, device: torch.device) -> Gates:
+        """The config's gate numbers as device tensors, inputs of the graph (refilled in place when ``reconfigure``
+        changed the config; the mask's length is dynamic): a new config needs no recompile."""
+        current, gates = self._gates.get(device, (None, None))
+        if current is not config:
+            gates = gate_tensors(config, device, out=gates)
+            torch._dynamo.mark_dynamic(gates.mask, 0)
+            self._gates[device] = (config, gates)
+        return gates
 
     def new_buffers(self, buffers: list[torch.Tensor]) -> None:
         for buf in buffers:
@@ -45,7 +58,8 @@ class Cond(Lowering):
                                                                self.options)
         step_t = torch.tensor(step, dtype=torch.int64, device=state.fn_residual.device)
         out, pred, diff = self._cond_step(step_t, state.device_counters, state.fn_residual, state.ladder_h,
-                                          state.ladder_e, *args, **kwargs)
+                                          state.ladder_e, *args, gates=self.gates(step_fns.config, step_t.device),
+                                          **kwargs)
         state.records.append((step, pred, diff))
         return out
 
