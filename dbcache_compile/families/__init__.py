@@ -294,7 +294,7 @@ def family_for(transformer: torch.nn.Module, generic: bool = False) -> Family:
 
 
 def _without_prologue(family: Family) -> Family:
-    """``family`` with its prologue switched off (``optimize(adapter="generic")``: the model's own forward)."""
+    """``family`` with its prologue switched off (``optimize(prologue=False)``: the model's own forward)."""
     record = _Synthesized(family.transformer, family.chains)
     for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "refused_lowerings", "ungroupable",
                  "fused_qkv", "attention_kwargs", "default_true_cfg_scale", "tested"):
