@@ -179,7 +179,7 @@ class BenchModel:
         extra_metric: ``(column name, (i, images) -> score)`` for a model-specific quality score, or ``None``.
         default_configs: the cache configs when ``--configs`` is not given (``None``: the family's table rows).
         separate_cfg: whether a call runs cond and uncond as separate transformer forwards (what cache-dit's
-            ``enable_separate_cfg`` is told); ``None``: ask the model's explicit adapter (FLUX, Qwen-Image).
+            ``enable_separate_cfg`` is told); ``None``: ask the model's family (FLUX, Qwen-Image).
         resolution: what the results call the output size (``"832x480, 81 frames"``); empty: ``--width x --height``.
     """
 

@@ -260,12 +260,16 @@ def fold_records(branches: list[BranchState]) -> None:
 
 def decide_on_host(config: DBCacheConfig, state: BranchState, step: int, diff: torch.Tensor) -> bool:
     """The decision of one step of one chain, taken by the host: the gates, then (only where they allow a hit) ONE
-    device-to-host read of the predicate and the diff (a sync on CUDA), recorded as cache-dit records it. Every
-    host-deciding lowering and both drivers decide here."""
+    device-to-host read of the predicate and the diff (a sync on CUDA), recorded as cache-dit records it; none with a
+    threshold >= 1, where the gates alone decide (a hit, recorded as cache-dit's -1.0). Every host-deciding lowering
+    and both drivers decide here."""
     if not cache_allowed(config, step, len(state.cached_steps), state.consecutive, state.has_prev):
         return False
+    if config.residual_diff_threshold >= 1.0:
+        state.diffs[step] = DIFF_ALWAYS_HIT
+        return True
     hit, value = read_decision_sync(hit_predicate(config, True, diff), diff)
-    state.diffs[step] = DIFF_ALWAYS_HIT if config.residual_diff_threshold >= 1.0 else value
+    state.diffs[step] = value
     return hit
 
 

@@ -27,6 +27,7 @@ class Cond(Lowering):
         super().__init__(mode, options, store_key, scope)
         self._cond_step: Any = None
         self._gates: dict[torch.device, tuple[Any, Gates]] = {}
+        self._steps: dict[torch.device, torch.Tensor] = {}
 
     def gates(self, config: Any, device: torch.device) -> Gates:
         """The config's gate numbers as device tensors, inputs of the graph (refilled in place when ``reconfigure``
@@ -56,7 +57,13 @@ class Cond(Lowering):
         if self._cond_step is None:
             self._cond_step = self.compiled_fns.compile_method("cond_step", CacheStep.cond_step, step_fns,
                                                                self.options)
-        step_t = torch.tensor(step, dtype=torch.int64, device=state.fn_residual.device)
+        # the step in a static device scalar filled in place: a fresh torch.tensor(step, device="cuda") would be a
+        # synchronizing host-to-device copy at every step
+        step_t = self._steps.get(state.fn_residual.device)
+        if step_t is None:
+            step_t = self._steps[state.fn_residual.device] = torch.zeros((), dtype=torch.int64,
+                                                                         device=state.fn_residual.device)
+        step_t.fill_(step)
         out, pred, diff = self._cond_step(step_t, state.device_counters, state.fn_residual, state.ladder_h,
                                           state.ladder_e, *args, gates=self.gates(step_fns.config, step_t.device),
                                           **kwargs)
