@@ -513,9 +513,9 @@ class _Session:
             raise NotImplementedError("calibrate models one denoiser per pipeline; this pipeline also has "
                                       "transformer_2 (Wan 2.2): calibrate each stage's config by hand for now")
         if graph != "auto" and lowering_named(graph).decides_on_device:
-            raise ValueError(f"calibrate swaps candidate configs with reconfigure(), which graph={graph!r} cannot (its "
-                             f"graph holds the gates): calibrate with graph='segments' (the same cache decisions) "
-                             f"and use the result with graph={graph!r}")
+            raise ValueError(f"calibrate does not run graph={graph!r}: its wall times are measured on the lowerings "
+                             f"that decide on the host, which take the same cache decisions; calibrate with "
+                             f"graph='segments' and use the result with graph={graph!r}")
         self.pipe, self.workload, self.bar = pipe, workload, None
         self.mode, self.graph, self.quantize = mode, graph, quantize
         self.compile_options = compile_options
@@ -849,7 +849,8 @@ def calibrate(pipe: Any, calls: Sequence[Mapping[str, Any]], *, min_psnr: Option
         target: the same as a mapping, ``{"min_psnr": 35}``; giving it together with ``min_psnr`` or ``speedup``
             is an error (no silent precedence between the two spellings).
         mode / graph / quantize / compile_options / optimize_kwargs: how the pipeline runs, as in
-            :func:`dbcache_compile.optimize` (``graph='cond'`` is refused: its gates are compiled in).
+            :func:`dbcache_compile.optimize` (``graph='cond'`` is refused: calibrate with ``segments``, which takes
+            the same decisions, and run the pick with ``cond``).
         search: the :class:`SearchSpace` (default: Fn 1-2, B0, TaylorSeer off/order 1, W 1-8, MC 1-6/unlimited).
         budget: uncached generations per call that the reference, recordings and verifications may take (>= 4).
         progress: a tqdm bar on stderr.
