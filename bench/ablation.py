@@ -266,10 +266,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    from .cli import choices_from
+    args.variants = choices_from(parser, args.variants, VARIANTS, "--variants")
     if args.steps < 2:
         parser.error("--steps must be >= 2")
 

@@ -30,9 +30,9 @@ import importlib
 import shlex
 import sys
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
-__all__ = ["SUBCOMMANDS", "parse_args", "main"]
+__all__ = ["SUBCOMMANDS", "parse_args", "main", "choices_from"]
 
 #: subcommand -> (module of this package, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -47,6 +47,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "soak": ("soak", "N generations over a shape / config / lowering mix: exceptions, recompiles, memory"),
     "fuzz": ("fuzz", "fuzzed cache configs x lowerings on the tiny FLUX: success or a clear error naming the field"),
 }
+
+
+def choices_from(parser: argparse.ArgumentParser, text: str, allowed: Any, flag: str) -> list[str]:
+    """A comma-separated flag value as a list, each entry one of ``allowed`` (an argparse error otherwise)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        parser.error(f"{flag}: {', '.join(unknown) or 'none given'}; choose from {', '.join(allowed)}")
+    return values
 
 
 def _overview() -> argparse.ArgumentParser:

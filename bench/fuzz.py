@@ -370,10 +370,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.lowerings = tuple(x.strip() for x in args.lowerings.split(",") if x.strip())
-    unknown = [x for x in args.lowerings if x not in LOWERINGS]
-    if unknown or not args.lowerings:
-        parser.error(f"--lowerings: {', '.join(unknown) or 'none given'}; choose from {', '.join(LOWERINGS)}")
+    from .cli import choices_from
+    args.lowerings = tuple(choices_from(parser, args.lowerings, LOWERINGS, "--lowerings"))
     if args.count < 1:
         parser.error("--count must be at least 1")
 

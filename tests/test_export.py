@@ -26,21 +26,22 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _export_scenario(tmp_path_factory, scenario: str, capture) -> tuple:
+    """A package of a graph-record scenario's tiny pipeline, from the call(s) ``capture`` records: (path, examples)."""
+    pipe, inputs = SCENARIOS[scenario]()
+    examples = capture(pipe, **inputs, generator=generator())
+    return dbc.export(pipe, examples, tmp_path_factory.mktemp(scenario) / "pkg.pt2", cache=SCENARIO_CONFIG), examples
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    pipe, inputs = SCENARIOS["flux"]()
-    example = capture_transformer_inputs(pipe, **inputs, generator=generator())
-    path = dbc.export(pipe, example, tmp_path_factory.mktemp("pkg") / "flux.pt2", cache=SCENARIO_CONFIG)
-    return path, example
+    return _export_scenario(tmp_path_factory, "flux", capture_transformer_inputs)
 
 
 @pytest.fixture(scope="module")
 def qwen_package(tmp_path_factory):
     """Qwen-Image with true CFG whose negative prompt is shorter than the prompt (the README's flow): two shape sets."""
-    pipe, inputs = SCENARIOS["qwen-image"]()
-    examples = capture_transformer_calls(pipe, **inputs, generator=generator())
-    path = dbc.export(pipe, examples, tmp_path_factory.mktemp("qwen") / "qwen.pt2", cache=SCENARIO_CONFIG)
-    return path, examples
+    return _export_scenario(tmp_path_factory, "qwen-image", capture_transformer_calls)
 
 
 def _lora_flux():
