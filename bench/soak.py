@@ -40,6 +40,15 @@ re-running a reference's inputs, a summary that contradicts the call (steps, sep
 first-to-last-quarter growth of RSS / CUDA memory above ``--max-rss-growth-mib`` / ``--max-cuda-growth-mib``. The
 plan depends only on ``--seed`` and the flags: the same command runs the same generations (``--minutes`` only cuts the
 plan short).
+
+**Warm-up** (on by default, ``--no-warmup`` to measure without it): before the measured plan, one session per model x
+lowering x config of the mix generates over :data:`WARMUP_SHAPES` (every resolution, batch 1 and 2, three prompt
+lengths, CFG on and off), as a server does before it takes traffic (``python -m dbcache_compile warmup``). It fills the
+process-wide compile store with the graphs the mix needs, so the measured plan's memory rule judges what the
+re-optimizations and generations do to memory, not the store's first fill. The warm-up is reported on its own (its
+generations, graphs, RSS before / after, seconds); its failures count like any other. Without the warm-up the first
+compiles of the mix spread over the first quarters and the quarter rule measures them (see
+``bench/results/soak-cpu-2026-12-06``: +296 MiB, flat over the last 100 generations).
 """
 
 from __future__ import annotations
@@ -58,7 +67,8 @@ from typing import Any, Iterator, Optional
 
 from dbcache_compile.lowerings import Lowering, lowering_named, registered
 
-__all__ = ["CONFIGS", "LOWERINGS", "MODELS", "PlannedInterruption", "Inputs", "Session", "plan", "configure",
+__all__ = ["CONFIGS", "LOWERINGS", "MODELS", "PlannedInterruption", "Inputs", "Session", "plan", "warmup_plan",
+           "configure",
            "validate", "execute"]
 
 #: cached configs of the mix (valid for both tiny models: FLUX 2 + 6 blocks, Qwen-Image 6 blocks): a plain one, one
@@ -78,6 +88,10 @@ STEPS = (5, 8)
 SESSION_LENGTH = (4, 8)
 #: chance that a generation drawn for a session is a shape it has not seen yet
 NEW_SHAPE = 0.35
+#: the warm-up's generations per session, as (resolution, batch, index into TOKENS[model], true CFG): every
+#: resolution, batch 1 and 2, each prompt length, CFG on and off, each dimension changing from one call to the next
+#: (Dynamo's automatic dynamic shapes settle after a dimension has changed once; batch 1 stays specialised)
+WARMUP_SHAPES = ((32, 1, 0, False), (48, 2, 1, True), (64, 1, 2, True), (32, 2, 2, False), (64, 2, 0, True))
 
 
 def lowering_of(name: str) -> tuple[type[Lowering], bool]:
@@ -173,6 +187,22 @@ def plan(seed: int, generations: int, models: list[str], lowerings: list[str], c
         index += 1
 
 
+def warmup_plan(models: list[str], lowerings: list[str], configs: list[str]) -> list[Session]:
+    """The warm-up's sessions: one per model x lowering x config of the mix (``uncached`` where the lowering
+    :func:`runs_uncached`), each generating :data:`WARMUP_SHAPES` in 5 steps (no interruption check). Their indexes
+    are negative so that they never collide with the measured plan's."""
+    sessions = []
+    for model in models:
+        for lowering in lowerings:
+            for config in configs:
+                if config == UNCACHED and not runs_uncached(lowering):
+                    continue
+                items = [("clean", Inputs(model, res, batch, TOKENS[model][t], cfg, steps=5, seed=i), None)
+                         for i, (res, batch, t, cfg) in enumerate(WARMUP_SHAPES)]
+                sessions.append(Session(-1 - len(sessions), model, lowering, config, items))
+    return sessions
+
+
 # ---------------------------------------------------------------------------------------------------- measuring
 def _rss_reader() -> tuple[str, Any]:
     """(what is read, a function returning bytes or ``None``): psutil's RSS, else ``VmRSS`` of /proc/self/status."""
@@ -231,6 +261,23 @@ class Soak:
         self.sessions: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
+        self.warmup: Optional[dict[str, Any]] = None
+
+    def warm_up(self, sessions: list[Session], bar: Any) -> None:
+        """Run the warm-up ``sessions``, then set their records aside (``self.warmup``) so that the measured plan's
+        numbers start after them; failures stay in ``self.failures``."""
+        start, rss_before = time.monotonic(), self.memory()[0]
+        graphs_before = self.counters()[0]
+        for session in sessions:
+            self.run_session(session, bar, None)
+        gc.collect()
+        self.warmup = {"sessions": len(self.sessions), "generations": len(self.records),
+                       "graphs": self.counters()[0] - graphs_before, "seconds": round(time.monotonic() - start, 1),
+                       "rss_before_mib": None if rss_before is None else round(rss_before, 2),
+                       "rss_after_mib": None if self.memory()[0] is None else round(self.memory()[0], 2),
+                       "exceptions": sum(f["what"] == "exception" for f in self.failures),
+                       "records": self.records, "session_info": self.sessions}
+        self.records, self.sessions, self.compile_ids = [], [], []
 
     def _build(self, model: str) -> Any:
         import torch
@@ -512,7 +559,15 @@ def summarize(soak: Soak, args: argparse.Namespace, seconds: float) -> dict[str,
         if before is not None and s.get("rss_after_disable_mib") is not None:
             entry["rss_growth_mib"] = round(entry["rss_growth_mib"] + s["rss_after_disable_mib"] - before, 2)
         previous = s
+    after_disable = _quarters([x.get("rss_after_disable_mib") for x in soak.sessions])
+    warmup = None if soak.warmup is None else {k: v for k, v in soak.warmup.items()
+                                                if k not in ("records", "session_info")}
     return {
+        "warmup": warmup,
+        "rss_growth_per_100_generations_mib": rss["slope_per_100"],
+        # a session is one re-optimization (optimize -> generations -> disable): the trend of RSS after each disable
+        "rss_growth_per_10_reoptimizations_mib": (None if after_disable["slope_per_100"] is None
+                                                 else after_disable["slope_per_100"] / 10),
         "generations": n, "planned": args.generations, "sessions": len(soak.sessions), "seconds": round(seconds, 1),
         "kinds": kinds, "failures_by_kind": by_what, "exceptions": by_what.get("exception", 0),
         "planned_interruptions": sum(r["planned_interruption"] for r in recs),
@@ -532,7 +587,7 @@ def summarize(soak: Soak, args: argparse.Namespace, seconds: float) -> dict[str,
         "wall_s_median_seen_shape_first_quarter": statistics.median(steady_first) if steady_first else None,
         "wall_s_median_seen_shape_last_quarter": statistics.median(steady_last) if steady_last else None,
         "rss_mib": rss, "rss_kind": soak.rss_kind, "cuda_allocated_mib": cuda, "per_model_lowering": per_lowering,
-        "rss_after_disable_mib": _quarters([x.get("rss_after_disable_mib") for x in soak.sessions]),
+        "rss_after_disable_mib": after_disable,
         "gc_s_first_quarter_sessions": _median([x.get("gc_s") for x in soak.sessions[:qs]]),
         "gc_s_last_quarter_sessions": _median([x.get("gc_s") for x in soak.sessions[-qs:]]),
         "passed": not soak.failures}
@@ -548,9 +603,16 @@ def write(soak: Soak, args: argparse.Namespace, meta: dict[str, Any], s: dict[st
     verdict = "**PASS**" if s["passed"] else "**FAIL**: " + ", ".join(f"{k} x{v}" for k, v in
                                                                       s["failures_by_kind"].items())
     lowered = "Inductor" if args.backend == "inductor" else "Dynamo with `backend=\"eager\"` (no Inductor codegen)"
+    w = s["warmup"]
+    warm = ("No warm-up (`--no-warmup`): the store's first compiles fall inside the measured plan." if w is None else
+            f"Warm-up first (not in the numbers below): {w['generations']} generations in {w['sessions']} sessions "
+            f"(each model x lowering x config over every warm-up shape), {w['graphs']} Dynamo graphs, "
+            f"{w['seconds'] / 60:.1f} min, RSS {_fmt(w['rss_before_mib'])} -> {_fmt(w['rss_after_mib'])} MiB, "
+            f"{w['exceptions']} exceptions.")
     body = [f"{s['generations']} generations (of {s['planned']} planned) in {s['sessions']} sessions, "
             f"{s['seconds'] / 60:.1f} min, seed {args.seed}; models {', '.join(args.models)}; lowerings "
             f"{', '.join(args.lowerings)}; compiled lowerings: mode `{args.mode}`, {lowered}; {args.dtype}.", "",
+            warm, "",
             f"Verdict: {verdict}.", "",
             *markdown_table(["what", "value"], [
                 ["generations: clean / reference / interrupted / repeat",
@@ -576,6 +638,9 @@ def write(soak: Soak, args: argparse.Namespace, meta: dict[str, Any], s: dict[st
                  f"(limit {args.max_rss_growth_mib} MiB)"],
                 ["RSS trend (least squares)", "n/a" if s["rss_mib"]["slope_per_100"] is None else
                  f"{s['rss_mib']['slope_per_100']:.2f} MiB per 100 generations"],
+                ["RSS trend after each session's disable (least squares)",
+                 "n/a" if s["rss_growth_per_10_reoptimizations_mib"] is None else
+                 f"{s['rss_growth_per_10_reoptimizations_mib']:.2f} MiB per 10 re-optimizations"],
                 ["RSS after each session's disable + gc.collect: first / last",
                  f"{mib(s['rss_after_disable_mib'], 'first')} / {mib(s['rss_after_disable_mib'], 'last')}"],
                 ["gc.collect() after a session: median s, first / last quarter of the sessions",
@@ -590,8 +655,9 @@ def write(soak: Soak, args: argparse.Namespace, meta: dict[str, Any], s: dict[st
             ]), "",
             "Memory is read at the end of every generation, and after each session's `disable` + `gc.collect()`; "
             "the quarter growth compares the median reading of the last quarter of the generations with that of the "
-            "first. A session is `optimize` → its generations → `disable`; each optimize compiles through fresh code "
-            "objects, so every compiled session compiles its own graphs (expected). A recompile is a Dynamo compile "
+            "first. A session is `optimize` → its generations → `disable`; graphs are compiled once per process "
+            "and model class x lowering x Fn/Bn x shapes (the compile store), so a later session with another "
+            "config compiles nothing. A recompile is a Dynamo compile "
             "whose compile id is not a frame's first (`3/1`, `3/2`, ...). Re-running the inputs of the generation "
             "just before must compile nothing (a failure otherwise); at a shape the session ran before with "
             "other steps or seed, a segment a generation uses for the first time can still compile (e.g. `hit` "
@@ -622,6 +688,7 @@ def write(soak: Soak, args: argparse.Namespace, meta: dict[str, Any], s: dict[st
     md, _ = write_report(args.out / "results", f"Soak: {s['generations']} generations on the tiny models "
                          f"({soak.device.type})", meta, body,
                          {"summary": s, "failures": soak.failures, "interruption_checks": soak.checks,
+                          "warmup_generations": [] if soak.warmup is None else soak.warmup["records"],
                           "sessions": soak.sessions, "generations": soak.records})
     return md
 
@@ -657,6 +724,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cuda-growth-mib", type=float, default=16.0,
                         help="fail when torch.cuda.memory_allocated grows more than this from the first to the last "
                              "quarter (default: 16)")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="first run one session per model x lowering x config over every warm-up shape and "
+                             "measure after it (default: on; --no-warmup measures the store's first fill too)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; 0 = torch's default)")
     parser.add_argument("--out", type=Path, default=Path("out/soak"), help="output directory (default: out/soak)")
 
@@ -711,6 +781,13 @@ def execute(args: argparse.Namespace) -> int:
     handler = torch._dynamo.callback_handler
     handler.register_start_callback(soak.on_compile_start)
     try:
+        if args.warmup:
+            warm = warmup_plan(args.models, args.lowerings, args.configs)
+            with tqdm(total=sum(x.generations for x in warm), desc="soak warm-up", unit="gen",
+                      dynamic_ncols=True) as bar:
+                soak.warm_up(warm, bar)
+            clock = time.monotonic()
+            deadline = None if args.minutes is None else clock + 60 * args.minutes
         with tqdm(total=args.generations, desc="soak", unit="gen", dynamic_ncols=True) as bar:
             for session in sessions:
                 if deadline is not None and time.monotonic() > deadline:
@@ -720,7 +797,7 @@ def execute(args: argparse.Namespace) -> int:
         handler.remove_start_callback(soak.on_compile_start)
     s = summarize(soak, args, time.monotonic() - clock)
     meta.update({"seed": args.seed, "backend": args.backend, "mode": args.mode, "dtype": args.dtype,
-                 "threads": torch.get_num_threads(), "minutes": args.minutes})
+                 "threads": torch.get_num_threads(), "minutes": args.minutes, "warmup": args.warmup})
     md = write(soak, args, meta, s)
     text = md.read_text()
     print(text[:text.index("## Per model")] if "## Per model" in text else text)

@@ -493,7 +493,7 @@ def test_soak_runs_a_clean_mix_and_writes_its_report(tmp_path):
     lowering, which draws other sessions) cover both tiny models, eager and compiled (regional) lowerings, true CFG
     and two interruptions."""
     rc = main(["soak", "--generations", "12", "--seed", "1", "--lowerings", "eager,segments,regional,regional-graphs",
-               "--device", "cpu", "--out", str(tmp_path)])
+               "--no-warmup", "--device", "cpu", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     summary = data["summary"]
     assert rc == 0, data["failures"]
@@ -507,3 +507,22 @@ def test_soak_runs_a_clean_mix_and_writes_its_report(tmp_path):
     assert data["meta"]["command"].startswith("python -m bench soak") and data["meta"]["versions"]["torch"]
     md = (tmp_path / "results.md").read_text()
     assert "Verdict: **PASS**" in md and data["meta"]["device"] in md
+    assert summary["warmup"] is None and "No warm-up" in md
+
+
+def test_soak_warm_up_fills_the_compile_store_before_the_measured_plan(tmp_path):
+    """The soak's warm-up (issue #24, on by default) runs every model x lowering x config of the mix over the
+    warm-up shapes before the measured plan, as a server warms up; the measured plan then compiles nothing (the
+    process-wide store serves every re-optimization at the shapes the warm-up covered), its memory readings start
+    after the store's first fill, and the warm-up is reported apart (generations, graphs, RSS before / after)."""
+    rc = main(["soak", "--generations", "4", "--seed", "1", "--models", "flux", "--lowerings", "segments",
+               "--configs", "F1B0_W2M0MC2_T0O1_R0.4", "--device", "cpu", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    summary, warmup = data["summary"], data["summary"]["warmup"]
+    assert rc == 0 and summary["passed"], data["failures"]
+    assert warmup["sessions"] == 1
+    assert warmup["generations"] == len(soak.WARMUP_SHAPES) == len(data["warmup_generations"])
+    assert warmup["graphs"] > 0 and warmup["rss_after_mib"] > warmup["rss_before_mib"] and warmup["exceptions"] == 0
+    assert summary["generations"] == len(data["generations"]) == 4 and summary["graphs"] == 0
+    assert {r["session"] for r in data["warmup_generations"]} == {-1}
+    assert "Warm-up first" in (tmp_path / "results.md").read_text()
