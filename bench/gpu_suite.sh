@@ -14,11 +14,13 @@
 #   bash bench/gpu_suite.sh steps-512    # 512²: regional bf16 with and without fused QKV: compile + step times
 #   bash bench/gpu_suite.sh segments-512 # 512²: whole-segment graphs (cudagraph trees): compile + step times
 #   bash bench/gpu_suite.sh e2e-1024     # 1024², 50 steps, F1B0_W4MC6 forced: ours vs cache-dit (+compile, +fp8)
+#   bash bench/gpu_suite.sh cold-start-1024  # FLUX.1-dev size 1024², regional max-autotune: cold, warm same process,
+#                                        # warm new process from compile_cache (issue #24's GPU row)
 #
 # Results land in $OUT (the device tool brings them back); copy them into bench/results/ and commit them with the
 # card, torch version and date they carry.
 set -euo pipefail
-part=${1:?"usage: bash bench/gpu_suite.sh quick|tests|tests-fp8|steps-1024|steps-512|segments-512|e2e-1024"}
+part=${1:?"usage: bash bench/gpu_suite.sh quick|tests|tests-fp8|steps-1024|steps-512|segments-512|e2e-1024|cold-start-1024"}
 OUT=${OUT:-/tmp/gpu_suite_out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -62,6 +64,10 @@ segments-512)
 e2e-1024)
     python3 -m bench run --random-weights flux --height 1024 --width 1024 --steps 50 --num-prompts 3 \
         --modes compile+fp8 --peers cache-dit --configs F1B0_W4MC6_R1.0 --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
+    ;;
+cold-start-1024)
+    python3 -m bench cold-start --model flux --graph regional --mode max-autotune --steps 28 --timeout 240 \
+        --out "$OUT/cold-start-gpu" 2>&1 | tee "$OUT/cold-start-1024.log"
     ;;
 *)
     echo "unknown part $part" >&2; exit 2 ;;
