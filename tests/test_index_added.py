@@ -205,3 +205,23 @@ def test_other_glue_inside_a_group_is_still_caught_after_calls_with_index_added_
                 handle.remove()
     finally:
         dbc.disable(pipe)
+
+
+def test_wan_vace_fn_residual_holds_the_hint_after_block_fn_as_cache_dit_measures_it():
+    """The Fn residual of a call with index-added inputs is measured at the first middle block's input, so with
+    `vace_layers` starting at block 0 and F1 it holds hint 0, as cache-dit's WanVACEPatchFunctor (hint added inside
+    the block) measures it: the first decided step's diff is cache-dit's to float precision (measured at block 0's
+    output it would be 0.0603 instead of 0.0568, and cache only step 2 where cache-dit caches 2 and 4). Later diffs
+    differ slightly: after a hit cache-dit's stream holds the cached hints, ours this step's."""
+    from cachedit_oracle import cache_dit_contexts
+
+    case = CASES["wan_vace"]
+    config = f"F1B0_W2M0MC2_T0O1_R{case.threshold}"
+    pipe = case.builder()
+    _, summary = _cached(pipe, case, config)
+    theirs = cache_dit_contexts(pipe, dbc.DBCacheConfig.from_string(config), num_inference_steps=STEPS,
+                                generator=torch.Generator().manual_seed(0), **case.inputs())[0]
+    assert summary.cached_steps == theirs["cached"] == [2, 4]
+    assert summary.residual_diffs[2] == pytest.approx(theirs["diffs"][2], rel=1e-5)
+    for step, diff in theirs["diffs"].items():
+        assert summary.residual_diffs[step] == pytest.approx(diff, rel=2e-2)

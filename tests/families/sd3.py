@@ -77,6 +77,8 @@ CASES = {
     "sd35": Case(tiny_sd35_pipeline, sd3_inputs, threshold=0.2, record=0.35),
     # SD3 without CFG (guidance_scale 1): batch 1 instead of 2
     "sd3_no_cfg": Case(tiny_sd3_pipeline, partial(sd3_inputs, cfg=False)),
-    # ControlNet residuals added after blocks by index (an index-added input): block by block, regional regions
-    "sd3_controlnet": Case(tiny_sd3_controlnet_pipeline, sd3_controlnet_inputs),
+    # ControlNet residuals added after blocks by index (an index-added input): block by block through compiled regions
+    # (segments refuses those calls); cache-dit 1.5.3 crashes on it (tests/test_index_added.py)
+    "sd3_controlnet": Case(tiny_sd3_controlnet_pipeline, sd3_controlnet_inputs, record=0.3,
+                           record_lowerings=("regional",)),
 }
