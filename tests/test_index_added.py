@@ -2,7 +2,9 @@
 block i, by index, between the blocks a hit skips — SD3's ControlNet residuals (``block_controlnet_hidden_states``),
 Wan VACE's hints (``control_hidden_states``), Wan Animate's face adapter (``face_pixel_values``). A call passing one
 runs block by block and caches the sum of the middle blocks' own residuals, so on a hit the model's glue adds each
-c_i once, with this step's value (dbcache_compile/runtime.py, "Index-added inputs"). Tiny real diffusers pipelines
+c_i once, with this step's value; Wan Animate's adapter reads the stream (``glue_reads_stream``), so there the cached
+residual holds it and a hit undoes the glue between the middle blocks (dbcache_compile/runtime.py, "Index-added
+inputs"). Tiny real diffusers pipelines
 (tests/families/sd3.py, wan_vace.py, wan_animate.py); cache-dit 1.5.3's parity on Wan VACE is in
 tests/test_families.py (it crashes on SD3 ControlNet and refuses Wan Animate: checked here)."""
 
@@ -21,7 +23,7 @@ CACHING = "F1B1_W2M0MC2_T0O1_R0.3"
 NEVER = "F1B0_W0_R0"
 REGIONAL = dict(mode="default", graph="regional", compile_options={"backend": "eager"})
 #: PSNR (dB) against the uncached pipeline measured with CACHING (eager; regional takes the same decisions)
-MIN_PSNR = {"sd3_controlnet": 50.0, "wan_vace": 80.0, "wan_animate": 50.0}
+MIN_PSNR = {"sd3_controlnet": 50.0, "wan_vace": 80.0, "wan_animate": 65.0}
 
 
 def _images(pipe, case) -> torch.Tensor:
@@ -87,15 +89,6 @@ def _first_call(pipe, case) -> dict:
     return seen["kwargs"]
 
 
-def _stream_independent_face_adapters(pipe) -> None:
-    """Wan Animate's face adapter reads the hidden stream (its queries); with zero query projections its attention is
-    uniform and its output no longer depends on the stream, so a hit on identical inputs must be exact too."""
-    for adapter in pipe.transformer.face_adapter:
-        torch.nn.init.zeros_(adapter.to_q.weight)
-        if adapter.to_q.bias is not None:
-            torch.nn.init.zeros_(adapter.to_q.bias)
-
-
 def _three_identical_calls(transformer, kwargs: dict, old: bool = False, **optimize_kwargs) -> tuple:
     """Three calls with the very same inputs under a config whose third step is a hit (W2, R1.0)."""
     dbc.optimize(transformer, cache="F1B1_W2M0MC2_T0O1_R1.0", **optimize_kwargs)
@@ -113,14 +106,12 @@ def _three_identical_calls(transformer, kwargs: dict, old: bool = False, **optim
 @pytest.mark.parametrize("name", PIPELINES)
 def test_a_hit_on_identical_inputs_adds_each_index_added_residual_once(name, lowering):
     """On a call with the same inputs as the previous computed step, a hit must reproduce the uncached output: the
-    cached middle residual excludes the additions after the middle blocks, and the model's glue adds each once. The
-    old behaviour (the span's output minus its input, additions included, then added again by the glue) is far off:
-    the test fails if an addition counts twice. (Wan Animate with stream-independent face adapters: its real ones
-    read the stream, which a hit only approximates.)"""
+    cached middle residual excludes the additions after the middle blocks, and the model's glue adds each once (Wan
+    Animate: the residual holds them, the hit undoes the glue between the middle blocks). The old behaviour (the
+    span's output minus its input, additions included, added at the first middle block, then added again by the
+    glue) is far off: the test fails if an addition counts twice."""
     case = CASES[name]
     pipe = case.builder()
-    if name == "wan_animate":
-        _stream_independent_face_adapters(pipe)
     kwargs = dict(_first_call(pipe, case), return_dict=False)
     transformer = pipe.transformer
     with torch.no_grad():
@@ -182,6 +173,26 @@ def test_cache_dit_cannot_run_these_pipelines(name, error):
     with pytest.raises((AttributeError, AssertionError), match=error):
         cache_dit_contexts(case.builder(), dbc.DBCacheConfig.from_string(CACHING), num_inference_steps=STEPS,
                            generator=torch.Generator().manual_seed(0), **case.inputs())
+
+
+def test_wan_animate_face_adapter_is_undone_between_the_middle_blocks_of_a_hit():
+    """Wan Animate's face adapter reads the stream: evaluating every adapter on the hit's stream (the residual of the
+    blocks alone added at the first middle block, as for ControlNet residuals) is worse than keeping the adapters in
+    the cached residual and undoing them between the middle blocks: 0.087 max abs off the uncached output on a
+    repeated input instead of exact, 58 dB instead of 69 dB on the tiny pipeline."""
+    case = CASES["wan_animate"]
+    pipe = case.builder()
+    reference = _images(pipe, case)
+    images, summary = _cached(pipe, case, CACHING)
+    dbc.optimize(pipe, cache=CACHING)
+    dbc.runtime_of(pipe).glue_reads_stream = False  # the adapters evaluated on the hit's stream
+    try:
+        other = _images(pipe, case)
+        other_summary = dbc.summary(pipe)
+    finally:
+        dbc.disable(pipe)
+    assert other_summary.cached_steps == summary.cached_steps
+    assert float(psnr(images, reference).min()) > float(psnr(other, reference).min()) + 5
 
 
 def test_other_glue_inside_a_group_is_still_caught_after_calls_with_index_added_inputs():

@@ -17,7 +17,9 @@ A record says, for one transformer class (by name, so no model module is importe
   i, by index, between the blocks a hit skips (SD3's ControlNet residuals, Wan VACE's hints, Wan Animate's face
   adapter). A call passing one runs its blocks one by one and caches the middle blocks' own residual (each block's
   output minus its input, summed) without those additions, so on a hit the model's own glue adds them once, with
-  their current values (:mod:`dbcache_compile.runtime`, "Index-added inputs").
+  their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached residual
+  holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
+  "Index-added inputs").
 * optionally a **prologue / epilogue** (:meth:`Family.embed` / :meth:`Family.project`): the model's forward around
   its blocks written out, so that the whole step (embeddings + Fn blocks, or the output projection after Bn) compiles
   and CUDA-graphs as one segment and the ``cond`` lowering and :func:`dbcache_compile.export` can run. Without it,
@@ -85,6 +87,9 @@ class Family:
     #: forward inputs whose values the forward adds to the hidden stream after blocks, by index (module doc); they
     #: may change at every step (SD3's ControlNet residuals do), so they are not conditioning for the generation rule
     index_added: tuple[str, ...] = ()
+    #: whether that added glue reads the hidden stream (Wan Animate's face adapter): then a hit keeps it in the cached
+    #: residual and undoes it between the middle blocks instead (:mod:`dbcache_compile.runtime`)
+    glue_reads_stream: bool = False
     #: the lowerings this family cannot run, with the reason (every other registered lowering whose needs the
     #: family meets runs: :mod:`dbcache_compile.lowerings`)
     refused_lowerings: dict[str, str] = {}
@@ -293,8 +298,9 @@ def family_for(transformer: torch.nn.Module, generic: bool = False) -> Family:
 def _without_prologue(family: Family) -> Family:
     """``family`` with its prologue switched off (``optimize(prologue=False)``: the model's own forward)."""
     record = _Synthesized(family.transformer, family.chains)
-    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "index_added", "refused_lowerings",
-                 "ungroupable", "fused_qkv", "attention_kwargs", "default_true_cfg_scale", "tested"):
+    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "index_added", "glue_reads_stream",
+                 "refused_lowerings", "ungroupable", "fused_qkv", "attention_kwargs", "default_true_cfg_scale",
+                 "tested"):
         setattr(record, attr, getattr(family, attr))
     return record
 
