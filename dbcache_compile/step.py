@@ -16,7 +16,10 @@ Two drivers run the groups:
 * **groups inside the model's own forward** (:class:`GroupStep`, every family): block hooks run ``head`` (Fn group
   + residual + diff) at the chain's first block, ``middle`` (one list's middle blocks + its residual into the
   TaylorSeer ladder) or ``hit`` (the cached residual added) at a list's first middle block, ``tail`` (the Bn group)
-  at the first Bn block; the other blocks of a group hand their inputs through.
+  at the first Bn block; the other blocks of a group hand their inputs through. A call with an index-added input
+  (the model adds something to the hidden stream after block i, outside the block) runs block by block instead and
+  caches the sum of the middle blocks' own residuals (:meth:`GroupStep.add_delta`), so the model's glue adds its
+  part once on a hit (:mod:`dbcache_compile.runtime`).
 """
 
 from __future__ import annotations
@@ -309,12 +312,17 @@ class GroupStep:
         #: list index -> (first, end) chain indices of its middle blocks
         self.mid_spans: dict[int, tuple[int, int]] = {}
         start = 0
+        starts = set()
         for j, blocks in enumerate(lists):
+            starts.add(start)
             idx = [i for i in range(start, start + len(blocks)) if fn <= i < self.mid_end]
             if idx:
                 self.first_mid[idx[0]] = self.last_mid[idx[-1]] = j
                 self.mid_spans[j] = (idx[0], idx[-1] + 1)
             start += len(blocks)
+        #: whether block Fn exists and continues the Fn blocks' list: then a call with index-added inputs measures the
+        #: Fn residual at block Fn's input (the glue after block Fn-1 included), else at block Fn-1's output
+        self.fn_entry = fn < len(self.blocks) and fn not in starts
         #: the context-parallel group (set by the runtime per call): the diff is reduced over all ranks
         self.cp_group: Any = None
 
@@ -355,6 +363,21 @@ class GroupStep:
         mid_de = mid_e - encoder if mid_e is not None and encoder is not None else None
         self.store(ladder_h, ladder_e, mid_h - hidden, mid_de, window, n_derivatives)
         return mid_h, mid_e
+
+    def add_delta(self, deltas: dict[int, tuple], i: int, inputs: tuple[torch.Tensor, Optional[torch.Tensor]],
+                  hidden: torch.Tensor, encoder: Optional[torch.Tensor]) -> None:
+        """Middle block ``i``'s own residual (its output minus its input, per stream) added to its list's running
+        sum in ``deltas`` (list index -> ``(hidden sum, encoder sum or None)``); an encoder stream a block does not
+        return (SD3's last block) ends the encoder sum."""
+        h_in, e_in = inputs
+        dh = hidden - h_in
+        de = encoder - e_in if encoder is not None and e_in is not None else None
+        j = next(j for j, (first, end) in self.mid_spans.items() if first <= i < end)
+        if j in deltas:
+            sum_h, sum_e = deltas[j]
+            dh = sum_h + dh
+            de = sum_e + de if sum_e is not None and de is not None else None
+        deltas[j] = dh, de
 
     @staticmethod
     def store(ladder_h: list[torch.Tensor], ladder_e: list[Optional[torch.Tensor]], dh: torch.Tensor,

@@ -13,6 +13,13 @@ A record says, for one transformer class (by name, so no model module is importe
 * **cfg**: ``"contexts"`` (the pipeline names its cond/uncond calls with ``cache_context``), ``"separate"`` (two calls
   per step without names: they alternate branches while the pipeline's CFG is on) or ``"batched"`` (one call).
 * **unsupported**: forward inputs the cache does not implement (refused by name at the call).
+* **index_added**: forward inputs that make the model's own forward add something to the hidden stream after block
+  i, by index, between the blocks a hit skips (SD3's ControlNet residuals, Wan VACE's hints, Wan Animate's face
+  adapter). A call passing one runs its blocks one by one and caches the middle blocks' own residual (each block's
+  output minus its input, summed) without those additions, so on a hit the model's own glue adds them once, with
+  their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached residual
+  holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
+  "Index-added inputs").
 * optionally a **prologue / epilogue** (:meth:`Family.embed` / :meth:`Family.project`): the model's forward around
   its blocks written out, so that the whole step (embeddings + Fn blocks, or the output projection after Bn) compiles
   and CUDA-graphs as one segment and the ``cond`` lowering and :func:`dbcache_compile.export` can run. Without it,
@@ -44,19 +51,8 @@ CONTROL_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples",
 IP_ADAPTER_INPUTS = ("joint_attention_kwargs.ip_adapter_image_embeds", "attention_kwargs.ip_adapter_image_embeds")
 
 #: transformer classes refused at ``optimize`` (their blocks are in diffusers' registry, so a synthesized record would
-#: take them): class name -> why. Their forward adds something to the hidden stream after block i, by index, between
-#: the blocks a hit skips, so a hit would add it twice (measured on a tiny Wan VACE transformer called three times on
-#: identical inputs: the hit, which must reproduce the uncached output exactly, was 0.55 max abs off).
-REFUSED: dict[str, str] = {
-    "WanVACETransformer3DModel": (
-        "Wan VACE is not supported: its forward adds the VACE hint computed from `control_hidden_states` to the "
-        "hidden stream after each block in `vace_layers` (by index, between the blocks a cache hit skips), so the "
-        "cache would add those hints twice; cache-dit needs a patch functor for it (WanVACEPatchFunctor)"),
-    "WanAnimateTransformer3DModel": (
-        "Wan Animate is not supported: its forward adds the face adapter's output (from `face_pixel_values`) to the "
-        "hidden stream after every `inject_face_latents_blocks`-th block, by index, between the "
-        "blocks a cache hit skips, so the cache would add it twice"),
-}
+#: take them): class name -> why. Empty since Wan VACE and Wan Animate became families (``index_added``).
+REFUSED: dict[str, str] = {}
 
 
 class Embedded:
@@ -88,6 +84,12 @@ class Family:
     #: block class name -> (hidden output index, encoder output index or None, hidden argument, encoder argument)
     contracts: dict[str, tuple] = {}
     unsupported: tuple[str, ...] = CONTROL_INPUTS + IP_ADAPTER_INPUTS
+    #: forward inputs whose values the forward adds to the hidden stream after blocks, by index (module doc); they
+    #: may change at every step (SD3's ControlNet residuals do), so they are not conditioning for the generation rule
+    index_added: tuple[str, ...] = ()
+    #: whether that added glue reads the hidden stream (Wan Animate's face adapter): then a hit keeps it in the cached
+    #: residual and undoes it between the middle blocks instead (:mod:`dbcache_compile.runtime`)
+    glue_reads_stream: bool = False
     #: the lowerings this family cannot run, with the reason (every other registered lowering whose needs the
     #: family meets runs: :mod:`dbcache_compile.lowerings`)
     refused_lowerings: dict[str, str] = {}
@@ -296,8 +298,9 @@ def family_for(transformer: torch.nn.Module, generic: bool = False) -> Family:
 def _without_prologue(family: Family) -> Family:
     """``family`` with its prologue switched off (``optimize(prologue=False)``: the model's own forward)."""
     record = _Synthesized(family.transformer, family.chains)
-    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "refused_lowerings", "ungroupable",
-                 "fused_qkv", "attention_kwargs", "default_true_cfg_scale", "tested"):
+    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "index_added", "glue_reads_stream",
+                 "refused_lowerings", "ungroupable", "fused_qkv", "attention_kwargs", "default_true_cfg_scale",
+                 "tested"):
         setattr(record, attr, getattr(family, attr))
     return record
 

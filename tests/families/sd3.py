@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from . import Case
-from ._common import finish, gen, kl_vae
+from ._common import finish, gen, image, kl_vae
 
 FAMILY = "sd3"
 SD3_BLOCKS = 4
@@ -29,6 +29,31 @@ def tiny_sd3_pipeline(seed: int = 0, sd35: bool = False):
                                            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                            text_encoder_3=None, tokenizer_3=None))
+
+
+def tiny_sd3_controlnet_pipeline(seed: int = 0):
+    """SD3 ControlNet: a tiny ``SD3ControlNetModel`` (2 blocks: residual k is added after blocks 2k and 2k+1 of the 4)
+    in the real ``StableDiffusion3ControlNetPipeline``; its residuals are new tensors at every step."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    base = tiny_sd3_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    controlnet = SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16)
+    # a trained ControlNet's zero-initialised output projections have learned weights: random ones, so that the
+    # residuals are not all zero
+    for block in controlnet.controlnet_blocks:
+        torch.nn.init.normal_(block.weight, std=0.05)
+    return finish(StableDiffusion3ControlNetPipeline(controlnet=controlnet, **base.components))
+
+
+def sd3_controlnet_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8) -> dict:
+    kwargs = sd3_inputs(batch, seed, cfg, tokens)
+    kwargs["control_image"] = image(seed, 32)
+    kwargs["controlnet_conditioning_scale"] = 1.0
+    return kwargs
 
 
 def tiny_sd35_pipeline(seed: int = 0):
@@ -52,4 +77,8 @@ CASES = {
     "sd35": Case(tiny_sd35_pipeline, sd3_inputs, threshold=0.2, record=0.35),
     # SD3 without CFG (guidance_scale 1): batch 1 instead of 2
     "sd3_no_cfg": Case(tiny_sd3_pipeline, partial(sd3_inputs, cfg=False)),
+    # ControlNet residuals added after blocks by index (an index-added input): block by block through compiled regions
+    # (segments refuses those calls); cache-dit 1.5.3 crashes on it (tests/test_index_added.py)
+    "sd3_controlnet": Case(tiny_sd3_controlnet_pipeline, sd3_controlnet_inputs, record=0.3,
+                           record_lowerings=("regional",)),
 }

@@ -1,5 +1,5 @@
-"""Wan 2.1 / 2.2 (WanPipeline, WanImageToVideoPipeline): WanTransformer3DModel.blocks, blocks return hidden only.
-Also the tiny Wan VACE transformer, the model ``optimize`` refuses (``families.REFUSED``)."""
+"""Wan 2.1 / 2.2 (WanPipeline, WanImageToVideoPipeline): WanTransformer3DModel.blocks, blocks return hidden only
+(Wan VACE and Wan Animate: wan_vace.py, wan_animate.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from . import Case
-from ._common import WAN_TEXT_DIM, clip_image_encoder, finish, gen, image, text_inputs, wan_vae
+from ._common import WAN_TEXT_DIM, clip_image_encoder, finish, image, text_inputs, wan_vae
 
 FAMILY = "wan"
 WAN_BLOCKS = 4
@@ -87,23 +87,6 @@ def tiny_wan_i2v_pipeline(seed: int = 0):
                                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                           image_processor=processor, image_encoder=image_encoder,
                                           transformer=transformer))
-
-
-def tiny_wan_vace_transformer(seed: int = 0):
-    """A tiny ``WanVACETransformer3DModel`` (VACE hints after blocks 0 and 2) and its forward kwargs: the model
-    ``optimize`` refuses (families.REFUSED)."""
-    from diffusers import WanVACETransformer3DModel
-
-    torch.manual_seed(seed)
-    transformer = WanVACETransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=WAN_BLOCKS, rope_max_seq_len=32,
-        vace_layers=[0, 2], vace_in_channels=8).eval()
-    g = gen(seed + 3100)
-    kwargs = {"hidden_states": torch.randn(1, 4, 2, 8, 8, generator=g), "timestep": torch.tensor([500]),
-              "encoder_hidden_states": torch.randn(1, 6, WAN_TEXT_DIM, generator=g),
-              "control_hidden_states": torch.randn(1, 8, 2, 8, 8, generator=g), "return_dict": False}
-    return transformer, kwargs
 
 
 CASES = {
