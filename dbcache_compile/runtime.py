@@ -227,7 +227,9 @@ class GenerationWatch:
 
 #: names of per-step forward inputs (the latents and the timestep; the forward's first parameter counts too): they
 #: change at every step
-STEP_INPUT_NAMES = frozenset({"hidden_states", "timestep", "timesteps", "t"})
+STEP_INPUT_NAMES = frozenset({"hidden_states", "timestep", "timesteps", "t",
+                              # ControlNet residuals: the ControlNet runs on each step's latents (FLUX.1, Qwen-Image)
+                              "controlnet_block_samples", "controlnet_single_block_samples"})
 
 
 def _tensor_leaves(value: Any, out: list[torch.Tensor]) -> None:
@@ -826,7 +828,8 @@ class CacheRuntime(BranchedRuntime):
             # a view passed into a compile keeps its fake-tensor state alive after the compile (torch 2.13): plain
             # tensors into the whole-segment graphs (FluxPipeline's img_ids is a view; one small copy)
             args = tuple(no_views(a) for a in args)
-            kwargs = {k: no_views(v) for k, v in kwargs.items()}
+            kwargs = {k: [no_views(t) for t in v] if k in self.family_record.block_residual_inputs
+                      and isinstance(v, (list, tuple)) else no_views(v) for k, v in kwargs.items()}
         state, step, key = self._begin(args, kwargs)
         if state.key != key:
             out = self._first_whole_step(state, step, args, kwargs)
@@ -867,6 +870,8 @@ class CacheRuntime(BranchedRuntime):
         impl, step_fns = self.impl, self.whole_step
         if impl.decides_on_device:
             return impl.run_step(self, state, step, args, kwargs)
+        # ControlNet residuals: new tensors at every step, inputs of the hit / miss segments too (None without)
+        controls = self.family_record.control_inputs(self.family_record.named_inputs(args, kwargs))
         hidden, encoder, residual, diff, kw = impl.segment("head", step_fns.head_diff, (state.fn_residual, *args),
                                                            kwargs)
         if step == 0:
@@ -876,7 +881,8 @@ class CacheRuntime(BranchedRuntime):
             coeffs: Any = state.forecast_coefficients(step)
             if impl.scalars_on_device:
                 coeffs = state.fill_coefficients(coeffs)
-            return impl.segment("hit", step_fns.hit, (state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs))
+            return impl.segment("hit", step_fns.hit, (state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs,
+                                                      controls))
         n = state.derivatives_for_update(step)
         window: Any = step - state.last_compute
         n_arg: Any = n
@@ -884,7 +890,7 @@ class CacheRuntime(BranchedRuntime):
             window, n_arg = state.fill_update_scalars(window, n)
         out = impl.segment("miss", step_fns.miss,
                            (state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw, window,
-                            n_arg), mutated=(state.fn_residual, *state.ladder_h, *state.ladder_e))
+                            n_arg, controls), mutated=(state.fn_residual, *state.ladder_h, *state.ladder_e))
         state.record_compute(step, n)
         return out
 

@@ -37,10 +37,13 @@ __all__ = ["Family", "Embedded", "register_family", "family_for", "family_named"
            "REFUSED", "CONTROL_INPUTS", "IP_ADAPTER_INPUTS", "generic_family"]
 
 #: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of FLUX.1 / Chroma /
-#: Bria / Sana / Z-Image / Qwen-Image, SD3's ControlNet residuals and skip-layer guidance): refused at the call
+#: Bria / Sana / Z-Image / Qwen-Image, SD3's ControlNet residuals and skip-layer guidance): refused at the call by
+#: the families that run their own forward; FLUX.1 and Qwen-Image add their ControlNet residuals in their own block
+#: loop (``block_residual_inputs``)
 CONTROL_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states",
                   "skip_layers")
-#: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>")
+#: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>"); FLUX.1 runs them
+#: (its prologue projects them as the model's forward does), the other families refuse them (untested)
 IP_ADAPTER_INPUTS = ("joint_attention_kwargs.ip_adapter_image_embeds", "attention_kwargs.ip_adapter_image_embeds")
 
 #: transformer classes refused at ``optimize`` (their blocks are in diffusers' registry, so a synthesized record would
@@ -88,6 +91,11 @@ class Family:
     #: block class name -> (hidden output index, encoder output index or None, hidden argument, encoder argument)
     contracts: dict[str, tuple] = {}
     unsupported: tuple[str, ...] = CONTROL_INPUTS + IP_ADAPTER_INPUTS
+    #: prologue families: forward inputs whose tensors the forward adds to the hidden stream after a block, by
+    #: index (ControlNet residuals; :meth:`block_residuals` says which block gets which), and every input only the
+    #: written-out forward implements (refused again when the family runs its own forward, ``prologue=False``)
+    block_residual_inputs: tuple[str, ...] = ()
+    prologue_inputs: tuple[str, ...] = ()
     #: the lowerings this family cannot run, with the reason (every other registered lowering whose needs the
     #: family meets runs: :mod:`dbcache_compile.lowerings`)
     refused_lowerings: dict[str, str] = {}
@@ -153,6 +161,19 @@ class Family:
     def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
         """The forward after the last block (prologue families only)."""
         raise NotImplementedError(f"family {self.name!r} declares no epilogue: the model's own forward runs")
+
+    def control_inputs(self, named: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The call's ControlNet inputs (``block_residual_inputs`` it passes, by name), ``None`` when it passes no
+        residual tensors."""
+        controls = {k: named[k] for k in self.block_residual_inputs if named.get(k) is not None}
+        return controls if any(isinstance(v, (list, tuple)) for v in controls.values()) else None
+
+    def block_residuals(self, transformer: torch.nn.Module,
+                        controls: dict[str, Any]) -> Optional[list[Optional[torch.Tensor]]]:
+        """Per cached block (chain order), the tensor the model's forward adds to the hidden stream right after it
+        for these ControlNet inputs (:meth:`control_inputs`), or ``None`` for none (prologue families with
+        ``block_residual_inputs``)."""
+        return None
 
     def named_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A call's arguments by name (positional ones named by ``signature``)."""
@@ -299,6 +320,9 @@ def _without_prologue(family: Family) -> Family:
     for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "refused_lowerings", "ungroupable",
                  "fused_qkv", "attention_kwargs", "default_true_cfg_scale", "tested"):
         setattr(record, attr, getattr(family, attr))
+    # inputs only the written-out forward implements (a hit would add the ControlNet residuals twice in the model's
+    # own forward): refused again
+    record.unsupported = tuple(dict.fromkeys(family.unsupported + family.prologue_inputs))
     return record
 
 
