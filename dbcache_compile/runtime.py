@@ -614,6 +614,12 @@ def _passed(kwargs: dict, name: str) -> bool:
     return value is not None
 
 
+def _ip_adapter_scales(module: torch.nn.Module) -> tuple:
+    """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in)."""
+    return tuple(tuple(processor.scale) for processor in module.attn_processors.values()
+                 if "IPAdapter" in type(processor).__name__ and hasattr(processor, "scale"))
+
+
 class _ChainCall:
     """What the block hooks of one chain share during one forward (hook driver)."""
 
@@ -800,6 +806,9 @@ class CacheRuntime(BranchedRuntime):
         attention_kwargs = named.get(self.family_record.attention_kwargs)
         # the LoRA scale changes what the segments compute without being their argument: part of a graph's key
         self.impl.variant = attention_kwargs.get("scale", 1.0) if isinstance(attention_kwargs, dict) else 1.0
+        if isinstance(attention_kwargs, dict) and attention_kwargs.get("ip_adapter_image_embeds") is not None:
+            # so do the IP-Adapter scales (`pipe.set_ip_adapter_scale`), Python floats on the attention processors
+            self.impl.variant = (self.impl.variant, _ip_adapter_scales(module))
         if self.prologue:
             # hooks registered before ours (context-parallel input splits on the root module) sit inside our
             # forward: apply them as calling through would
@@ -807,6 +816,10 @@ class CacheRuntime(BranchedRuntime):
             for hook in inner:
                 args, kwargs = hook.pre_forward(module, *args, **kwargs)
             self.whole_step.cp_group = cp_group(module)
+            if self.whole_step.cp_group is not None and self.family_record.control_inputs(named):
+                raise NotImplementedError(
+                    f"{type(module).__name__}: ControlNet residuals under context parallelism are not implemented "
+                    f"(diffusers' context-parallel plan shards the hidden stream but not the residuals added to it)")
             out = self._whole_forward(module, *args, **kwargs)
             for hook in reversed(inner):
                 out = hook.post_forward(module, out)

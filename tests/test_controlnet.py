@@ -296,3 +296,44 @@ def test_export_refuses_controlnet_inputs_by_name(tmp_path):
     kwargs["controlnet_block_samples"] = _samples(kwargs["hidden_states"], transformer.inner_dim, 1, seed=5)
     with pytest.raises(ValueError, match="'controlnet_block_samples' holds a Tensor"):
         dbc.export(transformer, kwargs, tmp_path / "x.pt2", cache=CACHING)
+
+
+def test_flux_controlnet_true_cfg_branches_by_inputs():
+    """FluxControlNetPipeline with true CFG makes its cond and uncond calls without a cache context, with the same
+    ControlNet residuals: the branches are told apart by their prompt tensors (the residuals, new at every step, are
+    not conditioning), each caches on its own, and a never-caching config gives the uncached images."""
+    pipe = tiny_flux_controlnet_pipeline()
+    inputs = flux_controlnet_inputs(cfg=True)
+    reference = _run(pipe, inputs)
+    dbc.optimize(pipe, cache=NEVER)
+    try:
+        assert torch.equal(_run(pipe, inputs), reference)
+        dbc.runtime_of(pipe).reconfigure(CACHING)
+        cached = _run(pipe, inputs)
+        summary = dbc.summary(pipe)
+    finally:
+        dbc.disable(pipe)
+    assert summary.num_steps == STEPS and summary.separate_cfg
+    assert summary.cached_steps and summary.cfg_cached_steps
+    assert psnr(cached, reference).min() >= 35
+
+
+def test_ip_adapter_scale_is_part_of_a_captured_graphs_key():
+    """`pipe.set_ip_adapter_scale` changes Python floats on the attention processors, which a hand-captured CUDA graph
+    would replay as captured: a new scale is a new graph (emulated on CPU), and the images follow the scale."""
+    pipe = tiny_flux_ip_adapter_pipeline()
+    inputs = flux_ip_adapter_inputs()
+    pipe.set_ip_adapter_scale(0.5)
+    half = _run(pipe, inputs)
+    pipe.set_ip_adapter_scale(1.0)
+    _optimize(pipe, NEVER, "regional+graphs")
+    try:
+        _run(pipe, inputs)
+        graphs = dbc.runtime_of(pipe).graphs
+        captures = graphs.captures
+        pipe.set_ip_adapter_scale(0.5)
+        out = _run(pipe, inputs)
+        assert graphs.captures > captures
+    finally:
+        dbc.disable(pipe)
+    torch.testing.assert_close(out, half, rtol=0, atol=1e-4)
