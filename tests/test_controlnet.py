@@ -337,3 +337,26 @@ def test_ip_adapter_scale_is_part_of_a_captured_graphs_key():
     finally:
         dbc.disable(pipe)
     torch.testing.assert_close(out, half, rtol=0, atol=1e-4)
+
+
+def test_flux_ip_adapter_true_cfg_keeps_one_generation_per_branch():
+    """With true CFG the FLUX pipeline swaps the IP-Adapter embeddings in its one attention-kwargs dict between its
+    "cond" and "uncond" calls (the negative image's embeddings for uncond): each cache context keeps its own
+    generation (the same embeddings objects at every step of its branch), both branches cache, and a never-caching
+    config gives the uncached images."""
+    pipe = tiny_flux_ip_adapter_pipeline()
+    g = torch.Generator().manual_seed(16000)
+    inputs = dict(flux_ip_adapter_inputs(), negative_prompt_embeds=torch.randn(1, 8, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g), true_cfg_scale=2.0)
+    reference = _run(pipe, inputs)
+    dbc.optimize(pipe, cache=NEVER)
+    try:
+        assert torch.equal(_run(pipe, inputs), reference)
+        dbc.runtime_of(pipe).reconfigure(CACHING)
+        cached = _run(pipe, inputs)
+        summary = dbc.summary(pipe)
+    finally:
+        dbc.disable(pipe)
+    assert summary.num_steps == STEPS and summary.separate_cfg
+    assert summary.cached_steps and summary.cfg_cached_steps
+    assert psnr(cached, reference).min() >= 35
