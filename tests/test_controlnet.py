@@ -274,6 +274,23 @@ def test_cache_dit_flux_controlnet_drops_all_but_one_residual(pipelines):
                                          num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
     assert cached == []
     assert (images - reference).abs().max() > 0.1
+    # exactly: the blocks without any residual, then controlnet_block_samples[0] once, before norm_out
+    transformer = pipe.transformer
+    forward = type(transformer).forward
+
+    def as_cache_dit(self, *args, controlnet_block_samples=None, controlnet_single_block_samples=None, **kwargs):
+        add = self.norm_out.register_forward_pre_hook(lambda m, a: (a[0] + controlnet_block_samples[0], *a[1:]))
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            add.remove()
+
+    transformer.forward = as_cache_dit.__get__(transformer)
+    try:
+        mimic = _run(pipe, flux_controlnet_inputs())
+    finally:
+        del transformer.forward
+    torch.testing.assert_close(images, mimic, rtol=0, atol=1e-6)
 
 
 def test_cache_dit_qwen_image_controlnet_patch_fails_on_diffusers_0_42():
