@@ -248,8 +248,8 @@ class InputWatch:
     shared by ``from_pipe`` pipelines with other schedulers, a loaded package): **a call continues the generation of
     its branch only when every conditioning tensor it passes is the very object the previous call of the same kind
     passed.** Conditioning = every tensor input (nested in lists, tuples and dicts too) except the per-step ones: the
-    forward's first parameter (the latents) and the timestep. diffusers pipelines encode the prompt (and build ids,
-    masks, guidance, rotary tables) once per call and pass those same tensors at every step, so a new pipeline call
+    forward's first parameter (the latents), the timestep and ControlNet residuals. diffusers pipelines encode the
+    prompt (and build ids, masks, guidance, rotary tables) once per call and pass those same tensors at every step, so a new pipeline call
     always brings new objects (checked for every supported family's pipeline: only the latents and the timestep change
     between steps). Identity is held through weak references, so a freed tensor whose address Python reuses never
     looks like the old one. No device value is read: no host sync.

@@ -12,7 +12,10 @@ Two drivers run the groups:
   ``head`` (embeddings + Fn blocks + the Fn residual and its diff) then ``miss`` (store the Fn residual, middle
   blocks, cache their residual, Bn blocks, output projection) or ``hit`` (cached or forecast residual, Bn blocks,
   output projection); ``cond_step_functional`` is the whole step as one function with ``torch.cond`` and the state
-  carried functionally (the ``cond`` lowering and :func:`dbcache_compile.export`);
+  carried functionally (the ``cond`` lowering and :func:`dbcache_compile.export`). ControlNet residuals (the call's
+  ``controls``) are added after their blocks in this loop as the model's forward adds them; the cached middle
+  residual is the middle blocks' own contribution (without the residuals added after them) and a hit adds it plus
+  this step's residuals of the skipped blocks, so each counts once with its current value;
 * **groups inside the model's own forward** (:class:`GroupStep`, every family): block hooks run ``head`` (Fn group
   + residual + diff) at the chain's first block, ``middle`` (one list's middle blocks + its residual into the
   TaylorSeer ladder) or ``hit`` (the cached residual added) at a list's first middle block, ``tail`` (the Bn group)

@@ -1,6 +1,9 @@
 """FLUX.1 (dev / schnell / Kontext / Fill, and any pipeline around a ``FluxTransformer2DModel``): 19 double + 38
 single blocks form one 57-block chain (Fn counts from the first double block, Bn from the last single block), and
 the forward around them is written out (prologue / epilogue), so whole steps compile and CUDA-graph as one segment.
+ControlNet residuals (``FluxControlNetPipeline``: ``controlnet_block_samples`` / ``controlnet_single_block_samples``,
+by interval or ``controlnet_blocks_repeat``) are added after their blocks in our loop (:meth:`Flux.block_residuals`)
+and IP-Adapter image embeddings are projected in :meth:`Flux.embed`, as the model's forward does.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Qwen-Image / Qwen-Image-Edit / Edit-Plus (and Qwen-Image-Lightning LoRAs): one list of 60 dual-stream blocks, and
 the forward around them written out (prologue / epilogue). The pipeline runs true CFG as a second transformer call
-per step ("uncond" cache context) when ``true_cfg_scale > 1`` and a negative prompt is given."""
+per step ("uncond" cache context) when ``true_cfg_scale > 1`` and a negative prompt is given. ControlNet residuals
+(``QwenImageControlNetPipeline``) are added after their blocks in our loop (:meth:`QwenImage.block_residuals`)."""
 
 from __future__ import annotations
 
