@@ -396,3 +396,33 @@ def test_controlnet_under_context_parallelism_is_refused_by_name():
 
     with pytest.raises(NotImplementedError, match="ControlNet residuals under context parallelism"):
         run_ranks(_controlnet_under_ulysses, 2, timeout=240, collective_timeout=120)
+
+
+@pytest.mark.parametrize("variant", ["FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"])
+def test_flux_controlnet_img2img_and_inpaint(variant):
+    """FLUX ControlNet img2img / inpaint call the transformer as FluxControlNetPipeline does (the same residuals):
+    never caching gives the uncached images bit for bit, a caching config caches and stays close."""
+    import diffusers
+
+    from tests.families._common import image
+
+    base = tiny_flux_controlnet_pipeline()
+    cls = getattr(diffusers, variant)
+    pipe = cls(**{k: v for k, v in base.components.items() if k in cls._get_signature_keys(cls)[0]})
+    pipe.set_progress_bar_config(disable=True)
+    inputs = dict(flux_controlnet_inputs(), image=image(3, 32), strength=0.9)
+    if "Inpaint" in variant:
+        inputs["mask_image"] = (image(4, 32) > 0.5).float()[:, :1]
+    steps = 10  # strength 0.9: 9 steps run
+    reference = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+    dbc.optimize(pipe, cache=NEVER)
+    try:
+        never = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+        dbc.runtime_of(pipe).reconfigure(CACHING)
+        cached = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+        summary = dbc.summary(pipe)
+    finally:
+        dbc.disable(pipe)
+    assert torch.equal(never, reference)
+    assert summary.cached_steps
+    assert psnr(cached, reference).min() >= 35

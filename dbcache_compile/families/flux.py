@@ -24,7 +24,7 @@ class Flux(Family):
     name = "flux"
     transformer = "FluxTransformer2DModel"
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline", "FluxFillPipeline",
-                 "FluxControlNetPipeline")
+                 "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
     chains = (("transformer_blocks", "single_transformer_blocks"),)
     fused_qkv = True  # FluxAttnProcessor reads attn.to_qkv / to_added_qkv when attn.fused_projections
     signature = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
