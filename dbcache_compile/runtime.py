@@ -244,7 +244,9 @@ class GenerationWatch:
 
 #: names of per-step forward inputs (the latents and the timestep; the forward's first parameter counts too): they
 #: change at every step
-STEP_INPUT_NAMES = frozenset({"hidden_states", "timestep", "timesteps", "t"})
+STEP_INPUT_NAMES = frozenset({"hidden_states", "timestep", "timesteps", "t",
+                              # ControlNet residuals: the ControlNet runs on each step's latents (FLUX.1, Qwen-Image)
+                              "controlnet_block_samples", "controlnet_single_block_samples"})
 
 
 def _tensor_leaves(value: Any, out: list[torch.Tensor]) -> None:
@@ -263,8 +265,8 @@ class InputWatch:
     shared by ``from_pipe`` pipelines with other schedulers, a loaded package): **a call continues the generation of
     its branch only when every conditioning tensor it passes is the very object the previous call of the same kind
     passed.** Conditioning = every tensor input (nested in lists, tuples and dicts too) except the per-step ones: the
-    forward's first parameter (the latents) and the timestep. diffusers pipelines encode the prompt (and build ids,
-    masks, guidance, rotary tables) once per call and pass those same tensors at every step, so a new pipeline call
+    forward's first parameter (the latents), the timestep and ControlNet residuals. diffusers pipelines encode the
+    prompt (and build ids, masks, guidance, rotary tables) once per call and pass those same tensors at every step, so a new pipeline call
     always brings new objects (checked for every supported family's pipeline: only the latents and the timestep change
     between steps). Identity is held through weak references, so a freed tensor whose address Python reuses never
     looks like the old one. No device value is read: no host sync.
@@ -629,6 +631,12 @@ def _passed(kwargs: dict, name: str) -> bool:
     return value is not None
 
 
+def _ip_adapter_scales(module: torch.nn.Module) -> tuple:
+    """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in)."""
+    return tuple(tuple(processor.scale) for processor in module.attn_processors.values()
+                 if "IPAdapter" in type(processor).__name__ and hasattr(processor, "scale"))
+
+
 class _ChainCall:
     """What the block hooks of one chain share during one forward (hook driver)."""
 
@@ -825,6 +833,9 @@ class CacheRuntime(BranchedRuntime):
         attention_kwargs = named.get(self.family_record.attention_kwargs)
         # the LoRA scale changes what the segments compute without being their argument: part of a graph's key
         self.impl.variant = attention_kwargs.get("scale", 1.0) if isinstance(attention_kwargs, dict) else 1.0
+        if isinstance(attention_kwargs, dict) and attention_kwargs.get("ip_adapter_image_embeds") is not None:
+            # so do the IP-Adapter scales (`pipe.set_ip_adapter_scale`), Python floats on the attention processors
+            self.impl.variant = (self.impl.variant, _ip_adapter_scales(module))
         if self.prologue:
             # hooks registered before ours (context-parallel input splits on the root module) sit inside our
             # forward: apply them as calling through would
@@ -832,6 +843,10 @@ class CacheRuntime(BranchedRuntime):
             for hook in inner:
                 args, kwargs = hook.pre_forward(module, *args, **kwargs)
             self.whole_step.cp_group = cp_group(module)
+            if self.whole_step.cp_group is not None and self.family_record.control_inputs(named):
+                raise NotImplementedError(
+                    f"{type(module).__name__}: ControlNet residuals under context parallelism are not implemented "
+                    f"(diffusers' context-parallel plan shards the hidden stream but not the residuals added to it)")
             out = self._whole_forward(module, *args, **kwargs)
             for hook in reversed(inner):
                 out = hook.post_forward(module, out)
@@ -853,7 +868,8 @@ class CacheRuntime(BranchedRuntime):
             # a view passed into a compile keeps its fake-tensor state alive after the compile (torch 2.13): plain
             # tensors into the whole-segment graphs (FluxPipeline's img_ids is a view; one small copy)
             args = tuple(no_views(a) for a in args)
-            kwargs = {k: no_views(v) for k, v in kwargs.items()}
+            kwargs = {k: [no_views(t) for t in v] if k in self.family_record.block_residual_inputs
+                      and isinstance(v, (list, tuple)) else no_views(v) for k, v in kwargs.items()}
         state, step, key = self._begin(args, kwargs)
         if state.key != key:
             out = self._first_whole_step(state, step, args, kwargs)
@@ -894,6 +910,8 @@ class CacheRuntime(BranchedRuntime):
         impl, step_fns = self.impl, self.whole_step
         if impl.decides_on_device:
             return impl.run_step(self, state, step, args, kwargs)
+        # ControlNet residuals: new tensors at every step, inputs of the hit / miss segments too (None without)
+        controls = self.family_record.control_inputs(self.family_record.named_inputs(args, kwargs))
         hidden, encoder, residual, diff, kw = impl.segment("head", step_fns.head_diff, (state.fn_residual, *args),
                                                            kwargs)
         if step == 0:
@@ -903,7 +921,8 @@ class CacheRuntime(BranchedRuntime):
             coeffs: Any = state.forecast_coefficients(step)
             if impl.scalars_on_device:
                 coeffs = state.fill_coefficients(coeffs)
-            return impl.segment("hit", step_fns.hit, (state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs))
+            return impl.segment("hit", step_fns.hit, (state.ladder_h, state.ladder_e, hidden, encoder, kw, coeffs,
+                                                      controls))
         n = state.derivatives_for_update(step)
         window: Any = step - state.last_compute
         n_arg: Any = n
@@ -911,7 +930,7 @@ class CacheRuntime(BranchedRuntime):
             window, n_arg = state.fill_update_scalars(window, n)
         out = impl.segment("miss", step_fns.miss,
                            (state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw, window,
-                            n_arg), mutated=(state.fn_residual, *state.ladder_h, *state.ladder_e))
+                            n_arg, controls), mutated=(state.fn_residual, *state.ladder_h, *state.ladder_e))
         state.record_compute(step, n)
         return out
 

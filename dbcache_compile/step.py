@@ -12,7 +12,10 @@ Two drivers run the groups:
   ``head`` (embeddings + Fn blocks + the Fn residual and its diff) then ``miss`` (store the Fn residual, middle
   blocks, cache their residual, Bn blocks, output projection) or ``hit`` (cached or forecast residual, Bn blocks,
   output projection); ``cond_step_functional`` is the whole step as one function with ``torch.cond`` and the state
-  carried functionally (the ``cond`` lowering and :func:`dbcache_compile.export`);
+  carried functionally (the ``cond`` lowering and :func:`dbcache_compile.export`). ControlNet residuals (the call's
+  ``controls``) are added after their blocks in this loop as the model's forward adds them; the cached middle
+  residual is the middle blocks' own contribution (without the residuals added after them) and a hit adds it plus
+  this step's residuals of the skipped blocks, so each counts once with its current value;
 * **groups inside the model's own forward** (:class:`GroupStep`, every family): block hooks run ``head`` (Fn group
   + residual + diff) at the chain's first block, ``middle`` (one list's middle blocks + its residual into the
   TaylorSeer ladder) or ``hit`` (the cached residual added) at a list's first middle block, ``tail`` (the Bn group)
@@ -433,16 +436,49 @@ class CacheStep:
         self.cp_group: Any = None
 
     def _run_blocks(self, first: int, end: int, hidden: torch.Tensor, encoder: torch.Tensor,
-                    block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_kwargs: dict[str, Any], controls: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks ``first:end`` of the chain; with ``controls`` (the call's ControlNet inputs), each block's
+        residual (:meth:`~dbcache_compile.families.Family.block_residuals`) is added to the hidden stream right after
+        the block, as the model's own loop adds it."""
         blocks = (self.fn_blocks + self.mid_blocks + self.bn_blocks)[first:end]
-        hidden, encoder, _ = run_blocks(blocks, self.ios[first:end], self.block_call, hidden, encoder, (),
-                                        block_kwargs)
+        residuals = self.block_residuals(controls)
+        if residuals is None:
+            hidden, encoder, _ = run_blocks(blocks, self.ios[first:end], self.block_call, hidden, encoder, (),
+                                            block_kwargs)
+            return hidden, encoder
+        for i, block in zip(range(first, end), blocks):
+            hidden, encoder, _ = run_blocks([block], self.ios[i:i + 1], self.block_call, hidden, encoder, (),
+                                            block_kwargs)
+            if residuals[i] is not None:
+                hidden = hidden + residuals[i]
         return hidden, encoder
 
+    def block_residuals(self, controls: Optional[dict]) -> Optional[list[Optional[torch.Tensor]]]:
+        """Per chain block, the tensor the model's forward adds to the hidden stream after it (ControlNet
+        residuals, indexed as the model indexes them), or ``None`` without ControlNet inputs."""
+        return self.family.block_residuals(self.transformer, controls) if controls else None
+
+    def middle_controls(self, controls: Optional[dict]) -> Optional[torch.Tensor]:
+        """The sum of the residuals the forward adds after the middle blocks (``None`` when there are none): the
+        cached middle residual leaves it out and a hit adds the current one, so each counts once, with the value
+        of this step."""
+        residuals = self.block_residuals(controls)
+        if residuals is None:
+            return None
+        first = len(self.fn_blocks)
+        total = None
+        for c in residuals[first:first + len(self.mid_blocks)]:
+            if c is not None:
+                total = c if total is None else total + c
+        return total
+
     def head(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-        """Embeddings + Fn blocks → ``(hidden, encoder, Fn residual, (block kwargs, output kwargs))``."""
-        emb = self.family.embed(self.transformer, **self.family.named_inputs(args, kwargs))
-        hidden, encoder = self._run_blocks(0, len(self.fn_blocks), emb.hidden, emb.encoder, emb.block_kwargs)
+        """Embeddings + Fn blocks (and the ControlNet residuals the forward adds after them) → ``(hidden, encoder,
+        Fn residual, (block kwargs, output kwargs))``."""
+        named = self.family.named_inputs(args, kwargs)
+        emb = self.family.embed(self.transformer, **named)
+        hidden, encoder = self._run_blocks(0, len(self.fn_blocks), emb.hidden, emb.encoder, emb.block_kwargs,
+                                           self.family.control_inputs(named))
         base = emb.hidden
         if self.cp_group is not None:  # the first block may shard the stream (Qwen-Image): the same shard
             base = split_like(self.fn_blocks[0], base)
@@ -456,35 +492,49 @@ class CacheStep:
             return hidden, encoder, residual, relative_l1_over(fn_residual, residual, self.cp_group), kw
         return hidden, encoder, residual, relative_l1(fn_residual, residual), kw
 
-    def tail(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]) -> torch.Tensor:
-        """Bn blocks and the output projection."""
+    def tail(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict],
+             controls: Optional[dict] = None) -> torch.Tensor:
+        """Bn blocks (with their ControlNet residuals) and the output projection."""
         start = len(self.fn_blocks) + len(self.mid_blocks)
-        hidden, encoder = self._run_blocks(start, self.num_blocks, hidden, encoder, kw[0])
+        hidden, encoder = self._run_blocks(start, self.num_blocks, hidden, encoder, kw[0], controls)
         return self.family.project(self.transformer, hidden, kw[1])
 
-    def middle(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict]):
+    def middle(self, hidden: torch.Tensor, encoder: torch.Tensor, kw: tuple[dict, dict],
+               controls: Optional[dict] = None):
         first = len(self.fn_blocks)
-        mid_h, mid_e = self._run_blocks(first, first + len(self.mid_blocks), hidden, encoder, kw[0])
+        mid_h, mid_e = self._run_blocks(first, first + len(self.mid_blocks), hidden, encoder, kw[0], controls)
         return mid_h.contiguous(), mid_e.contiguous()
 
     def miss(self, fn_residual: torch.Tensor, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor],
              hidden: torch.Tensor, encoder: torch.Tensor, residual: torch.Tensor, kw: tuple[dict, dict],
-             window: Any, n_derivatives: Any) -> torch.Tensor:
-        """Compute step: store the Fn residual, run the middle blocks, cache their residual (in place), Bn, output."""
+             window: Any, n_derivatives: Any, controls: Optional[dict] = None) -> torch.Tensor:
+        """Compute step: store the Fn residual, run the middle blocks, cache their residual (in place), Bn, output.
+        With ControlNet inputs the cached middle residual is the blocks' own contribution: the residuals the
+        forward added after the middle blocks are left out of it (:meth:`middle_controls`)."""
         fn_residual.copy_(residual)
-        mid_h, mid_e = self.middle(hidden, encoder, kw)
-        for buf, new in zip(ladder_h, taylor_update(ladder_h, mid_h - hidden, window, n_derivatives)):
+        mid_h, mid_e = self.middle(hidden, encoder, kw, controls)
+        delta = mid_h - hidden
+        added = self.middle_controls(controls)
+        if added is not None:
+            delta = delta - added
+        for buf, new in zip(ladder_h, taylor_update(ladder_h, delta, window, n_derivatives)):
             buf.copy_(new)
         for buf, new in zip(ladder_e, taylor_update(ladder_e, mid_e - encoder, window, n_derivatives)):
             buf.copy_(new)
-        return self.tail(mid_h, mid_e, kw)
+        return self.tail(mid_h, mid_e, kw, controls)
 
     def hit(self, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], hidden: torch.Tensor,
-            encoder: torch.Tensor, kw: tuple[dict, dict], coeffs: Any) -> torch.Tensor:
-        """Cached step: add the cached (TaylorSeer: forecast) middle residual, then Bn + output."""
-        hidden = (taylor_forecast(ladder_h, coeffs) + hidden).contiguous()
+            encoder: torch.Tensor, kw: tuple[dict, dict], coeffs: Any, controls: Optional[dict] = None
+            ) -> torch.Tensor:
+        """Cached step: add the cached (TaylorSeer: forecast) middle residual and this step's ControlNet residuals
+        of the skipped blocks (each once), then Bn + output."""
+        forecast = taylor_forecast(ladder_h, coeffs)
+        added = self.middle_controls(controls)
+        if added is not None:
+            forecast = forecast + added
+        hidden = (forecast + hidden).contiguous()
         encoder = (taylor_forecast(ladder_e, coeffs) + encoder).contiguous()
-        return self.tail(hidden, encoder, kw)
+        return self.tail(hidden, encoder, kw, controls)
 
     def cond_step_functional(self, step: torch.Tensor, counters: torch.Tensor, fn_residual: torch.Tensor,
                              ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor], *args: Any,
@@ -498,6 +548,8 @@ class CacheStep:
         """
         terms = self.config.taylorseer_terms
         gates = gates_of(self.config) if gates is None else gates
+        controls = self.family.control_inputs(self.family.named_inputs(args, kwargs))
+        added = self.middle_controls(controls)
         hidden, encoder, residual, diff, kw = self.head_diff(fn_residual, *args, **kwargs)
         # Fn ending in a FLUX single block: both streams are slices of one output, and cond operands must not alias
         # one another ("cond_true might be aliasing the input or the output"); the encoder stream is the smaller one
@@ -512,15 +564,17 @@ class CacheStep:
             return (dh.clone().flatten(), de.clone().flatten()) if terms == 1 else (dh.flatten(), de.flatten())
 
         def miss_fn(h, e, coeffs, ladder_h, ladder_e):
-            mid_h, mid_e = self.middle(h, e, kw)
+            mid_h, mid_e = self.middle(h, e, kw, controls)
+            delta = mid_h - h if added is None else mid_h - h - added  # the blocks' own residual (miss above)
             # both branches must return the same layout; block outputs can be strided slices (FLUX single blocks).
             # Flat (1-D) outputs: torch.cond cannot merge the strides of a dim whose symbolic size is an expression
             # (a context-parallel shard of a dynamic length, 32*Max(1, (s+1)//2): KeyError; docs/context_parallel.md)
-            return (mid_h - h).contiguous().flatten(), (mid_e - e).contiguous().flatten()
+            return delta.contiguous().flatten(), (mid_e - e).contiguous().flatten()
 
         dh, de = torch.cond(pred, hit_fn, miss_fn, (hidden, encoder, coeffs, list(ladder_h), list(ladder_e)))
         dh, de = dh.view(hidden.shape), de.view(encoder.shape)
-        out = self.tail((hidden + dh).contiguous(), (encoder + de).contiguous(), kw)
+        mid_h = hidden + dh if added is None else hidden + dh + added  # this step's ControlNet residuals, once
+        out = self.tail(mid_h.contiguous(), (encoder + de).contiguous(), kw, controls)
 
         n = torch.where(step > 2, torch.clamp(counters[VALID], max=terms - 1), 0)
         window = (step - counters[LAST_COMPUTE]).to(torch.float32)
@@ -553,6 +607,6 @@ class CacheStep:
         state.allocate(hidden, encoder)
         n = state.derivatives_for_update(step)
         out = self.miss(state.fn_residual, state.ladder_h, state.ladder_e, hidden, encoder, residual, kw,
-                        step - state.last_compute, n)
+                        step - state.last_compute, n, self.family.control_inputs(self.family.named_inputs(args, kwargs)))
         state.record_compute(step, n)
         return out

@@ -190,24 +190,6 @@ def test_controlnet_residuals_are_refused_by_name_on_hook_driven_families(case, 
         dbc.disable(pipe)
 
 
-def test_controlnet_residuals_are_refused_by_name_on_flux():
-    """The FLUX.1 family (with its prologue) refuses FLUX ControlNet residuals (`controlnet_block_samples`) by name;
-    the same call runs without the cache."""
-    from dbcache_compile.testing import flux_inputs, tiny_flux_pipeline
-
-    pipe = tiny_flux_pipeline()
-    kwargs = _transformer_call(pipe, flux_inputs())
-    kwargs["controlnet_block_samples"] = _residuals(pipe.transformer, kwargs["hidden_states"], 2)
-    with torch.no_grad():
-        pipe.transformer(**kwargs)
-    dbc.optimize(pipe, cache=_config(0.35))
-    try:
-        with pytest.raises(NotImplementedError, match="`controlnet_block_samples`"), torch.no_grad():
-            pipe.transformer(**kwargs)
-    finally:
-        dbc.disable(pipe)
-
-
 @pytest.mark.parametrize("case, argument, value, match", [
     ("flux2", "kv_cache_mode", "extract", "`kv_cache_mode`"),
     ("sd35", "joint_attention_kwargs", {"ip_adapter_image_embeds": [torch.zeros(1, 1, 16)]}, "ip_adapter_image_embeds"),

@@ -19,7 +19,9 @@ A record says, for one transformer class (by name, so no model module is importe
   output minus its input, summed) without those additions, so on a hit the model's own glue adds them once, with
   their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached residual
   holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
-  "Index-added inputs").
+  "Index-added inputs"). A family with a prologue runs the blocks itself and names such inputs
+  **block_residual_inputs** instead (FLUX.1's and Qwen-Image's ControlNet residuals, added in its own block loop:
+  :meth:`Family.block_residuals`, :class:`~dbcache_compile.step.CacheStep`).
 * optionally a **prologue / epilogue** (:meth:`Family.embed` / :meth:`Family.project`): the model's forward around
   its blocks written out, so that the whole step (embeddings + Fn blocks, or the output projection after Bn) compiles
   and CUDA-graphs as one segment and the ``cond`` lowering and :func:`dbcache_compile.export` can run. Without it,
@@ -43,11 +45,14 @@ import torch
 __all__ = ["Family", "Embedded", "register_family", "family_for", "family_named", "families", "supported_models",
            "REFUSED", "CONTROL_INPUTS", "IP_ADAPTER_INPUTS", "generic_family"]
 
-#: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of FLUX.1 / Chroma /
-#: Bria / Sana / Z-Image / Qwen-Image, SD3's ControlNet residuals and skip-layer guidance): refused at the call
+#: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of Chroma / Bria /
+#: Sana / Z-Image, SD3's skip-layer guidance): refused at the call by the families that do not name them as
+#: ``index_added`` (SD3's ControlNet residuals) or ``block_residual_inputs`` (FLUX.1's and Qwen-Image's, added in
+#: their own block loop)
 CONTROL_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states",
                   "skip_layers")
-#: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>")
+#: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>"); FLUX.1 runs them
+#: (its prologue projects them as the model's forward does), the other families refuse them (untested)
 IP_ADAPTER_INPUTS = ("joint_attention_kwargs.ip_adapter_image_embeds", "attention_kwargs.ip_adapter_image_embeds")
 
 #: transformer classes refused at ``optimize`` (their blocks are in diffusers' registry, so a synthesized record would
@@ -90,6 +95,11 @@ class Family:
     #: whether that added glue reads the hidden stream (Wan Animate's face adapter): then a hit keeps it in the cached
     #: residual and undoes it between the middle blocks instead (:mod:`dbcache_compile.runtime`)
     glue_reads_stream: bool = False
+    #: prologue families: forward inputs whose tensors the forward adds to the hidden stream after a block, by
+    #: index (ControlNet residuals; :meth:`block_residuals` says which block gets which), and every input only the
+    #: written-out forward implements (refused again when the family runs its own forward, ``prologue=False``)
+    block_residual_inputs: tuple[str, ...] = ()
+    prologue_inputs: tuple[str, ...] = ()
     #: the lowerings this family cannot run, with the reason (every other registered lowering whose needs the
     #: family meets runs: :mod:`dbcache_compile.lowerings`)
     refused_lowerings: dict[str, str] = {}
@@ -155,6 +165,19 @@ class Family:
     def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
         """The forward after the last block (prologue families only)."""
         raise NotImplementedError(f"family {self.name!r} declares no epilogue: the model's own forward runs")
+
+    def control_inputs(self, named: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The call's ControlNet inputs (``block_residual_inputs`` it passes, by name), ``None`` when it passes no
+        residual tensors."""
+        controls = {k: named[k] for k in self.block_residual_inputs if named.get(k) is not None}
+        return controls if any(isinstance(v, (list, tuple)) for v in controls.values()) else None
+
+    def block_residuals(self, transformer: torch.nn.Module,
+                        controls: dict[str, Any]) -> Optional[list[Optional[torch.Tensor]]]:
+        """Per cached block (chain order), the tensor the model's forward adds to the hidden stream right after it
+        for these ControlNet inputs (:meth:`control_inputs`), or ``None`` for none (prologue families with
+        ``block_residual_inputs``)."""
+        return None
 
     def named_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A call's arguments by name (positional ones named by ``signature``)."""
@@ -302,6 +325,9 @@ def _without_prologue(family: Family) -> Family:
                  "refused_lowerings", "ungroupable", "fused_qkv", "attention_kwargs", "default_true_cfg_scale",
                  "tested"):
         setattr(record, attr, getattr(family, attr))
+    # inputs only the written-out forward implements (a hit would add the ControlNet residuals twice in the model's
+    # own forward): refused again
+    record.unsupported = tuple(dict.fromkeys(family.unsupported + family.prologue_inputs))
     return record
 
 

@@ -1,15 +1,17 @@
 """Qwen-Image / Qwen-Image-Edit / Edit-Plus (and Qwen-Image-Lightning LoRAs): one list of 60 dual-stream blocks, and
 the forward around them written out (prologue / epilogue). The pipeline runs true CFG as a second transformer call
-per step ("uncond" cache context) when ``true_cfg_scale > 1`` and a negative prompt is given."""
+per step ("uncond" cache context) when ``true_cfg_scale > 1`` and a negative prompt is given. ControlNet residuals
+(``QwenImageControlNetPipeline``) are added after their blocks in our loop (:meth:`QwenImage.block_residuals`)."""
 
 from __future__ import annotations
 
 from math import prod
-from typing import Any
+from math import ceil
+from typing import Any, Optional
 
 import torch
 
-from . import Embedded, Family, register_family
+from . import CONTROL_INPUTS, IP_ADAPTER_INPUTS, Embedded, Family, register_family
 
 #: the keyword under which :meth:`QwenImage.eager_inputs` passes the rotary embedding to :meth:`QwenImage.embed`
 _ROTARY = "_dbcache_image_rotary_emb"
@@ -19,7 +21,8 @@ _ROTARY = "_dbcache_image_rotary_emb"
 class QwenImage(Family):
     name = "qwen-image"
     transformer = "QwenImageTransformer2DModel"
-    pipelines = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    pipelines = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                 "QwenImageControlNetPipeline")
     chains = (("transformer_blocks",),)
     fused_qkv = False  # QwenDoubleStreamAttnProcessor2_0 (diffusers 0.42) always calls to_q/to_k/to_v
     signature = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
@@ -28,6 +31,9 @@ class QwenImage(Family):
     default_true_cfg_scale = 4.0  # QwenImagePipeline's default
     attention_kwargs = "attention_kwargs"
     tested = True
+    #: ControlNet residuals are added in our block loop as the model's forward adds them
+    block_residual_inputs = prologue_inputs = ("controlnet_block_samples",)
+    unsupported = tuple(sorted(set(CONTROL_INPUTS + IP_ADAPTER_INPUTS) - set(prologue_inputs)))
 
     def embed(self, transformer: torch.nn.Module, **kwargs: Any) -> Embedded:
         from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
@@ -71,3 +77,12 @@ class QwenImage(Family):
 
     def project(self, transformer: torch.nn.Module, hidden: torch.Tensor, out_kwargs: dict[str, Any]) -> torch.Tensor:
         return transformer.proj_out(transformer.norm_out(hidden, out_kwargs["temb"]))
+
+    def block_residuals(self, transformer: torch.nn.Module,
+                        controls: dict[str, Any]) -> Optional[list[Optional[torch.Tensor]]]:
+        """QwenImageTransformer2DModel.forward's ControlNet glue: block ``i`` gets
+        ``controlnet_block_samples[i // ceil(60 / n)]``."""
+        samples = controls["controlnet_block_samples"]
+        count = len(transformer.transformer_blocks)
+        interval = int(ceil(count / len(samples)))
+        return [samples[i // interval] for i in range(count)]

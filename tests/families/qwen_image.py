@@ -67,3 +67,26 @@ CASES = {
     "qwen_image_edit_no_cfg": Case(tiny_qwen_image_edit_pipeline, partial(qwen_image_edit_inputs, cfg=False),
                                    threshold=0.5, separate_cfg=False),
 }
+
+
+def tiny_qwen_image_controlnet_pipeline(seed: int = 0, layers: int = 2):
+    """QwenImageControlNetPipeline around the tiny Qwen-Image of :mod:`dbcache_compile.testing` (6 blocks) and a
+    tiny QwenImageControlNetModel of ``layers`` blocks: sample k is added after blocks 3k..3k+2 (interval 3)."""
+    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline
+
+    base = tiny_qwen_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    controlnet = QwenImageControlNetModel.from_transformer(base.transformer, num_layers=layers,
+                                                           attention_head_dim=16, num_attention_heads=2)
+    g = gen(seed + 400)
+    with torch.no_grad():  # a trained ControlNet's projections are not zero (zeros would hide a double count)
+        for part in (controlnet.controlnet_blocks, controlnet.controlnet_x_embedder):
+            for p in part.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return finish(QwenImageControlNetPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None,
+                                              tokenizer=None, transformer=base.transformer, controlnet=controlnet))
+
+
+def qwen_image_controlnet_inputs(batch: int = 1, seed: int = 0, cfg: bool = False) -> dict:
+    from ._common import image
+    return dict(qwen_inputs(batch, seed, cfg=cfg), control_image=image(seed, 32), controlnet_conditioning_scale=0.8)
