@@ -1,7 +1,7 @@
 """``python -m bench soak``: many generations over a shape / config / lowering mix on the tiny models, watching for
 exceptions, recompiles, interrupted generations that leak state, and memory that grows.
 
-    python -m bench soak --generations 400 --out out/soak                          # CPU: ~6 minutes, 1 thread
+    python -m bench soak --generations 400 --out out/soak                          # CPU: ~12 minutes, 1 thread
     python -m bench soak --minutes 8 --device cuda --out $OUT/soak                 # a GPU: Inductor by default
 
 The run is a sequence of **sessions**, as in a notebook sweep: ``optimize`` the tiny FLUX or tiny Qwen-Image pipeline
@@ -263,19 +263,24 @@ class Soak:
         self.checks: list[dict[str, Any]] = []
         self.warmup: Optional[dict[str, Any]] = None
 
-    def warm_up(self, sessions: list[Session], bar: Any) -> None:
-        """Run the warm-up ``sessions``, then set their records aside (``self.warmup``) so that the measured plan's
-        numbers start after them; failures stay in ``self.failures``."""
+    def warm_up(self, sessions: list[Session], bar: Any, deadline: Optional[float] = None) -> None:
+        """Run the warm-up ``sessions`` (no session starts after ``deadline``), then set their records aside
+        (``self.warmup``) so that the measured plan's numbers start after them; failures stay in ``self.failures``."""
         start, rss_before = time.monotonic(), self.memory()[0]
         graphs_before = self.counters()[0]
+        cut = 0
         for session in sessions:
-            self.run_session(session, bar, None)
+            if deadline is not None and time.monotonic() > deadline:
+                cut += 1
+                continue
+            self.run_session(session, bar, deadline)
         gc.collect()
         self.warmup = {"sessions": len(self.sessions), "generations": len(self.records),
                        "graphs": self.counters()[0] - graphs_before, "seconds": round(time.monotonic() - start, 1),
                        "rss_before_mib": None if rss_before is None else round(rss_before, 2),
                        "rss_after_mib": None if self.memory()[0] is None else round(self.memory()[0], 2),
                        "exceptions": sum(f["what"] == "exception" for f in self.failures),
+                       "sessions_cut": cut,
                        "records": self.records, "session_info": self.sessions}
         self.records, self.sessions, self.compile_ids = [], [], []
 
@@ -608,7 +613,8 @@ def write(soak: Soak, args: argparse.Namespace, meta: dict[str, Any], s: dict[st
             f"Warm-up first (not in the numbers below): {w['generations']} generations in {w['sessions']} sessions "
             f"(each model x lowering x config over every warm-up shape), {w['graphs']} Dynamo graphs, "
             f"{w['seconds'] / 60:.1f} min, RSS {_fmt(w['rss_before_mib'])} -> {_fmt(w['rss_after_mib'])} MiB, "
-            f"{w['exceptions']} exceptions.")
+            f"{w['exceptions']} exceptions" + (f"; {w['sessions_cut']} warm-up sessions not run (half of --minutes "
+                                               f"spent)." if w["sessions_cut"] else "."))
     body = [f"{s['generations']} generations (of {s['planned']} planned) in {s['sessions']} sessions, "
             f"{s['seconds'] / 60:.1f} min, seed {args.seed}; models {', '.join(args.models)}; lowerings "
             f"{', '.join(args.lowerings)}; compiled lowerings: mode `{args.mode}`, {lowered}; {args.dtype}.", "",
@@ -703,7 +709,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     import torch
     parser.add_argument("--generations", type=int, default=400, help="generations in all (default: 400)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="stop starting generations after this many minutes (default: no limit)")
+                        help="stop starting generations after this many minutes (default: no limit); the "
+                             "warm-up may take at most half of them")
     parser.add_argument("--seed", type=int, default=0, help="seeds the plan, the models and every input (default: 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
@@ -782,12 +789,13 @@ def execute(args: argparse.Namespace) -> int:
     handler.register_start_callback(soak.on_compile_start)
     try:
         if args.warmup:
+            # with --minutes the warm-up may take at most half of them; the measured plan gets the rest
             warm = warmup_plan(args.models, args.lowerings, args.configs)
             with tqdm(total=sum(x.generations for x in warm), desc="soak warm-up", unit="gen",
                       dynamic_ncols=True) as bar:
-                soak.warm_up(warm, bar)
+                soak.warm_up(warm, bar, None if deadline is None else clock + 30 * args.minutes)
             clock = time.monotonic()
-            deadline = None if args.minutes is None else clock + 60 * args.minutes
+            deadline = None if deadline is None else max(deadline, clock + 30 * args.minutes)
         with tqdm(total=args.generations, desc="soak", unit="gen", dynamic_ncols=True) as bar:
             for session in sessions:
                 if deadline is not None and time.monotonic() > deadline:
