@@ -69,6 +69,7 @@ from .lowerings import Lowering, lowerings_for  # noqa: E402
 from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
 from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
+from .usercompile import refuse_while_compiling  # noqa: E402
 from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, no_views,  # noqa: E402
                    run_block_hooks, transformer_output)
 
@@ -106,16 +107,6 @@ def input_key(args: tuple, kwargs: dict) -> tuple:
     key = [(i, v.shape, v.dtype, v.device) for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
     key += [(k, v.shape, v.dtype, v.device) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return tuple(key)
-
-
-def refuse_while_compiling() -> None:
-    """``torch.compile`` around an optimized transformer cannot trace the cache's host decision (one device read per
-    step); the cache compiles itself with ``optimize(mode=...)``."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            "dbcache_compile: this transformer is optimized; torch.compile around it cannot trace the cache's host "
-            "decision. Compile with dbcache_compile.optimize(pipe, cache=..., mode='max-autotune') instead of "
-            "torch.compile(transformer) / compile_repeated_blocks()")
 
 
 class Branches(StateManager):
@@ -923,6 +914,7 @@ class CacheRuntime(BranchedRuntime):
         calls = self.calls
         if calls is None:  # a block called outside a cached forward
             return original(*args, **kwargs)
+        refuse_while_compiling("blocks")  # torch.compile(block) / compile_repeated_blocks (usercompile module doc)
         chain, call = self.chains[c], calls[c]
         if i != call.next:
             raise RuntimeError(f"the cache expected block {call.next} of the chain {self.chain_names[c]} and got "
@@ -1217,7 +1209,7 @@ class UncachedRuntime(Runtime):
             self._checked_generation = generation
 
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
-        refuse_while_compiling()
+        refuse_while_compiling("uncached")
         if self.mode is not None:
             self._check_generation_start()
         device = next(module.parameters()).device
