@@ -69,8 +69,8 @@ from .lowerings import Lowering, lowerings_for  # noqa: E402
 from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
 from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
-from .usercompile import refuse_while_compiling  # noqa: E402
-from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, no_views,  # noqa: E402
+from .usercompile import UserCompiled, refuse_while_compiling, traced_forward  # noqa: E402
+from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fold_records, no_views,  # noqa: E402
                    run_block_hooks, transformer_output)
 
 __all__ = ["HOOK_NAME", "BLOCK_HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime",
@@ -286,7 +286,11 @@ class InputWatch:
     def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """A ``torch`` forward pre-hook (registered with ``with_kwargs=True``): it runs in ``Module.__call__``,
         before any wrapper of ``forward`` — accelerate's offload hooks copy every input to the execution device at
-        each call, so identity is only meaningful as the caller passed the tensors."""
+        each call, so identity is only meaningful as the caller passed the tensors. Under the user's torch.compile it
+        does nothing (a traced forward reads its inputs at run time: usercompile; touching them here would only add
+        shape guards to this hook's own frame)."""
+        if torch.compiler.is_compiling():
+            return
         self._pending = self.conditioning(args, kwargs), self.latents(args, kwargs)
 
     def take(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
@@ -696,6 +700,8 @@ class CacheRuntime(BranchedRuntime):
         self.calls: Optional[list[_ChainCall]] = None
         #: how a block the model called runs block by block (a compiled region, or its own forward)
         self._region = self._block_call if self.impl.region_blocks and not self.prologue else None
+        #: the fullgraph form under the user's own torch.compile (families with a prologue: usercompile module doc)
+        self.user_compiled = UserCompiled(self) if self.prologue else None
 
     # -------------------------------------------------------------------------------------------- interface
     @property
@@ -736,6 +742,7 @@ class CacheRuntime(BranchedRuntime):
 
     def _fold(self) -> None:
         self.impl.fold(list(self.branches.states.values()))
+        fold_records(list(self.branches.states.values()))  # steps run under the user's compile (usercompile)
 
     def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
         fn, bn = self.cache_config.Fn_compute_blocks, self.cache_config.Bn_compute_blocks
@@ -777,6 +784,8 @@ class CacheRuntime(BranchedRuntime):
 
     # -------------------------------------------------------------------------------------------- per call
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        if torch.compiler.is_compiling():  # the user's torch.compile / export around us (usercompile module doc)
+            return traced_forward(self, module, original, args, kwargs)
         if not check_call(module):
             return original(*args, **kwargs)
         named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs

@@ -14,26 +14,41 @@ calls a function wrapped in ``torch.compiler.disable(fn, reason=...)``:
 
 The ``reason`` is fixed when the function is wrapped (Dynamo cannot wrap a function while tracing), so every kind of
 refusal has its own wrapped function, made at import (:data:`REASONS`).
+
+**What works: the fullgraph form of a family with a prologue** (FLUX.1, Qwen-Image; any lowering ``optimize`` chose,
+unquantized, without context parallelism). Under the user's ``torch.compile`` (any backend and mode, ``fullgraph=True``,
+``dynamic=True``) our forward traces :meth:`~dbcache_compile.step.CacheStep.cond_step_functional`: the decision is
+``torch.cond`` on a device predicate, the counters, the step and the gate numbers are device tensors, as in
+``optimize(graph="cond")``. The per-call bookkeeping (the generation rule of :class:`~dbcache_compile.runtime.InputWatch`
+on the caller's very tensors, the scheduler watch, the branch of the cache context, buffers allocated at a new input
+signature) runs at run time in two custom ops, ``dbcache_compile::user_begin`` and ``user_end`` (opaque to Dynamo and
+Inductor, run eagerly at every call, given the caller's tensor objects): nothing of it is traced, so nothing is
+specialised per step or per branch (no recompile across steps or between the cond / uncond contexts). ``user_begin``
+hands the graph copies of the branch's state (counters, Fn residual, TaylorSeer ladders) and ``user_end`` copies the
+new state back and records the step (``summary()``). ``torch.export`` is refused (:func:`dbcache_compile.export`
+packages the same graph).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling"]
+__all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling", "UserCompiled", "traced_forward"]
 
-_COMPILE_THROUGH = ("compile through the cache instead: dbcache_compile.optimize(pipe, cache=..., mode='default' or "
-                    "'max-autotune', graph='cond' | 'segments' | 'regional'), and package it with "
-                    "dbcache_compile.export(...)")
+_COMPILE_THROUGH = ("Compile through the cache instead: dbcache_compile.optimize(pipe, cache=..., mode='default' or "
+                    "'max-autotune') (graph='regional' or 'segments' run every family)")
 
 #: kind of refusal -> its message (Dynamo's ``reason``; the start of the eager error)
 REASONS: dict[str, str] = {
-    "cache": ("dbcache_compile: torch.compile / transformer.compile() / torch.export around a transformer optimized "
-              "by dbcache_compile cannot trace its cache: the cache decides on the host once per step and keeps its "
-              "generations in Python state (a traced decision would be frozen into the graph: a wrong image). "
-              + _COMPILE_THROUGH),
+    "cache": ("dbcache_compile: torch.compile / transformer.compile() around a transformer optimized by "
+              "dbcache_compile traces the cache only for a family with a prologue (FLUX.1, Qwen-Image: the whole step "
+              "in our forward, the decision a torch.cond); this family runs its own forward with the cache in block "
+              "hooks that decide on the host once per step (a traced decision would be frozen into the graph: a "
+              "wrong image). " + _COMPILE_THROUGH),
     "blocks": ("dbcache_compile: blocks of a transformer optimized by dbcache_compile (the cache's block hooks: a "
                "family that runs its own forward) cannot be compiled by torch.compile / compile_repeated_blocks(): "
                "the per-block hooks are Python state that Dynamo would specialise per block and per step. Compile "
@@ -43,6 +58,21 @@ REASONS: dict[str, str] = {
                  "optimized by dbcache_compile.optimize(cache=None, ...) (the uncached baseline: compiled and/or "
                  "quantized by optimize) is not supported: call dbcache_compile.disable() first and compile the "
                  "model yourself, or keep optimize's compile"),
+    "export": ("dbcache_compile: torch.export around a transformer optimized by dbcache_compile is not supported (its "
+               "per-call bookkeeping runs outside the graph); export the cached step with dbcache_compile.export(pipe, "
+               "example_inputs, path, cache=...) and run it with dbcache_compile.load(path)"),
+    "quantized": ("dbcache_compile: torch.compile around a transformer optimized by dbcache_compile traces the cache "
+                  "step with torch.cond, which rejects tensor-subclass (torchao) weights in torch 2.11-2.14; compile "
+                  "through the cache instead: dbcache_compile.optimize(pipe, cache=..., quantize=..., mode='default', "
+                  "graph='regional' or 'segments')"),
+    "parallel": ("dbcache_compile: torch.compile around a transformer optimized by dbcache_compile under context "
+                 "parallelism (or with other diffusers hooks inside the cache's) is not supported; "
+                 + _COMPILE_THROUGH),
+    "dynamic": ("dbcache_compile: torch.compile(..., dynamic=True) around a transformer optimized by dbcache_compile "
+                "needs torch._dynamo.config.specialize_float = True: dynamic=True makes the blocks' float attributes "
+                "symbolic, and torch.cond (the cache's decision) takes no symbolic float in torch 2.13"),
+    "input": ("dbcache_compile: this call cannot run the cache (an input the cache does not implement, or another "
+              "diffusers cache on the transformer); run it without torch.compile to see which"),
     "package": ("dbcache_compile: a transformer loaded from a dbcache_compile package (dbcache_compile.load) runs an "
                 "AOTInductor package and cannot be traced by torch.compile / torch.export: it is already compiled"),
 }
@@ -72,3 +102,200 @@ def refuse_while_compiling(kind: str = "cache", detail: str = "") -> None:
     """:func:`refuse` when a trace (Dynamo or ``torch.export``) runs this code."""
     if torch.compiler.is_compiling():
         refuse(kind, detail)
+
+
+# ------------------------------------------------------------------------------------------------ the fullgraph form
+#: handle -> the UserCompiled of a live runtime (the custom ops take the handle as a string: Dynamo keeps it a
+#: constant, where an int attribute becomes a symbol under dynamic=True)
+_LIVE: "weakref.WeakValueDictionary[int, UserCompiled]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+@torch.library.custom_op("dbcache_compile::user_begin", mutates_args=())
+def _user_begin(handle: str, names: str, top: list[torch.Tensor], conditioning: list[torch.Tensor],
+                latents: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    return _LIVE[int(handle)].begin(names.split(","), top, conditioning, latents)
+
+
+@_user_begin.register_fake
+def _user_begin_fake(handle, names, top, conditioning, latents):
+    return _LIVE[int(handle)].begin_fake(names.split(","), top)
+
+
+@torch.library.custom_op("dbcache_compile::user_end", mutates_args=())
+def _user_end(handle: str, out: torch.Tensor, pred: torch.Tensor, diff: torch.Tensor, counters: torch.Tensor,
+              fn_residual: torch.Tensor, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor]) -> torch.Tensor:
+    return _LIVE[int(handle)].end(out, pred, diff, counters, fn_residual, ladder_h, ladder_e)
+
+
+@_user_end.register_fake
+def _user_end_fake(handle, out, pred, diff, counters, fn_residual, ladder_h, ladder_e):
+    return torch.empty_like(out)
+
+
+#: the steps mask rides in the graph as a bool vector padded to a multiple of this (so ``reconfigure`` with another
+#: mask of the same bucket needs no recompile)
+MASK_BUCKET = 64
+
+
+def _mask_length(config: Any) -> int:
+    """The padded length of the config's mask vector (``gate_tensors``: the mask and at least one ``False``)."""
+    from .decision import gates_of
+    return -(-max(len(gates_of(config).mask) + 1, 2) // MASK_BUCKET) * MASK_BUCKET
+
+
+def _padded_mask(mask: torch.Tensor) -> torch.Tensor:
+    length = -(-mask.shape[0] // MASK_BUCKET) * MASK_BUCKET
+    return torch.nn.functional.pad(mask, (0, length - mask.shape[0])) if length != mask.shape[0] else mask
+
+
+class UserCompiled:
+    """The fullgraph form of a prologue family's cached forward under the user's compile (module doc). Made with
+    the runtime (eagerly: Dynamo cannot make custom-op handles or step objects while tracing)."""
+
+    def __init__(self, runtime: Any) -> None:
+        from diffusers.utils import apply_lora_scale
+
+        from .step import CacheStep, call_block
+        self.runtime = runtime
+        self.family = runtime.family_record
+        # the same step as the runtime's, its blocks called plainly (the user's compile compiles them)
+        self.step = CacheStep(runtime.transformer, runtime.family_record, runtime.cache_config, call_block)
+        self.terms = runtime.cache_config.taylorseer_terms
+        self.handle = str(next(_HANDLES))
+        _LIVE[int(self.handle)] = self
+        self._current: Optional[tuple] = None  # (state, step, key) between user_begin and user_end
+        self._open = False  # a user_begin without its user_end: that call raised
+        self._mask_len: Optional[int] = None  # the padded mask length the graph was traced with
+        self._gates: Optional[tuple] = None  # (config, device, gate tensors)
+        self.forward = apply_lora_scale(runtime.family_record.attention_kwargs)(self._forward)
+
+    # ---------------------------------------------------------------------------------------- traced
+    def _forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        from .decision import Gates
+        from .step import transformer_output
+        runtime = self.runtime
+        return_dict = kwargs.pop("return_dict", True)
+        named = self.family.named_inputs(args, kwargs)
+        names = [name for name, value in named.items() if isinstance(value, torch.Tensor)]
+        conditioning = runtime.inputs.conditioning(args, kwargs)
+        latents = runtime.inputs.latents(args, kwargs)
+        outs = torch.ops.dbcache_compile.user_begin(self.handle, ",".join(names), [named[n] for n in names], conditioning,
+                                                    latents)
+        terms = self.terms
+        step, counters, fn_residual = outs[:3]
+        ladder_h, ladder_e = list(outs[3:3 + terms]), list(outs[3 + terms:3 + 2 * terms])
+        gates = Gates(*outs[3 + 2 * terms:])
+        kwargs = self.family.eager_inputs(module, args, kwargs)
+        self.step.config = runtime.cache_config
+        out, pred, diff, counters, fn_residual, ladder_h, ladder_e = self.step.cond_step_functional(
+            step, counters, fn_residual, ladder_h, ladder_e, *args, gates=gates, **kwargs)
+        out = torch.ops.dbcache_compile.user_end(self.handle, out, pred, diff, counters, fn_residual, list(ladder_h),
+                                                 list(ladder_e))
+        return transformer_output(out, return_dict)
+
+    # ---------------------------------------------------------------------------------------- run time
+    def _shapes(self, names: list[str], top: list[torch.Tensor]) -> tuple:
+        runtime = self.runtime
+        shapes = self.family.stream_shapes(runtime.transformer, (), dict(zip(names, top)))
+        if shapes is None:
+            raise UserCompileError(f"dbcache_compile: the {self.family.name} family cannot predict its stream shapes "
+                                   f"for these inputs, which the fullgraph form under torch.compile needs; compile "
+                                   f"through the cache instead (optimize(..., mode='default'))")
+        return shapes
+
+    def _gate_tensors(self, device: torch.device) -> list[torch.Tensor]:
+        from .decision import gate_tensors
+        config = self.runtime.cache_config
+        if self._gates is None or self._gates[0] is not config or self._gates[1] != device:
+            gates = gate_tensors(config, device)
+            self._gates = (config, device, [*gates[:5], _padded_mask(gates.mask)])
+        return self._gates[2]
+
+    def begin_fake(self, names: list[str], top: list[torch.Tensor]) -> list[torch.Tensor]:
+        (hidden_shape, hidden_dtype), (encoder_shape, encoder_dtype) = self._shapes(names, top)
+        device = top[0].device
+        self._mask_len = _mask_length(self.runtime.cache_config)
+        gates = [torch.empty(1, dtype=torch.float64, device=device)]
+        gates += [torch.empty(1, dtype=torch.int64, device=device) for _ in range(4)]
+        gates.append(torch.empty(self._mask_len, dtype=torch.bool, device=device))
+        state = [torch.empty((), dtype=torch.int64, device=device), torch.empty(6, dtype=torch.int64, device=device),
+                 torch.empty(hidden_shape, dtype=hidden_dtype, device=device)]
+        state += [torch.empty(hidden_shape, dtype=hidden_dtype, device=device) for _ in range(self.terms)]
+        state += [torch.empty(encoder_shape, dtype=encoder_dtype, device=device) for _ in range(self.terms)]
+        return state + gates
+
+    def begin(self, names: list[str], top: list[torch.Tensor], conditioning: list[torch.Tensor],
+              latents: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        """The per-call bookkeeping of ``CacheRuntime._whole`` on the caller's tensors: the branch, its step, its
+        buffers (allocated at a new input signature), copies of its state for the graph."""
+        from .step import counters_from_host
+        runtime = self.runtime
+        if self._open:  # the previous call raised between user_begin and user_end: its state may be half updated
+            runtime.reset()
+        self._open = True
+        runtime.inputs._pending = (list(conditioning), latents)
+        kwargs = dict(zip(names, top))
+        state, step, key = runtime._begin((), kwargs)
+        device = top[0].device
+        if state.key != key or state.fn_residual is None:
+            (hidden_shape, hidden_dtype), (encoder_shape, encoder_dtype) = self._shapes(names, top)
+            state.allocate_shapes(hidden_shape, hidden_dtype, encoder_shape, encoder_dtype, device)
+            state.device_counters = None
+        if state.device_counters is None or step == 0:
+            state.device_counters = counters_from_host(state, device)
+        self._current = (state, step, key)
+        gates = self._gate_tensors(device)
+        if self._mask_len is not None and gates[5].shape[0] != self._mask_len:
+            raise UserCompileError(f"dbcache_compile: reconfigure() changed the steps mask to {gates[5].shape[0]} "
+                                   f"entries, the compiled graph holds {self._mask_len}; call torch._dynamo.reset() "
+                                   f"(or compile again) after such a reconfigure")
+        step_t = torch.full((), step, dtype=torch.int64, device=device)
+        # copies: Inductor may reuse a custom op's output buffers for its intermediates
+        buffers = [state.device_counters, state.fn_residual, *state.ladder_h, *state.ladder_e, *gates]
+        return [step_t, *(b.clone() for b in buffers)]
+
+    def end(self, out: torch.Tensor, pred: torch.Tensor, diff: torch.Tensor, counters: torch.Tensor,
+            fn_residual: torch.Tensor, ladder_h: list[torch.Tensor], ladder_e: list[torch.Tensor]) -> torch.Tensor:
+        """The step's new state into the branch's buffers, its record for ``summary()``, the step counted."""
+        state, step, key = self._current
+        for buf, value in zip([state.device_counters, state.fn_residual, *state.ladder_h, *state.ladder_e],
+                              [counters, fn_residual, *ladder_h, *ladder_e]):
+            buf.copy_(value)
+        state.records.append((step, pred.clone(), diff.clone()))
+        self.runtime._end(state, key)
+        self._current, self._open = None, False
+        return out.clone()
+
+
+def traced_forward(runtime: Any, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+    """``CacheRuntime.forward`` while a trace runs it: the fullgraph form where it works, else a named refusal."""
+    if torch.compiler.is_exporting():
+        refuse("export")
+    user = getattr(runtime, "user_compiled", None)
+    if user is None:
+        refuse("cache")
+    if runtime.applied.quantized:
+        refuse("quantized")
+    from .parallel import cp_group, inner_hooks
+    if cp_group(module) is not None or inner_hooks(module, "dbcache_compile"):
+        refuse("parallel")
+    if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
+        return original(*args, **kwargs)
+    config = torch._dynamo.config
+    if not config.assume_static_by_default and not config.specialize_float:  # dynamic=True
+        refuse("dynamic")
+    named = runtime.family_record.named_inputs(args, kwargs)
+    if getattr(module, "_cache_config", None) is not None or any(
+            _passed(named, name) for name in runtime.unsupported):
+        refuse("input")
+    runtime.inputs._pending = None  # what the forward pre-hook captured is read at run time (UserCompiled.begin)
+    return user.forward(module, *args, **kwargs)
+
+
+def _passed(kwargs: dict, name: str) -> bool:
+    arg, _, key = name.partition(".")
+    value = kwargs.get(arg)
+    if key:
+        return isinstance(value, dict) and value.get(key) is not None
+    return value is not None

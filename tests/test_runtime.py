@@ -477,16 +477,18 @@ def test_a_spent_recompile_budget_runs_uncompiled_and_says_so():
         dbc.disable(pipe)
 
 
-def test_torch_compile_around_an_eager_optimized_model_is_a_clear_error(flux):
-    """torch.compile around an eagerly optimized transformer fails with an error pointing to optimize(pipe,
-    cache=..., mode=...)."""
+def test_torch_compile_around_an_eager_optimized_model_runs_the_fullgraph_form(flux):
+    """torch.compile(fullgraph=True) around an eagerly optimized FLUX transformer traces the cache step's fullgraph form
+    (torch.cond; tests/test_usercompile.py): a bare call gives the eager cache's output."""
+    kwargs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 4, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(4, 3), return_dict=False)
     dbc.optimize(flux, cache=CONFIG)
     try:
-        compiled = torch.compile(flux.transformer, backend="eager", fullgraph=True)
-        with pytest.raises(Exception, match="optimize\\(pipe, cache=..., mode="):
-            compiled(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 4, 32),
-                     pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
-                     txt_ids=torch.zeros(4, 3), return_dict=False)
+        expected = flux.transformer(**kwargs)[0]
+        dbc.reset(flux)
+        out = torch.compile(flux.transformer, backend="eager", fullgraph=True)(**kwargs)[0]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     finally:
         dbc.disable(flux)
         torch._dynamo.reset()
