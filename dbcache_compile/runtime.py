@@ -69,7 +69,8 @@ from .lowerings import Lowering, lowerings_for  # noqa: E402
 from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
 from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
-from .usercompile import UserCompiled, refuse_while_compiling, traced_forward  # noqa: E402
+from .usercompile import (UserCompiled, refuse_while_compiling, route_compiled_blocks,  # noqa: E402
+                          traced_forward, unroute_compiled_block)
 from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fold_records, no_views,  # noqa: E402
                    run_block_hooks, transformer_output)
 
@@ -759,15 +760,9 @@ class CacheRuntime(BranchedRuntime):
 
     def _refuse_compiled_blocks(self) -> None:
         """Blocks that carry our block hooks and were compiled afterwards by ``module.compile()``
-        (``transformer.compile_repeated_blocks``): Dynamo would trace our per-block hook objects, one recompile per
-        block, and hit its recompile limit mid-generation; say what works instead."""
-        compiled = [block for block in self.block_hooks if getattr(block, "_compiled_call_impl", None) is not None]
-        if compiled:
-            raise ValueError(
-                f"{len(compiled)} blocks of {type(self.transformer).__name__} were compiled (compile_repeated_blocks / "
-                f"block.compile()) after an eager dbcache_compile.optimize: the cache's per-block hooks would "
-                f"recompile per block. Compile through the cache instead: dbcache_compile.optimize(pipe, cache=..., "
-                f"mode=\"default\", graph=\"regional\") compiles one region per block class")
+        (``transformer.compile_repeated_blocks``): the cache runs around their compiled call, which computes the block
+        alone (:func:`~dbcache_compile.usercompile.route_compiled_blocks`)."""
+        route_compiled_blocks(self.block_hooks)
 
     def _chain_summaries(self, order: list[str]) -> dict[str, dict]:
         if self.prologue:
@@ -1134,9 +1129,18 @@ class BlockHook(ModelHook):
         self.runtime = runtime
         self.chain = chain
         self.index = index
+        #: the block was compiled in place (compile_repeated_blocks): the cache runs around its compiled call and
+        #: this hook, inside it, only calls the block's forward (usercompile.CompiledBlockCall)
+        self.through = False
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.through:
+            return self.fn_ref.original_forward(*args, **kwargs)
         return self.runtime.block_forward(self.chain, self.index, module, self.fn_ref.original_forward, args, kwargs)
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
+        unroute_compiled_block(module)
+        return module
 
 
 class RegionHook(ModelHook):

@@ -37,7 +37,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling", "UserCompiled", "traced_forward"]
+__all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling", "UserCompiled", "traced_forward",
+           "CompiledBlockCall", "route_compiled_blocks", "unroute_compiled_block"]
 
 _COMPILE_THROUGH = ("Compile through the cache instead: dbcache_compile.optimize(pipe, cache=..., mode='default' or "
                     "'max-autotune') (graph='regional' or 'segments' run every family)")
@@ -49,11 +50,11 @@ REASONS: dict[str, str] = {
               "in our forward, the decision a torch.cond); this family runs its own forward with the cache in block "
               "hooks that decide on the host once per step (a traced decision would be frozen into the graph: a "
               "wrong image). " + _COMPILE_THROUGH),
-    "blocks": ("dbcache_compile: blocks of a transformer optimized by dbcache_compile (the cache's block hooks: a "
-               "family that runs its own forward) cannot be compiled by torch.compile / compile_repeated_blocks(): "
-               "the per-block hooks are Python state that Dynamo would specialise per block and per step. Compile "
-               "through the cache instead: dbcache_compile.optimize(pipe, cache=..., mode='default', "
-               "graph='regional') compiles one region per block class"),
+    "blocks": ("dbcache_compile: a block of a transformer optimized by dbcache_compile (a family whose cache runs from "
+               "block hooks) was wrapped by torch.compile(block): the wrapper would trace the cache's per-block hook "
+               "and its host decision. Compile the blocks in place instead, block.compile() or "
+               "transformer.compile_repeated_blocks() (the cache then runs around each compiled block), or compile "
+               "through the cache: dbcache_compile.optimize(pipe, cache=..., mode='default', graph='regional')"),
     "uncached": ("dbcache_compile: torch.compile / transformer.compile() / torch.export around a transformer "
                  "optimized by dbcache_compile.optimize(cache=None, ...) (the uncached baseline: compiled and/or "
                  "quantized by optimize) is not supported: call dbcache_compile.disable() first and compile the "
@@ -299,3 +300,38 @@ def _passed(kwargs: dict, name: str) -> bool:
     if key:
         return isinstance(value, dict) and value.get(key) is not None
     return value is not None
+
+
+# ------------------------------------------------------------------------------------------------ compiled blocks
+class CompiledBlockCall:
+    """Stands in a hooked block's ``_compiled_call_impl`` after ``compile_repeated_blocks()`` / ``block.compile()``
+    on a family whose cache runs from block hooks: the block hook's bookkeeping and host decision run eagerly around
+    the call, and the user's compiled ``_call_impl`` computes the block, with the block hook passing straight through
+    to the block's forward inside it (:attr:`BlockHook.through`). So the user's compile traces the block alone: one
+    graph per block class, nothing of the cache's state."""
+
+    def __init__(self, hook: Any, block: torch.nn.Module, compiled: Callable) -> None:
+        self.hook = hook
+        self.block = weakref.ref(block)
+        self.compiled = compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hook = self.hook
+        return hook.runtime.block_forward(hook.chain, hook.index, self.block(), self.compiled, args, kwargs)
+
+
+def route_compiled_blocks(block_hooks: dict) -> None:
+    """Blocks compiled in place since the last check (``module.compile()`` sets ``_compiled_call_impl``): their
+    compiled call goes through :class:`CompiledBlockCall`. Called at the start of every generation."""
+    for block, hook in block_hooks.items():
+        compiled = getattr(block, "_compiled_call_impl", None)
+        if compiled is not None and not isinstance(compiled, CompiledBlockCall):
+            hook.through = True
+            block._compiled_call_impl = CompiledBlockCall(hook, block, compiled)
+
+
+def unroute_compiled_block(block: torch.nn.Module) -> None:
+    """The block hook is removed (``disable``): the block's compiled call is the user's again."""
+    compiled = getattr(block, "_compiled_call_impl", None)
+    if isinstance(compiled, CompiledBlockCall):
+        block._compiled_call_impl = compiled.compiled

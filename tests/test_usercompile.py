@@ -334,6 +334,45 @@ def test_the_users_compile_around_the_uncached_baseline_is_refused_by_name():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", HOOKS)
+def test_blocks_compiled_in_place_after_an_eager_optimize_run_under_the_cache(family):
+    """compile_repeated_blocks() (Wan) / block.compile() on every block (SD3 declares no _repeated_blocks) with
+    fullgraph=True after an eager optimize: the cache runs around each compiled block (its hook passes through inside
+    the compiled call), the same cached steps and bit-identical images, 0 graph breaks, one graph per block
+    structure (Wan: 1; SD3: 2, its last block is context_pre_only) and no recompile across blocks, steps or
+    generations (error_on_recompile for Wan); disable() gives the blocks the user's compiled call back."""
+    from torch._dynamo.utils import counters
+
+    from dbcache_compile.usercompile import CompiledBlockCall
+
+    case = CASES[family]
+    pipe = case.builder()
+    dbc.optimize(pipe, cache=CONFIG)
+    expected = pipe(**case.inputs(), num_inference_steps=8, generator=generator(0))[0]
+    branches = dbc.summary(pipe).branches
+    t = pipe.transformer
+    blocks = list(getattr(t, "blocks", None) or t.transformer_blocks)
+    torch._dynamo.reset()
+    counters.clear()
+    if t._repeated_blocks:
+        t.compile_repeated_blocks(backend="eager", fullgraph=True)
+    else:
+        for block in blocks:
+            block.compile(backend="eager", fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=family == "wan"):
+            for _ in range(2):
+                image = pipe(**case.inputs(), num_inference_steps=8, generator=generator(0))[0]
+                assert torch.equal(image, expected) and dbc.summary(pipe).branches == branches
+        assert counters["stats"]["unique_graphs"] == (1 if family == "wan" else 2) and not counters["graph_break"]
+        assert all(isinstance(b._compiled_call_impl, CompiledBlockCall) for b in blocks)
+    finally:
+        dbc.disable(pipe)
+        torch._dynamo.reset()
+    assert all(b._compiled_call_impl is not None and not isinstance(b._compiled_call_impl, CompiledBlockCall)
+               for b in blocks)
+
+
 @pytest.mark.parametrize("fullgraph", [True, False])
 def test_a_hooked_block_compiled_by_the_user_is_refused_by_name(fullgraph):
     """A hook family's block wrapped by torch.compile (our block hook inside it) is refused by name; blocks compiled
