@@ -301,6 +301,59 @@ def test_an_interrupted_generation_under_the_users_compile_leaves_the_next_bit_i
         torch._dynamo.reset()
 
 
+def test_a_bare_transformer_loop_under_the_users_compile_keeps_the_generation_rule():
+    """A bare transformer in the user's own loop, compiled: the generation continues while the same conditioning
+    tensors come back (the eager cache's cached steps), a call that raised inside the compiled graph ends it (the next
+    call with the same conditioning starts a fresh generation: bit-identical outputs), new conditioning starts one;
+    one graph throughout."""
+    from torch._dynamo.utils import counters
+
+    case = CASES["flux"]
+    pipe = case.builder()
+    kwargs = first_call(pipe, case.inputs())
+    block = pipe.transformer.transformer_blocks[0]
+    handle = block.register_forward_pre_hook(
+        lambda m, a, kw: (a, dict(kw, hidden_states=torch.ops.dbcache_compile_test.fail_at(kw["hidden_states"]))),
+        with_kwargs=True)
+    _FAIL["at"], _FAIL["calls"] = -1, 0
+    g = torch.Generator().manual_seed(3)
+    base, drift = (torch.randn(kwargs["hidden_states"].shape, generator=g) for _ in range(2))
+    latents = [base + 0.02 * i * drift for i in range(6)]  # close steps, as a sampler's: the cache hits
+    times = [torch.tensor([1.0 - i / 6]) for i in range(6)]
+
+    def loop(t, n=6):
+        return [t(**dict(kwargs, hidden_states=x, timestep=s))[0] for x, s in list(zip(latents, times))[:n]]
+
+    dbc.optimize(pipe, cache=CONFIG)
+    try:
+        eager = loop(pipe.transformer)
+        cached = dbc.summary(pipe).cached_steps
+        assert cached
+        dbc.reset(pipe)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(pipe.transformer, backend="eager", fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            expected = loop(compiled)  # the cond form: the eager cache's decisions, its outputs within float rounding
+            assert dbc.summary(pipe).cached_steps == cached
+            for a, b in zip(expected, eager):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            loop(compiled, 3)  # the same conditioning tensors: this would continue the generation (steps 6..8)
+            assert dbc.summary(pipe).num_steps == 9
+            _FAIL["at"], _FAIL["calls"] = 1, 0
+            with pytest.raises(_Interrupt):
+                compiled(**dict(kwargs, hidden_states=latents[0], timestep=times[0]))
+            assert all(torch.equal(a, b) for a, b in zip(loop(compiled), expected))
+            kwargs = dict(kwargs, encoder_hidden_states=kwargs["encoder_hidden_states"].clone())  # a new prompt
+            assert all(torch.equal(a, b) for a, b in zip(loop(compiled), expected))
+            assert dbc.summary(pipe).num_steps == 6
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        handle.remove()
+        dbc.disable(pipe)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("graph", ["segments", "regional"])
 def test_the_users_compile_around_a_compiled_optimize_runs_the_fullgraph_form(cond_reference, graph):
     """Whatever lowering optimize chose, under the user's compile the fullgraph form runs (the lowering's own graphs
