@@ -37,6 +37,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .decision import Gates, gate_tensors, gates_of
+from .parallel import cp_group, inner_hooks
+from .step import CacheStep, call_block, counters_from_host, transformer_output
+
 __all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling", "UserCompiled", "traced_forward",
            "CompiledBlockCall", "route_compiled_blocks", "unroute_compiled_block"]
 
@@ -141,7 +145,6 @@ MASK_BUCKET = 64
 
 def _mask_length(config: Any) -> int:
     """The padded length of the config's mask vector (``gate_tensors``: the mask and at least one ``False``)."""
-    from .decision import gates_of
     return -(-max(len(gates_of(config).mask) + 1, 2) // MASK_BUCKET) * MASK_BUCKET
 
 
@@ -157,7 +160,6 @@ class UserCompiled:
     def __init__(self, runtime: Any) -> None:
         from diffusers.utils import apply_lora_scale
 
-        from .step import CacheStep, call_block
         self.runtime = runtime
         self.family = runtime.family_record
         # the same step as the runtime's, its blocks called plainly (the user's compile compiles them)
@@ -173,8 +175,6 @@ class UserCompiled:
 
     # ---------------------------------------------------------------------------------------- traced
     def _forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        from .decision import Gates
-        from .step import transformer_output
         runtime = self.runtime
         return_dict = kwargs.pop("return_dict", True)
         named = self.family.named_inputs(args, kwargs)
@@ -206,7 +206,6 @@ class UserCompiled:
         return shapes
 
     def _gate_tensors(self, device: torch.device) -> list[torch.Tensor]:
-        from .decision import gate_tensors
         config = self.runtime.cache_config
         if self._gates is None or self._gates[0] is not config or self._gates[1] != device:
             gates = gate_tensors(config, device)
@@ -230,7 +229,6 @@ class UserCompiled:
               latents: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """The per-call bookkeeping of ``CacheRuntime._whole`` on the caller's tensors: the branch, its step, its
         buffers (allocated at a new input signature), copies of its state for the graph."""
-        from .step import counters_from_host
         runtime = self.runtime
         if self._open:  # the previous call raised between user_begin and user_end: its state may be half updated
             runtime.reset()
@@ -278,7 +276,6 @@ def traced_forward(runtime: Any, module: torch.nn.Module, original: Callable, ar
         refuse("cache")
     if runtime.applied.quantized:
         refuse("quantized")
-    from .parallel import cp_group, inner_hooks
     if cp_group(module) is not None or inner_hooks(module, "dbcache_compile"):
         refuse("parallel")
     if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):

@@ -48,15 +48,24 @@ def first_call(pipe, inputs, steps=2):
     return seen
 
 
-@pytest.fixture(scope="module", params=PROLOGUE + HOOKS)
-def optimized(request):
-    case = CASES[request.param]
+def _optimized(family):
+    case = CASES[family]
     pipe = case.builder()
     kwargs = first_call(pipe, case.inputs())
     dbc.optimize(pipe, cache=CONFIG)
-    yield request.param, pipe, kwargs
+    yield family, pipe, kwargs
     dbc.disable(pipe)
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module", params=PROLOGUE + HOOKS)
+def optimized(request):
+    yield from _optimized(request.param)
+
+
+@pytest.fixture(scope="module", params=HOOKS)
+def hooked(request):
+    yield from _optimized(request.param)
 
 
 def _compile_fullgraph(t, kwargs):
@@ -100,12 +109,10 @@ def _refused(wrap, t, kwargs, named):
 
 
 @pytest.mark.parametrize("wrap", ["compile_fullgraph", "compile", "module_compile"])
-def test_the_users_compile_of_a_hook_family_is_refused_by_name(optimized, wrap):
+def test_the_users_compile_of_a_hook_family_is_refused_by_name(hooked, wrap):
     """SD3 and Wan run the cache from block hooks with a host decision: every compile wrap fails with our message
     (fullgraph: Dynamo's Unsupported showing the reason; otherwise UserCompileError), pointing at optimize(mode=...)."""
-    family, pipe, kwargs = optimized
-    if family in PROLOGUE:
-        pytest.skip("prologue families run the fullgraph form (test_the_users_fullgraph_compile_runs_the_cond_step)")
+    family, pipe, kwargs = hooked
     text = _refused(wrap, pipe.transformer, kwargs, NAMED_HOOKS)
     assert "dbcache_compile.optimize(pipe, cache=..., mode=" in text
 
