@@ -176,20 +176,25 @@ def _wrap_pipeline(pipe, how, **options):
         pipe.transformer = torch.compile(pipe.transformer, backend="eager", fullgraph=True, **options)
 
 
-@pytest.mark.parametrize("how", ["torch_compile", "module_compile"])
+@pytest.mark.parametrize("how", ["torch_compile", "module_compile", "torch_compile_before_optimize"])
 def test_the_users_fullgraph_compile_runs_the_cond_step(cond_reference, how):
     """FLUX.1 and Qwen-Image (true CFG: the cond and uncond cache contexts) under
-    torch.compile(transformer, fullgraph=True) / transformer.compile(fullgraph=True) around an eager optimize: the same
+    torch.compile(transformer, fullgraph=True) / transformer.compile(fullgraph=True) around an eager optimize (or a
+    torch.compile wrapper given to optimize: the hooks go on the module inside): the same
     cached steps per branch and bit-identical images as optimize(graph="cond"); one graph, 0 graph breaks, and
     error_on_recompile holds over two whole generations (no recompile per step or per branch)."""
     from torch._dynamo.utils import counters
 
     family, expected, branches = cond_reference
     pipe = CASES[family].builder()
-    dbc.optimize(pipe, cache=CONFIG)
     torch._dynamo.reset()
     counters.clear()
-    _wrap_pipeline(pipe, how)
+    if how == "torch_compile_before_optimize":  # optimize takes the module inside the wrapper
+        _wrap_pipeline(pipe, "torch_compile")
+        dbc.optimize(pipe, cache=CONFIG)
+    else:
+        dbc.optimize(pipe, cache=CONFIG)
+        _wrap_pipeline(pipe, how)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for _ in range(2):
