@@ -69,8 +69,8 @@ from .lowerings import Lowering, lowerings_for  # noqa: E402
 from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
 from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
-from .usercompile import (UserCompiled, refuse_while_compiling, route_compiled_blocks,  # noqa: E402
-                          traced_forward, unroute_compiled_block)
+from .usercompile import (UserCompiled, UserCompiledHooks, refuse_while_compiling,  # noqa: E402
+                          route_compiled_blocks, traced_block, traced_forward, unroute_compiled_block)
 from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fold_records, no_views,  # noqa: E402
                    run_block_hooks, transformer_output)
 
@@ -701,8 +701,9 @@ class CacheRuntime(BranchedRuntime):
         self.calls: Optional[list[_ChainCall]] = None
         #: how a block the model called runs block by block (a compiled region, or its own forward)
         self._region = self._block_call if self.impl.region_blocks and not self.prologue else None
-        #: the fullgraph form under the user's own torch.compile (families with a prologue: usercompile module doc)
+        #: the fullgraph form under the user's own torch.compile (usercompile module doc)
         self.user_compiled = UserCompiled(self) if self.prologue else None
+        self.user_hooks = UserCompiledHooks(self) if not self.prologue and not family.ungroupable else None
 
     # -------------------------------------------------------------------------------------------- interface
     @property
@@ -743,7 +744,8 @@ class CacheRuntime(BranchedRuntime):
 
     def _fold(self) -> None:
         self.impl.fold(list(self.branches.states.values()))
-        fold_records(list(self.branches.states.values()))  # steps run under the user's compile (usercompile)
+        # steps run under the user's compile (usercompile), every chain's
+        fold_records([s for state in self.branches.states.values() for s in (state, *state.chains)])
 
     def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
         fn, bn = self.cache_config.Fn_compute_blocks, self.cache_config.Bn_compute_blocks
@@ -915,10 +917,11 @@ class CacheRuntime(BranchedRuntime):
 
     def block_forward(self, c: int, i: int, module: torch.nn.Module, original: Callable, args: tuple,
                       kwargs: dict) -> Any:
+        if torch.compiler.is_compiling():  # the user's compile (usercompile module doc)
+            return traced_block(self, c, i, module, original, args, kwargs)
         calls = self.calls
         if calls is None:  # a block called outside a cached forward
             return original(*args, **kwargs)
-        refuse_while_compiling("blocks")  # torch.compile(block) / compile_repeated_blocks (usercompile module doc)
         chain, call = self.chains[c], calls[c]
         if i != call.next:
             raise RuntimeError(f"the cache expected block {call.next} of the chain {self.chain_names[c]} and got "

@@ -27,6 +27,15 @@ specialised per step or per branch (no recompile across steps or between the con
 hands the graph copies of the branch's state (counters, Fn residual, TaylorSeer ladders) and ``user_end`` copies the
 new state back and records the step (``summary()``). ``torch.export`` is refused (:func:`dbcache_compile.export`
 packages the same graph).
+
+**A family through its own forward** (block hooks: SD3, Wan, FLUX.1 with ``prologue=False``, ...; not Chroma, whose
+groups cannot run whole): :class:`UserCompiledHooks` lets the model's forward be traced as it is; the Fn and Bn
+blocks run as the model calls them, the predicate is computed after the last Fn block, and each block list's middle
+group is one ``torch.cond`` at its first block, its other blocks handing their inputs through. Its state is read per
+buffer (``user_state``, shaped like the trace's tensors) and written back at the end (``user_end_hooks``).
+
+**Blocks compiled in place** (``compile_repeated_blocks()``, ``block.compile()``) on such a family:
+:class:`CompiledBlockCall` runs the cache around each block's compiled call.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import torch
 
 from .decision import Gates, gate_tensors, gates_of
 from .parallel import cp_group, inner_hooks
-from .step import CacheStep, call_block, counters_from_host, transformer_output
+from .step import BlockIO, CacheStep, call_block, counters_from_host, transformer_output
 
 __all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling", "UserCompiled", "traced_forward",
            "CompiledBlockCall", "route_compiled_blocks", "unroute_compiled_block"]
@@ -50,10 +59,10 @@ _COMPILE_THROUGH = ("Compile through the cache instead: dbcache_compile.optimize
 #: kind of refusal -> its message (Dynamo's ``reason``; the start of the eager error)
 REASONS: dict[str, str] = {
     "cache": ("dbcache_compile: torch.compile / transformer.compile() around a transformer optimized by "
-              "dbcache_compile traces the cache only for a family with a prologue (FLUX.1, Qwen-Image: the whole step "
-              "in our forward, the decision a torch.cond); this family runs its own forward with the cache in block "
-              "hooks that decide on the host once per step (a traced decision would be frozen into the graph: a "
-              "wrong image). " + _COMPILE_THROUGH),
+              "dbcache_compile cannot trace the cache of this family: its forward feeds each block of a list "
+              "something of its own (Family.ungroupable, e.g. Chroma's per-block modulation), so a list's middle "
+              "blocks cannot be one torch.cond, and a host decision traced would be frozen into the graph (a wrong "
+              "image). " + _COMPILE_THROUGH),
     "blocks": ("dbcache_compile: a block of a transformer optimized by dbcache_compile (a family whose cache runs from "
                "block hooks) was wrapped by torch.compile(block): the wrapper would trace the cache's per-block hook "
                "and its host decision. Compile the blocks in place instead, block.compile() or "
@@ -76,6 +85,9 @@ REASONS: dict[str, str] = {
     "dynamic": ("dbcache_compile: torch.compile(..., dynamic=True) around a transformer optimized by dbcache_compile "
                 "needs torch._dynamo.config.specialize_float = True: dynamic=True makes the blocks' float attributes "
                 "symbolic, and torch.cond (the cache's decision) takes no symbolic float in torch 2.13"),
+    "structure": ("dbcache_compile: under torch.compile, the output structure of a middle block of this family is not "
+                  "known inside the trace (no block of its class ran outside the cache's torch.cond); run one "
+                  "generation without the compile first (it records the structures), then compile"),
     "input": ("dbcache_compile: this call cannot run the cache (an input the cache does not implement, or another "
               "diffusers cache on the transformer); run it without torch.compile to see which"),
     "package": ("dbcache_compile: a transformer loaded from a dbcache_compile package (dbcache_compile.load) runs an "
@@ -273,7 +285,9 @@ def traced_forward(runtime: Any, module: torch.nn.Module, original: Callable, ar
         refuse("export")
     user = getattr(runtime, "user_compiled", None)
     if user is None:
-        refuse("cache")
+        user = getattr(runtime, "user_hooks", None)
+        if user is None:
+            refuse("cache")
     if runtime.applied.quantized:
         refuse("quantized")
     if cp_group(module) is not None or inner_hooks(module, "dbcache_compile"):
@@ -288,6 +302,8 @@ def traced_forward(runtime: Any, module: torch.nn.Module, original: Callable, ar
             _passed(named, name) for name in runtime.unsupported):
         refuse("input")
     runtime.inputs._pending = None  # what the forward pre-hook captured is read at run time (UserCompiled.begin)
+    if isinstance(user, UserCompiledHooks):
+        return user.forward(module, original, args, kwargs)
     return user.forward(module, *args, **kwargs)
 
 
@@ -332,3 +348,277 @@ def unroute_compiled_block(block: torch.nn.Module) -> None:
     compiled = getattr(block, "_compiled_call_impl", None)
     if isinstance(compiled, CompiledBlockCall):
         block._compiled_call_impl = compiled.compiled
+
+
+# ------------------------------------------------------------------------------------------------ hook families
+@torch.library.custom_op("dbcache_compile::user_begin_hooks", mutates_args=())
+def _user_begin_hooks(handle: str, names: str, top: list[torch.Tensor], conditioning: list[torch.Tensor],
+                      latents: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    return _LIVE[int(handle)].begin(names.split(","), top, conditioning, latents)
+
+
+@_user_begin_hooks.register_fake
+def _user_begin_hooks_fake(handle, names, top, conditioning, latents):
+    return _LIVE[int(handle)].begin_fake(top)
+
+
+@torch.library.custom_op("dbcache_compile::user_state", mutates_args=())
+def _user_state(handle: str, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return _LIVE[int(handle)].load(key, like)
+
+
+@_user_state.register_fake
+def _user_state_fake(handle, key, like):
+    return _LIVE[int(handle)].load_fake(key, like)
+
+
+@torch.library.custom_op("dbcache_compile::user_end_hooks", mutates_args=())
+def _user_end_hooks(handle: str, keys: str, tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    return _LIVE[int(handle)].end(keys, tensors, out)
+
+
+@_user_end_hooks.register_fake
+def _user_end_hooks_fake(handle, keys, tensors, out):
+    return torch.empty_like(out)
+
+
+class _Trace:
+    """What the block hooks of one traced forward share (Python values of the trace, never of a run)."""
+
+    def __init__(self, step: torch.Tensor, gates: Gates, counters: list[torch.Tensor]) -> None:
+        self.step, self.gates, self.counters = step, gates, counters
+        self.chains: list[dict] = [{} for _ in counters]
+        self.new: list[tuple[str, list[torch.Tensor]]] = []  # (key, tensors) handed to user_end_hooks
+        self.structures: dict[tuple[int, int], Any] = {}  # output structures of the blocks run in this trace
+
+
+class UserCompiledHooks:
+    """The fullgraph form of a family whose cache runs from block hooks, under the user's compile (module doc):
+    the model's forward traced as it is, the Fn and Bn blocks run as the model calls them, each block list's middle
+    group is one ``torch.cond`` at its first block (the cached / forecast residual, or the group's blocks), its other
+    blocks hand their inputs through. The bookkeeping runs in custom ops at run time: ``user_begin_hooks`` (the
+    branch, its step, counters per chain, the gate numbers), ``user_state`` (a copy of one buffer, allocated like the
+    trace's tensor at a new input signature), ``user_end_hooks`` (the new state back, the records)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.terms = runtime.cache_config.taylorseer_terms
+        self.handle = str(next(_HANDLES))
+        _LIVE[int(self.handle)] = self
+        self.trace: Optional[_Trace] = None
+        self._current: Optional[tuple] = None
+        self._open = False
+        self._mask_len: Optional[int] = None
+        self._gates: Optional[tuple] = None
+        from .step import plain_call
+        from .runtime import BLOCK_HOOK_NAME
+        self._call = plain_call(BLOCK_HOOK_NAME)
+        # the custom ops' buffer keys, made here: under dynamic=True the hooks' chain / block indices are symbolic
+        # ints, which a traced f-string cannot format
+        self._keys = [{"fn": f"c{c}.fn", "cnt": f"c{c}.cnt", "rec": f"c{c}.rec",
+                       "lists": [f"c{c}.l{j}" for j in range(max(chain.mid_spans, default=-1) + 1)]}
+                      for c, chain in enumerate(runtime.chains)]
+
+    _gate_tensors = UserCompiled._gate_tensors
+
+    # ---------------------------------------------------------------------------------------- traced
+    def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        runtime = self.runtime
+        named = dict(zip(runtime.inputs.params, args), **kwargs)
+        names = [name for name, value in named.items() if isinstance(value, torch.Tensor)]
+        conditioning = runtime.inputs.conditioning(args, kwargs)
+        latents = runtime.inputs.latents(args, kwargs)
+        outs = torch.ops.dbcache_compile.user_begin_hooks(self.handle, ",".join(names), [named[n] for n in names],
+                                                          conditioning, latents)
+        self.trace = _Trace(outs[0], Gates(*outs[1:7]), list(outs[7:]))
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            trace, self.trace = self.trace, None
+        leaves, spec = torch.utils._pytree.tree_flatten(out)
+        first = next(k for k, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+        keys = ",".join(f"{key}:{len(tensors)}" for key, tensors in trace.new)
+        leaves[first] = torch.ops.dbcache_compile.user_end_hooks(
+            self.handle, keys, [t for _, tensors in trace.new for t in tensors], leaves[first])
+        return torch.utils._pytree.tree_unflatten(leaves, spec)
+
+    def block(self, c: int, i: int, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        from .decision import cache_allowed, hit_predicate, recorded_diff, relative_l1
+        from .state import taylor_coefficients_tensor, taylor_forecast, taylor_update
+        from .step import CACHED, CONSECUTIVE, HAS_PREV, LAST_CACHED, LAST_COMPUTE, VALID
+        runtime, trace, terms = self.runtime, self.trace, self.terms
+        chain, info = runtime.chains[c], trace.chains[c]
+        io = chain.ios[i]
+        hidden, encoder = io.streams(args, kwargs)
+        step, gates, counters = trace.step, trace.gates, trace.counters[c]
+        if i == 0:
+            info["base"] = hidden
+        first, end = chain.group_of(i)
+        if chain.fn <= i < chain.mid_end:  # a middle group
+            if i != first:
+                return io.output(self._structure(c, i, chain), hidden, encoder)
+            j = chain.first_mid[i]
+            like = [hidden] + ([encoder] if encoder is not None else [])
+            keys = self._keys[c]
+            ladder = torch.ops.dbcache_compile.user_state(self.handle, keys["lists"][j], like)
+            ladder_h, ladder_e = list(ladder[:terms]), list(ladder[terms:])
+            pred = info["pred"]
+            coeffs = taylor_coefficients_tensor(step - counters[LAST_COMPUTE], counters[VALID], terms)
+            group_args, group_kwargs = io.with_streams(args, kwargs, None, None)
+            blocks, ios, call = chain.blocks[first:end], chain.ios[first:end], self._call
+
+            def hit_fn(h, e, coeffs, ladder_h, ladder_e):
+                out = [taylor_forecast(ladder_h, coeffs)]
+                out += [taylor_forecast(ladder_e, coeffs)] if ladder_e else []
+                return tuple((d.clone() if terms == 1 else d).flatten() for d in out)
+
+            def miss_fn(h, e, coeffs, ladder_h, ladder_e):
+                mid_h, mid_e = h, (e if encoder is not None else None)
+                for block, block_io in zip(blocks, ios):
+                    a, kw = block_io.with_streams(group_args, group_kwargs, mid_h, mid_e)
+                    mid_h, mid_e = block_io.out_streams(call(block, block_io, a, kw))
+                out = [(mid_h - h).contiguous().flatten()]
+                if ladder_e:  # a block that drops the encoder stream (SD3's last): no encoder residual
+                    out.append(((mid_e if mid_e is not None else e) - e).contiguous().flatten())
+                return tuple(out)
+
+            enc = encoder.clone() if encoder is not None else hidden.new_zeros(())
+            deltas = torch.cond(pred, hit_fn, miss_fn, (hidden.clone(), enc, coeffs, ladder_h, ladder_e))
+            dh = deltas[0].view(hidden.shape)
+            window = (step - counters[LAST_COMPUTE]).to(torch.float32)
+            n = torch.where(step > 2, torch.clamp(counters[VALID], max=terms - 1), 0)
+            new = [torch.where(pred, old, upd) for old, upd in zip(ladder_h, taylor_update(ladder_h, dh, window, n))]
+            hidden = hidden + dh
+            if ladder_e:
+                de = deltas[1].view(encoder.shape)
+                new += [torch.where(pred, old, upd)
+                        for old, upd in zip(ladder_e, taylor_update(ladder_e, de, window, n))]
+                encoder = encoder + de
+            trace.new.append((keys["lists"][j], new))
+            return io.output(self._structure(c, i, chain), hidden, encoder)
+        out = original(*args, **kwargs)  # an Fn or Bn block, as the model calls it
+        trace.structures[c, i] = BlockIO.structure(out)  # (never into the runtime's: a guard on its length)
+        if i == chain.fn - 1:
+            out_h, _ = io.out_streams(out)
+            residual = out_h - info["base"]
+            keys = self._keys[c]
+            fn_prev = torch.ops.dbcache_compile.user_state(self.handle, keys["fn"], [residual])[0]
+            diff = relative_l1(fn_prev, residual)
+            consecutive = torch.where(counters[LAST_CACHED] == step - 1, counters[CONSECUTIVE], 0)
+            allowed = cache_allowed(gates, step, counters[CACHED], consecutive, counters[HAS_PREV])
+            pred = hit_predicate(gates, allowed, diff)
+            info["pred"] = pred
+            n = torch.where(step > 2, torch.clamp(counters[VALID], max=terms - 1), 0)
+            one = torch.ones_like(counters[CACHED])
+            on_hit = torch.stack([counters[CACHED] + 1, consecutive + 1, counters[HAS_PREV],
+                                  counters[LAST_COMPUTE], counters[VALID], step * one])
+            on_miss = torch.stack([counters[CACHED], consecutive, one, step * one, 1 + n, counters[LAST_CACHED]])
+            trace.new.append((keys["fn"], [torch.where(pred, fn_prev, residual)]))
+            trace.new.append((keys["cnt"], [torch.where(pred, on_hit, on_miss)]))
+            trace.new.append((keys["rec"], [pred, recorded_diff(gates, allowed, diff)]))
+        return out
+
+    def _structure(self, c: int, i: int, chain: Any) -> Any:
+        """The output structure of middle block ``i`` (it runs inside the cond): recorded by an eager step, else
+        that of a block of the same class run in this trace (the Fn blocks), else, for a dual-stream block, both
+        streams at its contract's positions; a single-stream block of a class not seen yet is refused by name."""
+        known = self.runtime.structure.get((c, i))
+        if known is not None:
+            return known
+        cls = type(chain.blocks[i])
+        for (c2, k), structure in self.trace.structures.items():
+            if type(self.runtime.chains[c2].blocks[k]) is cls:
+                return structure
+        io = chain.ios[i]
+        if io.encoder_out is not None:  # a dual-stream block returns both streams (its contract's positions)
+            return max(io.hidden_out, io.encoder_out) + 1, frozenset()
+        refuse("structure")
+
+    # ---------------------------------------------------------------------------------------- run time
+    def begin_fake(self, top: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = top[0].device
+        self._mask_len = _mask_length(self.runtime.cache_config)
+        out = [torch.empty((), dtype=torch.int64, device=device), torch.empty(1, dtype=torch.float64, device=device)]
+        out += [torch.empty(1, dtype=torch.int64, device=device) for _ in range(4)]
+        out.append(torch.empty(self._mask_len, dtype=torch.bool, device=device))
+        return out + [torch.empty(6, dtype=torch.int64, device=device) for _ in self.runtime.chains]
+
+    def begin(self, names: list[str], top: list[torch.Tensor], conditioning: list[torch.Tensor],
+              latents: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        runtime = self.runtime
+        if self._open:
+            runtime.reset()
+        self._open = True
+        runtime.inputs._pending = (list(conditioning), latents)
+        state, step, key = runtime._begin((), dict(zip(names, top)))
+        device = top[0].device
+        if state.key != key:
+            state.drop_buffers()
+        counters = []
+        for c in range(len(runtime.chains)):
+            chain_state = state.chain(c)
+            chain_state.begin_step(step)
+            if chain_state.device_counters is None or step == 0 or state.key != key:
+                chain_state.device_counters = counters_from_host(chain_state, device)
+            counters.append(chain_state.device_counters.clone())
+        self._current = (state, step, key)
+        gates = self._gate_tensors(device)
+        if self._mask_len is not None and gates[5].shape[0] != self._mask_len:
+            raise UserCompileError(f"dbcache_compile: reconfigure() changed the steps mask to {gates[5].shape[0]} "
+                                   f"entries, the compiled graph holds {self._mask_len}; call torch._dynamo.reset() "
+                                   f"(or compile again) after such a reconfigure")
+        return [torch.full((), step, dtype=torch.int64, device=device), *(g.clone() for g in gates), *counters]
+
+    def load_fake(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        if key.endswith(".fn"):
+            return [torch.empty_like(like[0])]
+        return [torch.empty_like(t) for t in like for _ in range(self.terms)]
+
+    def load(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        state = self._current[0]
+        c, part = key.split(".")
+        chain_state = state.chain(int(c[1:]))
+        if part == "fn":
+            if chain_state.fn_residual is None or chain_state.fn_residual.shape != like[0].shape:
+                chain_state.fn_residual = torch.zeros_like(like[0])
+            return [chain_state.fn_residual.clone()]
+        j = int(part[1:])
+        ladder = chain_state.ladders.get(j)
+        if ladder is None or ladder[0][0].shape != like[0].shape or (ladder[1][0] is not None) != (len(like) > 1):
+            chain_state.allocate_ladder(j, like[0], like[1] if len(like) > 1 else None)
+        ladder_h, ladder_e = chain_state.ladders[j]
+        return [t.clone() for t in ladder_h] + [t.clone() for t in ladder_e if t is not None]
+
+    def end(self, keys: str, tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        state, step, key = self._current
+        at = 0
+        for item in keys.split(",") if keys else []:
+            name, count = item.split(":")
+            values = tensors[at:at + int(count)]
+            at += int(count)
+            c, part = name.split(".")
+            chain_state = state.chain(int(c[1:]))
+            if part == "fn":
+                chain_state.fn_residual.copy_(values[0])
+            elif part == "cnt":
+                chain_state.device_counters.copy_(values[0])
+            elif part == "rec":
+                chain_state.records.append((step, values[0].clone(), values[1].clone()))
+            else:
+                ladder_h, ladder_e = chain_state.ladders[int(part[1:])]
+                for buf, value in zip([*ladder_h, *(t for t in ladder_e if t is not None)], values):
+                    buf.copy_(value)
+        self.runtime._end(state, key)
+        self._current, self._open = None, False
+        return out.clone()
+
+
+def traced_block(runtime: Any, c: int, i: int, module: torch.nn.Module, original: Callable, args: tuple,
+                 kwargs: dict) -> Any:
+    """``CacheRuntime.block_forward`` while a trace runs it."""
+    user = getattr(runtime, "user_hooks", None)
+    if user is not None and user.trace is not None:
+        return user.block(c, i, module, original, args, kwargs)
+    if runtime.calls is None:  # a block called outside a cached forward
+        return original(*args, **kwargs)
+    refuse("blocks")

@@ -19,11 +19,12 @@ from families import CASES
 
 CONFIG = "F1B0_W2M0MC2_T0O1_R0.4"
 #: the named messages (dbcache_compile.usercompile.REASONS)
-NAMED_HOOKS = "traces the cache only for a family with a prologue (FLUX.1, Qwen-Image"
+NAMED_UNGROUPABLE = "cannot trace the cache of this family: its forward feeds each block of a list"
 NAMED_EXPORT = "dbcache_compile: torch.export around a transformer optimized by dbcache_compile is not supported"
 
-#: two prologue families (whole steps in our forward) and two hook families (blocks hooked in the model's forward)
-PROLOGUE, HOOKS = ["flux", "qwen_image"], ["sd3", "wan"]
+#: two prologue families (whole steps in our forward), two hook families (blocks hooked in the model's forward) and
+#: the one family whose block lists cannot run a middle group whole (Family.ungroupable)
+PROLOGUE, HOOKS, UNGROUPABLE = ["flux", "qwen_image"], ["sd3", "wan"], ["chroma"]
 
 
 class _Stop(Exception):
@@ -58,13 +59,13 @@ def _optimized(family):
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module", params=PROLOGUE + HOOKS)
+@pytest.fixture(scope="module", params=PROLOGUE + HOOKS + UNGROUPABLE)
 def optimized(request):
     yield from _optimized(request.param)
 
 
-@pytest.fixture(scope="module", params=HOOKS)
-def hooked(request):
+@pytest.fixture(scope="module", params=UNGROUPABLE)
+def ungroupable(request):
     yield from _optimized(request.param)
 
 
@@ -109,11 +110,12 @@ def _refused(wrap, t, kwargs, named):
 
 
 @pytest.mark.parametrize("wrap", ["compile_fullgraph", "compile", "module_compile"])
-def test_the_users_compile_of_a_hook_family_is_refused_by_name(hooked, wrap):
-    """SD3 and Wan run the cache from block hooks with a host decision: every compile wrap fails with our message
-    (fullgraph: Dynamo's Unsupported showing the reason; otherwise UserCompileError), pointing at optimize(mode=...)."""
-    family, pipe, kwargs = hooked
-    text = _refused(wrap, pipe.transformer, kwargs, NAMED_HOOKS)
+def test_the_users_compile_of_an_ungroupable_family_is_refused_by_name(ungroupable, wrap):
+    """Chroma feeds each block a modulation of its own (no middle group can be one torch.cond): every compile wrap
+    fails with our message (fullgraph: Dynamo's Unsupported showing the reason; otherwise UserCompileError),
+    pointing at optimize(mode=...)."""
+    family, pipe, kwargs = ungroupable
+    text = _refused(wrap, pipe.transformer, kwargs, NAMED_UNGROUPABLE)
     assert "dbcache_compile.optimize(pipe, cache=..., mode=" in text
 
 
@@ -130,7 +132,8 @@ def test_after_a_refused_wrap_the_transformer_runs_the_cache_unchanged(optimized
     family, pipe, kwargs = optimized
     dbc.reset(pipe)
     expected = pipe.transformer(**kwargs)[0]
-    for wrap in ("export_strict", "export_nonstrict") + (("compile_fullgraph", "compile") if family in HOOKS else ()):
+    for wrap in ("export_strict", "export_nonstrict") + (("compile_fullgraph", "compile") if family in UNGROUPABLE
+                                                         else ()):
         torch._dynamo.reset()
         with pytest.raises(Exception, match="dbcache_compile: torch."):
             WRAPS[wrap](pipe.transformer, kwargs)
@@ -152,7 +155,7 @@ def _inputs(family, same_lengths=True):
 
 def _run(pipe, family, steps=8, seed=0, same_lengths=True, **overrides):
     return pipe(**dict(_inputs(family, same_lengths), **overrides), num_inference_steps=steps,
-                generator=generator(seed)).images
+                generator=generator(seed))[0]
 
 
 @pytest.fixture(scope="module", params=PROLOGUE)
@@ -207,7 +210,49 @@ def test_the_users_fullgraph_compile_runs_the_cond_step(cond_reference, how):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("family", PROLOGUE)
+def _counting_backend(conds):
+    def backend(gm, example_inputs):
+        conds.append(sum(node.target is torch.ops.higher_order.cond for node in gm.graph.nodes))
+        return gm.forward
+    return backend
+
+
+@pytest.mark.parametrize("family", HOOKS + ["flux_own_forward"])
+def test_the_users_fullgraph_compile_of_a_hook_family_runs_a_cond_per_middle_group(family):
+    """SD3, Wan (true CFG) and FLUX.1 through its own forward (two block lists) under torch.compile(transformer,
+    fullgraph=True) around an eager optimize, compiled before any eager step: the model's forward traced, one
+    torch.cond per block list's middle group (SD3, Wan: 1; FLUX.1: 2), the same cached steps per branch as the eager
+    cache and its images (<= 1e-4: the middle group runs whole), one graph, 0 graph breaks, no recompile over two
+    generations."""
+    from torch._dynamo.utils import counters
+
+    case = CASES["flux" if family == "flux_own_forward" else family]
+    options = {"prologue": False} if family == "flux_own_forward" else {}
+    pipe = case.builder()
+    dbc.optimize(pipe, cache=CONFIG, **options)
+    expected = pipe(**case.inputs(), num_inference_steps=8, generator=generator(0))[0]
+    branches = dbc.summary(pipe).branches
+    dbc.disable(pipe)
+    pipe = case.builder()
+    dbc.optimize(pipe, cache=CONFIG, **options)
+    torch._dynamo.reset()
+    counters.clear()
+    conds = []
+    pipe.transformer = torch.compile(pipe.transformer, backend=_counting_backend(conds), fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                image = pipe(**case.inputs(), num_inference_steps=8, generator=generator(0))[0]
+                assert dbc.summary(pipe).branches == branches
+                torch.testing.assert_close(image, expected, rtol=1e-4, atol=1e-4)
+        assert conds == [2 if family == "flux_own_forward" else 1]
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+    finally:
+        dbc.disable(pipe)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", PROLOGUE + HOOKS)
 def test_dynamic_shapes_under_the_users_compile_need_no_recompile(family):
     """dynamic=True (with specialize_float, see the next test): a generation at another resolution runs the same graph
     (error_on_recompile) with the cached steps and image of the eager cache (<= 1e-4); Qwen-Image's negative prompt
