@@ -358,6 +358,36 @@ def test_an_interrupted_generation_under_the_users_compile_leaves_the_next_bit_i
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", HOOKS)
+def test_an_interrupted_generation_of_a_hook_family_under_the_users_compile_leaves_the_next_bit_identical(family):
+    """The generation rule through the model's own forward, compiled: a generation a callback interrupts is followed
+    by one bit-identical to the first, with the same cached steps per branch; no recompile."""
+    case = CASES[family]
+    pipe = case.builder()
+    dbc.optimize(pipe, cache=CONFIG)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager", fullgraph=True)
+
+    def interrupt(pipeline, i, t, kwargs):
+        if i == 4:
+            raise _Interrupt
+        return kwargs
+
+    def run(**extra):
+        return pipe(**case.inputs(), num_inference_steps=8, generator=generator(0), **extra)[0]
+
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            expected = run()
+            branches = dbc.summary(pipe).branches
+            with pytest.raises(_Interrupt):
+                run(callback_on_step_end=interrupt)
+            assert torch.equal(run(), expected) and dbc.summary(pipe).branches == branches
+    finally:
+        dbc.disable(pipe)
+        torch._dynamo.reset()
+
+
 def test_a_bare_transformer_loop_under_the_users_compile_keeps_the_generation_rule():
     """A bare transformer in the user's own loop, compiled: the generation continues while the same conditioning
     tensors come back (the eager cache's cached steps), a call that raised inside the compiled graph ends it (the next
