@@ -217,15 +217,18 @@ def _counting_backend(conds):
     return backend
 
 
-@pytest.mark.parametrize("family", HOOKS + ["flux_own_forward"])
+@pytest.mark.parametrize("family", HOOKS + ["flux_own_forward", "wan_module_compile"])
 def test_the_users_fullgraph_compile_of_a_hook_family_runs_a_cond_per_middle_group(family):
     """SD3, Wan (true CFG) and FLUX.1 through its own forward (two block lists) under torch.compile(transformer,
-    fullgraph=True) around an eager optimize, compiled before any eager step: the model's forward traced, one
+    fullgraph=True) (Wan also transformer.compile(fullgraph=True)) around an eager optimize, compiled before any eager
+    step: the model's forward traced, one
     torch.cond per block list's middle group (SD3, Wan: 1; FLUX.1: 2), the same cached steps per branch as the eager
     cache and its images (<= 1e-4: the middle group runs whole), one graph, 0 graph breaks, no recompile over two
     generations."""
     from torch._dynamo.utils import counters
 
+    how = "module_compile" if family.endswith("_module_compile") else "torch_compile"
+    family = family.removesuffix("_module_compile")
     case = CASES["flux" if family == "flux_own_forward" else family]
     options = {"prologue": False} if family == "flux_own_forward" else {}
     pipe = case.builder()
@@ -238,7 +241,10 @@ def test_the_users_fullgraph_compile_of_a_hook_family_runs_a_cond_per_middle_gro
     torch._dynamo.reset()
     counters.clear()
     conds = []
-    pipe.transformer = torch.compile(pipe.transformer, backend=_counting_backend(conds), fullgraph=True)
+    if how == "module_compile":
+        pipe.transformer.compile(backend=_counting_backend(conds), fullgraph=True)
+    else:
+        pipe.transformer = torch.compile(pipe.transformer, backend=_counting_backend(conds), fullgraph=True)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for _ in range(2):
