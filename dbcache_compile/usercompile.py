@@ -88,6 +88,10 @@ REASONS: dict[str, str] = {
     "structure": ("dbcache_compile: under torch.compile, the output structure of a middle block of this family is not "
                   "known inside the trace (no block of its class ran outside the cache's torch.cond); run one "
                   "generation without the compile first (it records the structures), then compile"),
+    "control": ("dbcache_compile: under your own torch.compile the cache does not run inputs that add to the hidden "
+                "stream between the blocks a hit skips (ControlNet residuals, Wan VACE hints, Wan Animate's face "
+                "adapter: Family.index_added / block_residual_inputs); run such calls through "
+                "dbcache_compile.optimize(pipe, cache=..., mode=...) or without the compile"),
     "input": ("dbcache_compile: this call cannot run the cache (an input the cache does not implement, or another "
               "diffusers cache on the transformer); run it without torch.compile to see which"),
     "package": ("dbcache_compile: a transformer loaded from a dbcache_compile package (dbcache_compile.load) runs an "
@@ -301,6 +305,12 @@ def traced_forward(runtime: Any, module: torch.nn.Module, original: Callable, ar
     if getattr(module, "_cache_config", None) is not None or any(
             _passed(named, name) for name in runtime.unsupported):
         refuse("input")
+    # inputs added between blocks by index (families that name them; their eager / regional paths run them)
+    added = (*getattr(runtime, "index_added", ()), *getattr(runtime.family_record, "block_residual_inputs", ()))
+    by_name = dict(zip(runtime.inputs.params, args), **kwargs)
+    passed = next((name for name in added if _passed(by_name, name)), None)
+    if passed is not None:
+        refuse("control", f"`{passed}`")
     runtime.inputs._pending = None  # what the forward pre-hook captured is read at run time (UserCompiled.begin)
     if isinstance(user, UserCompiledHooks):
         return user.forward(module, original, args, kwargs)

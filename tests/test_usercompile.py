@@ -9,6 +9,8 @@
   strict and non-strict, never Dynamo's bare "Observed exception": hook families (SD3, Wan), torch.export, dynamic=True
   without specialize_float, a compiled uncached baseline, a user-compiled hooked block."""
 
+import copy
+
 import pytest
 import torch
 
@@ -460,6 +462,29 @@ def test_the_users_compile_around_a_compiled_optimize_runs_the_fullgraph_form(co
         with torch._dynamo.config.patch(error_on_recompile=True):
             image = _run(pipe, family)
         assert dbc.summary(pipe).branches == branches and torch.equal(image, expected)
+    finally:
+        dbc.disable(pipe)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_inputs_added_between_blocks_are_refused_by_name_under_the_users_compile(family):
+    """A call passing an input the model's forward adds to the hidden stream between blocks (Family.index_added:
+    SD3 ControlNet, Wan VACE; block_residual_inputs: FLUX.1 / Qwen-Image ControlNet) is refused by name under the
+    user's compile: the traced forms do not run them (simulated here by naming a passed input so)."""
+    case = CASES[family]
+    pipe = case.builder()
+    kwargs = first_call(pipe, case.inputs())
+    dbc.optimize(pipe, cache=CONFIG)
+    runtime = dbc.runtime_of(pipe)
+    if family == "wan":
+        runtime.index_added = ("encoder_hidden_states",)
+    else:
+        runtime.family_record = copy.copy(runtime.family_record)
+        runtime.family_record.block_residual_inputs = ("pooled_projections",)
+    try:
+        text = _refused("compile_fullgraph", pipe.transformer, kwargs, "add to the hidden stream between the blocks")
+        assert "dbcache_compile.optimize(pipe, cache=..., mode=...)" in text
     finally:
         dbc.disable(pipe)
         torch._dynamo.reset()
