@@ -10,6 +10,7 @@
   without specialize_float, a compiled uncached baseline, a user-compiled hooked block."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -485,6 +486,21 @@ def test_inputs_added_between_blocks_are_refused_by_name_under_the_users_compile
     try:
         text = _refused("compile_fullgraph", pipe.transformer, kwargs, "add to the hidden stream between the blocks")
         assert "dbcache_compile.optimize(pipe, cache=..., mode=...)" in text
+    finally:
+        dbc.disable(pipe)
+        torch._dynamo.reset()
+
+
+def test_quantized_weights_under_the_users_compile_are_refused_by_name():
+    """torch.cond rejects torchao tensor-subclass weights (torch 2.11-2.14): a quantized optimize under the user's
+    compile is refused by name before torch.cond's own error (simulated: the runtime's record of the quantization)."""
+    case = CASES["flux"]
+    pipe = case.builder()
+    kwargs = first_call(pipe, case.inputs())
+    dbc.optimize(pipe, cache=CONFIG)
+    dbc.runtime_of(pipe).applied = dataclasses.replace(dbc.runtime_of(pipe).applied, quantized="int8-wo")
+    try:
+        _refused("compile_fullgraph", pipe.transformer, kwargs, "rejects tensor-subclass (torchao) weights")
     finally:
         dbc.disable(pipe)
         torch._dynamo.reset()
