@@ -394,7 +394,7 @@ class LoadedCachedTransformer(torch.nn.Module, BranchedRuntime):
             raise
 
     def _forward(self, return_dict: bool, kwargs: dict[str, Any]) -> Any:
-        refuse_while_compiling()
+        refuse_while_compiling("package")
         index = self.shape_set_for(kwargs)
         state, step, key = self._begin((), kwargs)  # the caller's tensors: the generation rule compares identities
         kwargs = {k: _standard_strides(v) for k, v in kwargs.items()}

@@ -35,15 +35,23 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 
 
 def _split(obj: Any) -> tuple[Optional[Any], torch.nn.Module]:
-    """(pipeline or None, transformer) from a pipeline or a bare transformer."""
+    """(pipeline or None, transformer) from a pipeline or a bare transformer; a transformer the user wrapped with
+    ``torch.compile`` (an ``OptimizedModule``) stands for the module it wraps: the hooks go on that module and the
+    wrapper traces them at its next call (README "Your own torch.compile / export")."""
     if isinstance(obj, torch.nn.Module):
-        return None, obj
+        return None, _unwrapped(obj)
     transformer = getattr(obj, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise ValueError(f"{type(obj).__name__} is neither a transformer module nor a pipeline with a "
                          f"`.transformer`; dbcache_compile.optimize() accepts e.g. FluxPipeline, QwenImagePipeline "
                          f"or their transformers")
-    return obj, transformer
+    return obj, _unwrapped(transformer)
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def _hook(transformer: torch.nn.Module) -> Any:
@@ -198,7 +206,7 @@ def _extra_transformers(pipeline: Any) -> list[torch.nn.Module]:
     """A pipeline's other denoisers (Wan 2.2 A14B's ``transformer_2``, switched in at a boundary step): each gets
     its own runtime and cache state, with local step counts (as cache-dit counts them)."""
     extra = getattr(pipeline, "transformer_2", None)
-    return [extra] if isinstance(extra, torch.nn.Module) else []
+    return [_unwrapped(extra)] if isinstance(extra, torch.nn.Module) else []
 
 
 def _prepare(pipeline: Any, transformer: torch.nn.Module, watch: Optional[GenerationWatch], cache: Any,

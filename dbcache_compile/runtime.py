@@ -86,7 +86,9 @@ from .lowerings import Lowering, lowerings_for  # noqa: E402
 from .parallel import check_plan, check_same_config, cp_group, inner_hooks, split_like  # noqa: E402
 from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
-from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, no_views,  # noqa: E402
+from .usercompile import (UserCompiled, UserCompiledHooks, refuse_while_compiling,  # noqa: E402
+                          route_compiled_blocks, traced_block, traced_forward, unroute_compiled_block)
+from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fold_records, no_views,  # noqa: E402
                    run_block_hooks, transformer_output)
 
 __all__ = ["HOOK_NAME", "BLOCK_HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime",
@@ -123,16 +125,6 @@ def input_key(args: tuple, kwargs: dict) -> tuple:
     key = [(i, v.shape, v.dtype, v.device) for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
     key += [(k, v.shape, v.dtype, v.device) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return tuple(key)
-
-
-def refuse_while_compiling() -> None:
-    """``torch.compile`` around an optimized transformer cannot trace the cache's host decision (one device read per
-    step); the cache compiles itself with ``optimize(mode=...)``."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            "dbcache_compile: this transformer is optimized; torch.compile around it cannot trace the cache's host "
-            "decision. Compile with dbcache_compile.optimize(pipe, cache=..., mode='max-autotune') instead of "
-            "torch.compile(transformer) / compile_repeated_blocks()")
 
 
 class Branches(StateManager):
@@ -314,7 +306,11 @@ class InputWatch:
     def capture(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """A ``torch`` forward pre-hook (registered with ``with_kwargs=True``): it runs in ``Module.__call__``,
         before any wrapper of ``forward`` — accelerate's offload hooks copy every input to the execution device at
-        each call, so identity is only meaningful as the caller passed the tensors."""
+        each call, so identity is only meaningful as the caller passed the tensors. Under the user's torch.compile it
+        does nothing (a traced forward reads its inputs at run time: usercompile; touching them here would only add
+        shape guards to this hook's own frame)."""
+        if torch.compiler.is_compiling():
+            return
         self._pending = self.conditioning(args, kwargs), self.latents(args, kwargs)
 
     def take(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
@@ -740,6 +736,9 @@ class CacheRuntime(BranchedRuntime):
         self._groups_checked: set[tuple] = set()
         #: how a block the model called runs block by block (a compiled region, or its own forward)
         self._region = self._block_call if self.impl.region_blocks and not self.prologue else None
+        #: the fullgraph form under the user's own torch.compile (usercompile module doc)
+        self.user_compiled = UserCompiled(self) if self.prologue else None
+        self.user_hooks = UserCompiledHooks(self) if not self.prologue and not family.ungroupable else None
 
     # -------------------------------------------------------------------------------------------- interface
     @property
@@ -780,6 +779,8 @@ class CacheRuntime(BranchedRuntime):
 
     def _fold(self) -> None:
         self.impl.fold(list(self.branches.states.values()))
+        # steps run under the user's compile (usercompile), every chain's
+        fold_records([s for state in self.branches.states.values() for s in (state, *state.chains)])
 
     def _plan_chains(self) -> list[tuple[list[torch.nn.Module], int, int]]:
         fn, bn = self.cache_config.Fn_compute_blocks, self.cache_config.Bn_compute_blocks
@@ -796,15 +797,9 @@ class CacheRuntime(BranchedRuntime):
 
     def _refuse_compiled_blocks(self) -> None:
         """Blocks that carry our block hooks and were compiled afterwards by ``module.compile()``
-        (``transformer.compile_repeated_blocks``): Dynamo would trace our per-block hook objects, one recompile per
-        block, and hit its recompile limit mid-generation; say what works instead."""
-        compiled = [block for block in self.block_hooks if getattr(block, "_compiled_call_impl", None) is not None]
-        if compiled:
-            raise ValueError(
-                f"{len(compiled)} blocks of {type(self.transformer).__name__} were compiled (compile_repeated_blocks / "
-                f"block.compile()) after an eager dbcache_compile.optimize: the cache's per-block hooks would "
-                f"recompile per block. Compile through the cache instead: dbcache_compile.optimize(pipe, cache=..., "
-                f"mode=\"default\", graph=\"regional\") compiles one region per block class")
+        (``transformer.compile_repeated_blocks``): the cache runs around their compiled call, which computes the block
+        alone (:func:`~dbcache_compile.usercompile.route_compiled_blocks`)."""
+        route_compiled_blocks(self.block_hooks)
 
     def _chain_summaries(self, order: list[str]) -> dict[str, dict]:
         if self.prologue:
@@ -821,6 +816,8 @@ class CacheRuntime(BranchedRuntime):
 
     # -------------------------------------------------------------------------------------------- per call
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        if torch.compiler.is_compiling():  # the user's torch.compile / export around us (usercompile module doc)
+            return traced_forward(self, module, original, args, kwargs)
         if not check_call(module):
             return original(*args, **kwargs)
         named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs
@@ -986,6 +983,8 @@ class CacheRuntime(BranchedRuntime):
 
     def block_forward(self, c: int, i: int, module: torch.nn.Module, original: Callable, args: tuple,
                       kwargs: dict) -> Any:
+        if torch.compiler.is_compiling():  # the user's compile (usercompile module doc)
+            return traced_block(self, c, i, module, original, args, kwargs)
         calls = self.calls
         if calls is None:  # a block called outside a cached forward
             return original(*args, **kwargs)
@@ -1231,9 +1230,18 @@ class BlockHook(ModelHook):
         self.runtime = runtime
         self.chain = chain
         self.index = index
+        #: the block was compiled in place (compile_repeated_blocks): the cache runs around its compiled call and
+        #: this hook, inside it, only calls the block's forward (usercompile.CompiledBlockCall)
+        self.through = False
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.through:
+            return self.fn_ref.original_forward(*args, **kwargs)
         return self.runtime.block_forward(self.chain, self.index, module, self.fn_ref.original_forward, args, kwargs)
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
+        unroute_compiled_block(module)
+        return module
 
 
 class RegionHook(ModelHook):
@@ -1315,7 +1323,7 @@ class UncachedRuntime(Runtime):
             self._checked_generation = generation
 
     def forward(self, module: torch.nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
-        refuse_while_compiling()
+        refuse_while_compiling("uncached")
         if self.mode is not None:
             self._check_generation_start()
         device = next(module.parameters()).device
