@@ -632,8 +632,10 @@ def _passed(kwargs: dict, name: str) -> bool:
 
 
 def _ip_adapter_scales(module: torch.nn.Module) -> tuple:
-    """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in)."""
-    return tuple(tuple(processor.scale) for processor in module.attn_processors.values()
+    """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in): a list
+    per processor (FLUX's, one per adapter) or one float (SD3's)."""
+    return tuple(tuple(scale) if isinstance(scale := processor.scale, (list, tuple)) else (scale,)
+                 for processor in module.attn_processors.values()
                  if "IPAdapter" in type(processor).__name__ and hasattr(processor, "scale"))
 
 
@@ -826,7 +828,8 @@ class CacheRuntime(BranchedRuntime):
         named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs
         refused = [name for name in self.unsupported if _passed(named, name)]
         if refused:
-            why = ("IP-Adapter image embeddings are not implemented with the cache" if "ip_adapter" in refused[0]
+            why = ("IP-Adapter image embeddings run with the cache on SD3, Chroma and FLUX.1 with its prologue, the "
+                   "tested transformers whose diffusers forward projects them" if "ip_adapter" in refused[0]
                    else "it feeds blocks by index from outside the cached chain")
             raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` ({why}); "
                                       f"call dbcache_compile.disable() for this pipeline")

@@ -52,7 +52,8 @@ __all__ = ["Family", "Embedded", "register_family", "family_for", "family_named"
 CONTROL_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states",
                   "skip_layers")
 #: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>"); FLUX.1 runs them
-#: (its prologue projects them as the model's forward does), the other families refuse them (untested)
+#: (its prologue projects them as the model's forward does), SD3 and Chroma run them (their own forward projects them
+#: into the block kwargs); the other families refuse them: their diffusers forward has no IP-Adapter path
 IP_ADAPTER_INPUTS = ("joint_attention_kwargs.ip_adapter_image_embeds", "attention_kwargs.ip_adapter_image_embeds")
 
 #: transformer classes refused at ``optimize`` (their blocks are in diffusers' registry, so a synthesized record would
