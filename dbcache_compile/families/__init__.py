@@ -13,12 +13,12 @@ A record says, for one transformer class (by name, so no model module is importe
 * **cfg**: ``"contexts"`` (the pipeline names its cond/uncond calls with ``cache_context``), ``"separate"`` (two calls
   per step without names: they alternate branches while the pipeline's CFG is on) or ``"batched"`` (one call).
 * **unsupported**: forward inputs the cache does not implement (refused by name at the call).
-* **index_added**: forward inputs that make the model's own forward add something to the hidden stream after block
-  i, by index, between the blocks a hit skips (SD3's and Sana's ControlNet residuals, Wan VACE's hints, Wan
-  Animate's face adapter). A call passing one runs its blocks one by one and caches the middle blocks' own residual (each block's
-  output minus its input, summed) without those additions, so on a hit the model's own glue adds them once, with
-  their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached residual
-  holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
+* **index_added**: forward inputs that make the model's own forward add something to the hidden stream after block i,
+  by index, between the blocks a hit skips (SD3's, Sana's and Z-Image's ControlNet residuals, Wan VACE's hints, Wan
+  Animate's face adapter). A call passing one runs its blocks one by one and caches the middle blocks' own residual
+  (each block's output minus its input, summed) without those additions, so on a hit the model's own glue adds them
+  once, with their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached
+  residual holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
   "Index-added inputs"). A family with a prologue runs the blocks itself and names such inputs
   **block_residual_inputs** instead (FLUX.1's and Qwen-Image's ControlNet residuals, added in its own block loop:
   :meth:`Family.block_residuals`, :class:`~dbcache_compile.step.CacheStep`).
@@ -45,10 +45,10 @@ import torch
 __all__ = ["Family", "Embedded", "register_family", "family_for", "family_named", "families", "supported_models",
            "REFUSED", "CONTROL_INPUTS", "IP_ADAPTER_INPUTS", "generic_family"]
 
-#: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of Chroma / Bria /
-#: Z-Image, SD3's skip-layer guidance): refused at the call by the families that do not name them as
-#: ``index_added`` (SD3's and Sana's ControlNet residuals) or ``block_residual_inputs`` (FLUX.1's and Qwen-Image's,
-#: added in their own block loop)
+#: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of Chroma / Bria,
+#: which no ControlNet of diffusers 0.42.1 produces, SD3's skip-layer guidance): refused at the call by the families
+#: that do not name them as ``index_added`` (SD3's, Sana's and Z-Image's ControlNet residuals) or
+#: ``block_residual_inputs`` (FLUX.1's and Qwen-Image's, added in their own block loop)
 CONTROL_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states",
                   "skip_layers")
 #: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>"); FLUX.1 runs them
