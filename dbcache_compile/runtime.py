@@ -828,9 +828,9 @@ class CacheRuntime(BranchedRuntime):
         named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs
         refused = [name for name in self.unsupported if _passed(named, name)]
         if refused:
-            why = ("IP-Adapter image embeddings run with the cache on SD3, Chroma and FLUX.1 with its prologue, the "
-                   "tested transformers whose diffusers forward projects them" if "ip_adapter" in refused[0]
-                   else "it feeds blocks by index from outside the cached chain")
+            from .families import REFUSAL_REASONS
+            why = {**REFUSAL_REASONS, **self.family_record.refusal_reasons}.get(
+                refused[0], "it feeds blocks by index from outside the cached chain")
             raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` ({why}); "
                                       f"call dbcache_compile.disable() for this pipeline")
         attention_kwargs = named.get(self.family_record.attention_kwargs)
