@@ -1,5 +1,6 @@
-"""IP-Adapter image embeddings on the hook families that have one in diffusers 0.42.1: SD3
-(``SD3IPAdapterMixin``: ``IPAdapterTimeImageProjection`` + ``SD3IPAdapterJointAttnProcessor2_0`` on every block) and
+"""IP-Adapter image embeddings on the hook families that have one in diffusers 0.42.1: SD3 and SD3.5
+(``SD3IPAdapterMixin``: ``IPAdapterTimeImageProjection`` + ``SD3IPAdapterJointAttnProcessor2_0`` on every attention
+layer) and
 Chroma (FLUX's loader: ``MultiIPAdapterImageProjection`` + ``FluxIPAdapterAttnProcessor`` on the double blocks), each
 loaded by ``pipe.load_ip_adapter`` from a state dict drawn in ``tests/families/{sd3,chroma}.py`` (no download).
 
@@ -11,6 +12,8 @@ work. The caller's dict is not changed, so the embeddings (the same objects at e
 conditioning like the prompt. FLUX.1's IP-Adapter (our prologue) is in ``tests/test_controlnet.py``."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -24,9 +27,10 @@ STEPS = 8
 NEVER = "F1B0_W2MC2_R0.0"  # R <= 0: never caches
 CACHING = "F1B0_W2MC2_R0.5"  # caches steps 2, 3, 5, 6 on both pipelines (each CFG branch of Chroma's)
 #: (builder, inputs, whether the pipeline makes separate cond / uncond calls, PSNR floor of CACHING in dB; measured
-#: 54.7 (SD3) and 41.3 (Chroma))
+#: 54.7 (SD3), 38.5 (SD3.5: qk RMSNorm, the IP processor on the dual-attention attn2 too) and 41.3 (Chroma))
 CASES = {
     "sd3": (tiny_sd3_ip_adapter_pipeline, sd3_ip_adapter_inputs, False, 50.0),
+    "sd35": (partial(tiny_sd3_ip_adapter_pipeline, sd35=True), sd3_ip_adapter_inputs, False, 35.0),
     "chroma": (tiny_chroma_ip_adapter_pipeline, chroma_ip_adapter_inputs, True, 38.0),
 }
 EAGER_BACKEND = {"backend": "eager"}  # Dynamo's graphs, run without Inductor (CPU time)

@@ -58,17 +58,18 @@ def sd3_controlnet_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, token
     return kwargs
 
 
-def tiny_sd3_ip_adapter_pipeline(seed: int = 0):
+def tiny_sd3_ip_adapter_pipeline(seed: int = 0, sd35: bool = False):
     """StableDiffusion3Pipeline around the tiny SD3 with one IP-Adapter loaded through diffusers' own loader,
     ``pipe.load_ip_adapter(state_dict, image_encoder_folder=None)``: the state dict (InstantX SD3.5 IP-Adapter layout:
     ``image_proj`` = an IPAdapterTimeImageProjection, ``ip_adapter`` = each attention processor's norm_ip / to_k_ip /
     to_v_ip) is taken from modules of those classes drawn here (seeded, no download); the loader puts
     SD3IPAdapterJointAttnProcessor2_0 on every block and the projection into ``transformer.image_proj``. No image
-    encoder: calls pass ``ip_adapter_image_embeds`` (:func:`sd3_ip_adapter_inputs`)."""
+    encoder: calls pass ``ip_adapter_image_embeds`` (:func:`sd3_ip_adapter_inputs`). ``sd35=True``: on the tiny SD3.5
+    (the loader puts the processor on the dual-attention ``attn2`` layers too)."""
     from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
     from diffusers.models.embeddings import IPAdapterTimeImageProjection
 
-    pipe = tiny_sd3_pipeline(seed)
+    pipe = tiny_sd3_pipeline(seed, sd35=sd35)
     transformer = pipe.transformer
     inner = transformer.config.attention_head_dim * transformer.config.num_attention_heads
     torch.manual_seed(seed + 3)
