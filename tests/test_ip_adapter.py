@@ -1,15 +1,15 @@
 """IP-Adapter image embeddings on the hook families that have one in diffusers 0.42.1: SD3 and SD3.5
 (``SD3IPAdapterMixin``: ``IPAdapterTimeImageProjection`` + ``SD3IPAdapterJointAttnProcessor2_0`` on every attention
-layer) and
-Chroma (FLUX's loader: ``MultiIPAdapterImageProjection`` + ``FluxIPAdapterAttnProcessor`` on the double blocks), each
-loaded by ``pipe.load_ip_adapter`` from a state dict drawn in ``tests/families/{sd3,chroma}.py`` (no download).
+layer) and Chroma (FLUX's loader: ``MultiIPAdapterImageProjection`` + ``FluxIPAdapterAttnProcessor`` on the double
+blocks), each loaded by ``pipe.load_ip_adapter`` from a state dict drawn in ``tests/families/{sd3,chroma}.py`` (no
+download).
 
-These families run the model's own forward: it projects ``joint_attention_kwargs["ip_adapter_image_embeds"]`` (SD3:
-with the timestep, into ``ip_hidden_states`` and an ``ip_temb``) into a copy of the attention kwargs that
-``apply_lora_scale`` made, and every block gets them through its ``joint_attention_kwargs``; the IP attention output
-is part of each block's own output, so a block's residual holds it and a hit reuses it like the rest of the block's
-work. The caller's dict is not changed, so the embeddings (the same objects at every step of a pipeline call) are
-conditioning like the prompt. FLUX.1's IP-Adapter (our prologue) is in ``tests/test_controlnet.py``."""
+These families run the model's own forward: it projects ``joint_attention_kwargs["ip_adapter_image_embeds"]`` (SD3: with
+the timestep, into ``ip_hidden_states`` and an ``ip_temb``) into a copy of the attention kwargs that
+``apply_lora_scale`` made, and every block gets them through its ``joint_attention_kwargs``; the IP attention output is
+part of each block's own output, so a block's residual holds it and a hit reuses it like the rest of the block's work.
+The caller's dict is not changed, so the embeddings (the same objects at every step of a pipeline call) are conditioning
+like the prompt. FLUX.1's IP-Adapter (our prologue) is in ``tests/test_controlnet.py``."""
 
 from __future__ import annotations
 
