@@ -628,8 +628,10 @@ def _passed(kwargs: dict, name: str) -> bool:
 
 
 def _ip_adapter_scales(module: torch.nn.Module) -> tuple:
-    """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in)."""
-    return tuple(tuple(processor.scale) for processor in module.attn_processors.values()
+    """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in): a list
+    per processor (FLUX's, one per adapter) or one float (SD3's)."""
+    return tuple(tuple(scale) if isinstance(scale := processor.scale, (list, tuple)) else (scale,)
+                 for processor in module.attn_processors.values()
                  if "IPAdapter" in type(processor).__name__ and hasattr(processor, "scale"))
 
 
@@ -823,8 +825,9 @@ class CacheRuntime(BranchedRuntime):
         named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs
         refused = [name for name in self.unsupported if _passed(named, name)]
         if refused:
-            why = ("IP-Adapter image embeddings are not implemented with the cache" if "ip_adapter" in refused[0]
-                   else "it feeds blocks by index from outside the cached chain")
+            from .families import REFUSAL_REASONS
+            why = {**REFUSAL_REASONS, **self.family_record.refusal_reasons}.get(
+                refused[0], "it feeds blocks by index from outside the cached chain")
             raise NotImplementedError(f"{type(module).__name__}: the cache does not implement `{refused[0]}` ({why}); "
                                       f"call dbcache_compile.disable() for this pipeline")
         attention_kwargs = named.get(self.family_record.attention_kwargs)

@@ -230,7 +230,8 @@ def test_prologue_off_refuses_controlnet_and_ip_adapter_by_name(argument):
         kwargs["joint_attention_kwargs"] = {argument: [torch.zeros(1, 1, 16)]}
     dbc.optimize(transformer, cache=CACHING, prologue=False)
     try:
-        with pytest.raises(NotImplementedError, match=argument), torch.no_grad():
+        with pytest.raises(NotImplementedError, match=rf"{argument}` \(with prologue=False .* twice"), \
+                torch.no_grad():
             transformer(**kwargs)
     finally:
         dbc.disable(transformer)

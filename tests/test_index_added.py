@@ -1,12 +1,13 @@
-"""Index-added inputs (``Family.index_added``): the model's own forward adds something to the hidden stream after
-block i, by index, between the blocks a hit skips — SD3's ControlNet residuals (``block_controlnet_hidden_states``),
-Wan VACE's hints (``control_hidden_states``), Wan Animate's face adapter (``face_pixel_values``). A call passing one
-runs block by block and caches the sum of the middle blocks' own residuals, so on a hit the model's glue adds each
-c_i once, with this step's value; Wan Animate's adapter reads the stream (``glue_reads_stream``), so there the cached
-residual holds it and a hit undoes the glue between the middle blocks (dbcache_compile/runtime.py, "Index-added
-inputs"). Tiny real diffusers pipelines
-(tests/families/sd3.py, wan_vace.py, wan_animate.py); cache-dit 1.5.3's parity on Wan VACE is in
-tests/test_families.py (it crashes on SD3 ControlNet and refuses Wan Animate: checked here)."""
+"""Index-added inputs (``Family.index_added``): the model's own forward adds something to the hidden stream after block
+i, by index, between the blocks a hit skips — SD3's, Sana's and Z-Image's ControlNet residuals
+(``block_controlnet_hidden_states``, ``controlnet_block_samples``), Wan VACE's hints (``control_hidden_states``), Wan
+Animate's face adapter (``face_pixel_values``). A call passing one runs block by block and caches the sum of the
+middle blocks' own residuals, so on a hit the model's glue adds each c_i once, with this step's value; Wan Animate's
+adapter reads the stream (``glue_reads_stream``), so there the cached residual holds it and a hit undoes the glue
+between the middle blocks (dbcache_compile/runtime.py, "Index-added inputs"). Tiny real diffusers pipelines
+(tests/families/sd3.py, sana.py, z_image.py, wan_vace.py, wan_animate.py); cache-dit 1.5.3's parity on Wan VACE is in
+tests/test_families.py (it crashes on SD3 and Z-Image ControlNet, refuses Wan Animate and runs Sana ControlNet
+without its residuals: checked here)."""
 
 import pytest
 import torch
@@ -16,17 +17,21 @@ from dbcache_compile.metrics import psnr
 from tests.families import CASES
 
 STEPS = 8
-PIPELINES = ["sd3_controlnet", "wan_vace", "wan_animate"]
+PIPELINES = ["sd3_controlnet", "sana_controlnet", "zimage_controlnet", "wan_vace", "wan_animate"]
+#: the pipelines whose ControlNet is optional (other calls of the model run whole groups), with the input's name
+OPTIONAL = {"sd3_controlnet": "block_controlnet_hidden_states", "sana_controlnet": "controlnet_block_samples",
+            "zimage_controlnet": "controlnet_block_samples"}
 #: caching config of the PSNR checks: F1B1 on the 4-block tiny models leaves blocks 1 and 2 in the middle, with an
-#: addition after block 1 in all three
+#: addition after block 1 in all five
 CACHING = "F1B1_W2M0MC2_T0O1_R0.3"
 #: a TaylorSeer config (order 2: the cached residual forecast from the last two computed steps)
 TAYLOR = "F1B0_W2M0MC3_T1O2_R0.6"
 NEVER = "F1B0_W0_R0"
 REGIONAL = dict(mode="default", graph="regional", compile_options={"backend": "eager"})
-#: PSNR (dB) against the uncached pipeline, both configs (measured: CACHING 55.1 / 90.3 / 69.0, TAYLOR 60.0 / 87.0 /
-#: 68.0; regional takes the same decisions)
-MIN_PSNR = {"sd3_controlnet": 50.0, "wan_vace": 80.0, "wan_animate": 65.0}
+#: PSNR (dB) against the uncached pipeline, both configs (measured: CACHING 55.1 / 47.8 / 42.8 / 90.3 / 69.0, TAYLOR
+#: 60.0 / 53.1 / 35.9 / 87.0 / 68.0; regional takes the same decisions)
+MIN_PSNR = {"sd3_controlnet": 50.0, "sana_controlnet": 45.0, "zimage_controlnet": 33.0, "wan_vace": 80.0,
+            "wan_animate": 65.0}
 
 
 def _images(pipe, case) -> torch.Tensor:
@@ -80,10 +85,13 @@ def test_caching_hits_and_stays_close_eager_and_regional(name, config):
 
 def _first_call(pipe, case) -> dict:
     """The keyword arguments the pipeline passes to its transformer on its first call (a real call to replay)."""
-    seen = {}
+    import inspect
 
-    def grab(module, args, kwargs):
-        seen.setdefault("kwargs", dict(kwargs))
+    seen = {}
+    names = list(inspect.signature(type(pipe.transformer).forward).parameters)[1:]
+
+    def grab(module, args, kwargs):  # positional arguments by name (Sana's pipeline passes the latents positionally)
+        seen.setdefault("kwargs", dict(zip(names, args), **kwargs))
 
     handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -93,6 +101,11 @@ def _first_call(pipe, case) -> dict:
     return seen["kwargs"]
 
 
+def _tensor(out) -> torch.Tensor:
+    """A transformer's output as one tensor (Z-Image returns a list of per-sample tensors)."""
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+
+
 def _three_identical_calls(transformer, kwargs: dict, old: bool = False, **optimize_kwargs) -> tuple:
     """Three calls with the very same inputs under a config whose third step is a hit (W2, R1.0)."""
     dbc.optimize(transformer, cache="F1B1_W2M0MC2_T0O1_R1.0", **optimize_kwargs)
@@ -100,7 +113,7 @@ def _three_identical_calls(transformer, kwargs: dict, old: bool = False, **optim
         if old:  # the behaviour before index-added inputs: one group, its residual holding the additions
             dbc.runtime_of(transformer).index_added = ()
         with torch.no_grad():
-            outs = [transformer(**kwargs)[0] for _ in range(3)]
+            outs = [_tensor(transformer(**kwargs)[0]) for _ in range(3)]
         return outs, dbc.summary(transformer)
     finally:
         dbc.disable(transformer)
@@ -119,7 +132,7 @@ def test_a_hit_on_identical_inputs_adds_each_index_added_residual_once(name, low
     kwargs = dict(_first_call(pipe, case), return_dict=False)
     transformer = pipe.transformer
     with torch.no_grad():
-        reference = transformer(**kwargs)[0]
+        reference = _tensor(transformer(**kwargs)[0])
     outs, summary = _three_identical_calls(transformer, kwargs, **(REGIONAL if lowering == "regional" else {}))
     assert summary.cached_steps == [2]
     for out in outs:
@@ -132,31 +145,31 @@ def test_a_hit_on_identical_inputs_adds_each_index_added_residual_once(name, low
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_segments_refuses_index_added_inputs_by_name(name):
-    """``segments`` compiles each group as one segment, which cannot add anything between its blocks: SD3 refuses a
-    call with ControlNet residuals by name (its other calls run), Wan VACE and Wan Animate (every call has them) are
-    refused at optimize with the reason; regional and eager run them."""
+    """``segments`` compiles each group as one segment, which cannot add anything between its blocks: SD3 and Sana
+    refuse a call with ControlNet residuals by name (their other calls run), Wan VACE and Wan Animate (every call has
+    them) are refused at optimize with the reason; regional and eager run them."""
     case = CASES[name]
     pipe = case.builder()
-    if name != "sd3_controlnet":
+    if name not in OPTIONAL:
         with pytest.raises(ValueError, match=r"cannot run graph='segments'.*inside the groups"):
             dbc.optimize(pipe, cache=CACHING, mode="default", graph="segments", compile_options={"backend": "eager"})
         return
     kwargs = dict(_first_call(pipe, case), return_dict=False)
     dbc.optimize(pipe, cache=CACHING, mode="default", graph="segments", compile_options={"backend": "eager"})
     try:
-        with pytest.raises(NotImplementedError, match=r"`block_controlnet_hidden_states`.*graph='regional'"), \
-                torch.no_grad():
+        with pytest.raises(NotImplementedError, match=rf"`{OPTIONAL[name]}`.*graph='regional'"), torch.no_grad():
             pipe.transformer(**kwargs)
         with torch.no_grad():
-            pipe.transformer(**dict(kwargs, block_controlnet_hidden_states=None))
+            pipe.transformer(**dict(kwargs, **{OPTIONAL[name]: None}))
     finally:
         dbc.disable(pipe)
 
 
-def test_controlnet_residuals_are_not_conditioning_of_the_generation():
-    """The SD3 ControlNet pipeline passes new residual tensors at every step: they do not start a new generation
-    (which would cache nothing), while the prompt's tensors still do."""
-    case = CASES["sd3_controlnet"]
+@pytest.mark.parametrize("name", list(OPTIONAL))
+def test_controlnet_residuals_are_not_conditioning_of_the_generation(name):
+    """The SD3 / Sana ControlNet pipelines pass new residual tensors at every step: they do not start a new
+    generation (which would cache nothing), while the prompt's tensors still do."""
+    case = CASES[name]
     pipe = case.builder()
     _, summary = _cached(pipe, case, CACHING)
     assert summary.num_steps == STEPS and summary.cached_steps
@@ -165,16 +178,20 @@ def test_controlnet_residuals_are_not_conditioning_of_the_generation():
 @pytest.mark.parametrize("name, error", [
     ("sd3_controlnet", "has no attribute 'context_pre_only'"),
     ("wan_animate", "WanAnimateTransformer3DModel not in allowed classes"),
+    ("zimage_controlnet", "unexpected keyword argument 'joint_attention_kwargs'"),
 ])
 def test_cache_dit_cannot_run_these_pipelines(name, error):
     """What cache-dit 1.5.3 does with the same pipelines (so only Wan VACE has a parity test): on SD3 ControlNet it
     swaps transformer_blocks for one CachedBlocks module, which the forward's ControlNet branch asks for
     `context_pre_only` (an AttributeError at the first step); its Wan adapter asserts the transformer class and
-    refuses WanAnimateTransformer3DModel."""
+    refuses WanAnimateTransformer3DModel; its ZImageControlNetPatchFunctor replaces the Z-Image forward with a copy
+    of an older one, without the `joint_attention_kwargs` parameter that ZImageControlNetPipeline passes on diffusers
+    0.42.1 (a TypeError at the first step; its disable_cache() then leaves that forward on the model, so each case
+    here builds a fresh pipeline)."""
     from cachedit_oracle import cache_dit_contexts
 
     case = CASES[name]
-    with pytest.raises((AttributeError, AssertionError), match=error):
+    with pytest.raises((AttributeError, AssertionError, TypeError), match=error):
         cache_dit_contexts(case.builder(), dbc.DBCacheConfig.from_string(CACHING), num_inference_steps=STEPS,
                            generator=torch.Generator().manual_seed(0), **case.inputs())
 
@@ -240,3 +257,36 @@ def test_wan_vace_fn_residual_holds_the_hint_after_block_fn_as_cache_dit_measure
     assert summary.residual_diffs[2] == pytest.approx(theirs["diffs"][2], rel=1e-5)
     for step, diff in theirs["diffs"].items():
         assert summary.residual_diffs[step] == pytest.approx(diff, rel=2e-2)
+
+
+def test_cache_dit_runs_sana_controlnet_without_its_residuals():
+    """What cache-dit 1.5.3 does with SanaControlNetPipeline (documented, not copied): its CachedBlocks wrapper
+    replaces ``transformer_blocks`` with one module, so the model's loop runs once with ``index_block == 0`` and its
+    ControlNet glue (``0 < index_block <= len(samples)``) adds no residual at all: cache-dit's images are exactly the
+    pipeline's with ``controlnet_conditioning_scale=0`` (never caching: bit-identical to the uncached pipeline with
+    scale 0; caching: our cache's cached steps, diffs and images with scale 0), i.e. the ControlNet has no effect,
+    where ours adds every residual once (test_never_caching_equals_the_uncached_pipeline)."""
+    from cachedit_oracle import run_cache_dit
+
+    case = CASES["sana_controlnet"]
+    pipe = case.builder()
+    off = dict(case.inputs(), controlnet_conditioning_scale=0.0)
+    plain = _images(pipe, case)
+    plain_off = pipe(**off, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
+    assert (plain - plain_off).abs().max() > 0.05  # the ControlNet matters
+    for config in (NEVER, CACHING):
+        images, cached, _, diffs = run_cache_dit(pipe, dbc.DBCacheConfig.from_string(config), False, **case.inputs(),
+                                                 num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+        dbc.optimize(pipe, cache=config)
+        try:
+            ours_off = pipe(**off, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
+            summary = dbc.summary(pipe)
+        finally:
+            dbc.disable(pipe)
+        assert cached == summary.cached_steps
+        assert diffs.keys() == summary.residual_diffs.keys()
+        for step, value in summary.residual_diffs.items():
+            assert diffs[step] == pytest.approx(value, rel=1e-4)
+        if config == NEVER:
+            assert torch.equal(images, plain_off)
+        torch.testing.assert_close(images, ours_off, rtol=0, atol=1e-6)

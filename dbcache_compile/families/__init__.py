@@ -13,12 +13,12 @@ A record says, for one transformer class (by name, so no model module is importe
 * **cfg**: ``"contexts"`` (the pipeline names its cond/uncond calls with ``cache_context``), ``"separate"`` (two calls
   per step without names: they alternate branches while the pipeline's CFG is on) or ``"batched"`` (one call).
 * **unsupported**: forward inputs the cache does not implement (refused by name at the call).
-* **index_added**: forward inputs that make the model's own forward add something to the hidden stream after block
-  i, by index, between the blocks a hit skips (SD3's ControlNet residuals, Wan VACE's hints, Wan Animate's face
-  adapter). A call passing one runs its blocks one by one and caches the middle blocks' own residual (each block's
-  output minus its input, summed) without those additions, so on a hit the model's own glue adds them once, with
-  their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached residual
-  holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
+* **index_added**: forward inputs that make the model's own forward add something to the hidden stream after block i,
+  by index, between the blocks a hit skips (SD3's, Sana's and Z-Image's ControlNet residuals, Wan VACE's hints, Wan
+  Animate's face adapter). A call passing one runs its blocks one by one and caches the middle blocks' own residual
+  (each block's output minus its input, summed) without those additions, so on a hit the model's own glue adds them
+  once, with their current values; with **glue_reads_stream** (the addition is a function of the stream) the cached
+  residual holds them and a hit undoes the glue between the middle blocks instead (:mod:`dbcache_compile.runtime`,
   "Index-added inputs"). A family with a prologue runs the blocks itself and names such inputs
   **block_residual_inputs** instead (FLUX.1's and Qwen-Image's ControlNet residuals, added in its own block loop:
   :meth:`Family.block_residuals`, :class:`~dbcache_compile.step.CacheStep`).
@@ -43,17 +43,30 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["Family", "Embedded", "register_family", "family_for", "family_named", "families", "supported_models",
-           "REFUSED", "CONTROL_INPUTS", "IP_ADAPTER_INPUTS", "generic_family"]
+           "REFUSED", "CONTROL_INPUTS", "IP_ADAPTER_INPUTS", "REFUSAL_REASONS", "generic_family"]
 
-#: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of Chroma / Bria /
-#: Sana / Z-Image, SD3's skip-layer guidance): refused at the call by the families that do not name them as
-#: ``index_added`` (SD3's ControlNet residuals) or ``block_residual_inputs`` (FLUX.1's and Qwen-Image's, added in
-#: their own block loop)
+#: forward inputs that feed blocks by index from outside the cached chain (ControlNet residuals of Chroma / Bria,
+#: which no ControlNet of diffusers 0.42.1 produces, SD3's skip-layer guidance): refused at the call by the families
+#: that do not name them as ``index_added`` (SD3's, Sana's and Z-Image's ControlNet residuals) or
+#: ``block_residual_inputs`` (FLUX.1's and Qwen-Image's, added in their own block loop)
 CONTROL_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states",
                   "skip_layers")
 #: IP-Adapter image embeddings reach the blocks through the attention kwargs ("<argument>.<key>"); FLUX.1 runs them
-#: (its prologue projects them as the model's forward does), the other families refuse them (untested)
+#: (its prologue projects them as the model's forward does), SD3 and Chroma run them (their own forward projects them
+#: into the block kwargs); the other families refuse them: their diffusers forward has no IP-Adapter path
 IP_ADAPTER_INPUTS = ("joint_attention_kwargs.ip_adapter_image_embeds", "attention_kwargs.ip_adapter_image_embeds")
+
+_IP_ADAPTER_WHY = ("IP-Adapter image embeddings run with the cache on SD3, Chroma and FLUX.1 with its prologue, the "
+                   "tested transformers whose diffusers forward projects them")
+#: why each refused input cannot run with the cache (the refusal's ``NotImplementedError`` says it; a family's
+#: ``refusal_reasons`` override these)
+REFUSAL_REASONS: dict[str, str] = {
+    "skip_layers": "the forward skips those blocks by index, while the cache needs every block called once per "
+                   "forward, in order, and its own skipping would mix with the guidance's",
+    "kv_cache": "block i reads (or writes) the i-th cached K/V, which a block the cache skips never does",
+    "kv_cache_mode": "block i reads (or writes) the i-th cached K/V, which a block the cache skips never does",
+    **{name: _IP_ADAPTER_WHY for name in IP_ADAPTER_INPUTS},
+}
 
 #: transformer classes refused at ``optimize`` (their blocks are in diffusers' registry, so a synthesized record would
 #: take them): class name -> why. Empty since Wan VACE and Wan Animate became families (``index_added``).
@@ -89,6 +102,8 @@ class Family:
     #: block class name -> (hidden output index, encoder output index or None, hidden argument, encoder argument)
     contracts: dict[str, tuple] = {}
     unsupported: tuple[str, ...] = CONTROL_INPUTS + IP_ADAPTER_INPUTS
+    #: input name -> why this family refuses it, where :data:`REFUSAL_REASONS` does not say it for this family
+    refusal_reasons: dict[str, str] = {}
     #: forward inputs whose values the forward adds to the hidden stream after blocks, by index (module doc); they
     #: may change at every step (SD3's ControlNet residuals do), so they are not conditioning for the generation rule
     index_added: tuple[str, ...] = ()
@@ -321,13 +336,18 @@ def family_for(transformer: torch.nn.Module, generic: bool = False) -> Family:
 def _without_prologue(family: Family) -> Family:
     """``family`` with its prologue switched off (``optimize(prologue=False)``: the model's own forward)."""
     record = _Synthesized(family.transformer, family.chains)
-    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "index_added", "glue_reads_stream",
+    for attr in ("name", "pipelines", "cfg", "contracts", "unsupported", "refusal_reasons", "index_added",
+                 "glue_reads_stream",
                  "refused_lowerings", "ungroupable", "fused_qkv", "attention_kwargs", "default_true_cfg_scale",
                  "tested"):
         setattr(record, attr, getattr(family, attr))
     # inputs only the written-out forward implements (a hit would add the ControlNet residuals twice in the model's
     # own forward): refused again
     record.unsupported = tuple(dict.fromkeys(family.unsupported + family.prologue_inputs))
+    record.refusal_reasons = dict(family.refusal_reasons, **{
+        name: "with prologue=False the model's own forward runs under block hooks, where a hit would add the "
+              "ControlNet residuals of the skipped blocks twice; untested for the IP-Adapter"
+        for name in family.prologue_inputs})
     return record
 
 

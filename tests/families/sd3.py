@@ -13,6 +13,8 @@ from ._common import finish, gen, image, kl_vae
 
 FAMILY = "sd3"
 SD3_BLOCKS = 4
+#: width of the image-encoder tokens the tiny SD3 IP-Adapter projects
+SD3_IP_EMBED_DIM = 24
 
 
 def tiny_sd3_pipeline(seed: int = 0, sd35: bool = False):
@@ -53,6 +55,49 @@ def sd3_controlnet_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, token
     kwargs = sd3_inputs(batch, seed, cfg, tokens)
     kwargs["control_image"] = image(seed, 32)
     kwargs["controlnet_conditioning_scale"] = 1.0
+    return kwargs
+
+
+def tiny_sd3_ip_adapter_pipeline(seed: int = 0, sd35: bool = False):
+    """StableDiffusion3Pipeline around the tiny SD3 with one IP-Adapter loaded through diffusers' own loader,
+    ``pipe.load_ip_adapter(state_dict, image_encoder_folder=None)``: the state dict (InstantX SD3.5 IP-Adapter layout:
+    ``image_proj`` = an IPAdapterTimeImageProjection, ``ip_adapter`` = each attention processor's norm_ip / to_k_ip /
+    to_v_ip) is taken from modules of those classes drawn here (seeded, no download); the loader puts
+    SD3IPAdapterJointAttnProcessor2_0 on every block and the projection into ``transformer.image_proj``. No image
+    encoder: calls pass ``ip_adapter_image_embeds`` (:func:`sd3_ip_adapter_inputs`). ``sd35=True``: on the tiny SD3.5
+    (the loader puts the processor on the dual-attention ``attn2`` layers too)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    pipe = tiny_sd3_pipeline(seed, sd35=sd35)
+    transformer = pipe.transformer
+    inner = transformer.config.attention_head_dim * transformer.config.num_attention_heads
+    torch.manual_seed(seed + 3)
+    # the loader reads heads = to_q rows // 64 (a 64-wide projection) and builds the default depth of 4 layers
+    image_proj = IPAdapterTimeImageProjection(embed_dim=SD3_IP_EMBED_DIM, output_dim=inner, hidden_dim=64, heads=1,
+                                              num_queries=4, timestep_in_dim=32)
+    ip_adapter = {}
+    for k in range(len(transformer.attn_processors)):
+        processor = SD3IPAdapterJointAttnProcessor2_0(hidden_size=inner, ip_hidden_states_dim=inner,
+                                                      head_dim=transformer.config.attention_head_dim,
+                                                      timesteps_emb_dim=64)
+        for name, value in processor.state_dict().items():
+            # a trained adapter's AdaLayerNorm modulation is not zero: random weights everywhere
+            ip_adapter[f"{k}.{name}"] = torch.randn_like(value) * 0.2 if value.ndim == 2 else value
+    state = {name: torch.randn_like(value) * 0.2 if value.ndim >= 2 else value
+             for name, value in image_proj.state_dict().items()}
+    pipe.load_ip_adapter({"image_proj": state, "ip_adapter": ip_adapter}, image_encoder_folder=None,
+                         low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(1.0)  # the processors' default is 0.5
+    return finish(pipe)
+
+
+def sd3_ip_adapter_inputs(batch: int = 1, seed: int = 0, cfg: bool = True, tokens: int = 8) -> dict:
+    """:func:`sd3_inputs` plus ``ip_adapter_image_embeds`` (image-encoder tokens: with CFG the negative ones first,
+    as the pipeline chunks them)."""
+    kwargs = sd3_inputs(batch, seed, cfg, tokens)
+    g = gen(seed + 5500)
+    kwargs["ip_adapter_image_embeds"] = torch.randn((2 if cfg else 1) * batch, 5, SD3_IP_EMBED_DIM, generator=g)
     return kwargs
 
 
