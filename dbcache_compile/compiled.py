@@ -4,7 +4,9 @@ Every function the cache compiles (a block region, a segment, a whole step, the 
 ``torch.compile`` of its own copy of the function (a fresh code object: Dynamo keeps compiled graphs and its recompile
 limit per code object), taken from :data:`STORE` under a key of what really changes its graphs:
 
-* a block region: the block class and the compile options (it serves every model, config and block of the class);
+* a block region: the block's structure (its class, its submodules' and attention processors' classes:
+  :func:`~dbcache_compile.step.block_structure`) and the compile options (it serves every model, config and block
+  of that structure);
 * a segment or step: the transformer class and config, the family, the lowering, the compile options, the block
   split (Fn, Bn), the TaylorSeer order and the quantization.
 

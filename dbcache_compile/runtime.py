@@ -88,7 +88,7 @@ from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
 from .usercompile import (UserCompiled, UserCompiledHooks, refuse_while_compiling,  # noqa: E402
                           route_compiled_blocks, traced_block, traced_forward, unroute_compiled_block)
-from .step import (BlockIO, CacheStep, GroupStep, _region_body, decide_on_host, fold_records, no_views,  # noqa: E402
+from .step import (BlockIO, CacheStep, GroupStep, compile_region, decide_on_host, fold_records, no_views,  # noqa: E402
                    run_block_hooks, transformer_output)
 
 __all__ = ["HOOK_NAME", "BLOCK_HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime",
@@ -1281,15 +1281,9 @@ class UncachedRuntime(Runtime):
         self._compiled: Optional[Callable] = None
         self.compiled = CompiledSet(("uncached", *store_key), scope)
         if mode is not None and lowering.region_blocks:
-            regions: dict[type, Callable] = {}
             opts = regional_options(options or {})
-            for block in blocks:
-                cls = type(block)
-                if cls not in regions:
-                    regions[cls] = self.compiled.compile(cls.__name__, _region_body, opts, structural=False,
-                                                         extra=(cls.__module__, cls.__qualname__))
-                self.regional_blocks.append(block)
-            self.block_hooks = {block: RegionHook(regions[type(block)]) for block in blocks}
+            self.regional_blocks.extend(blocks)
+            self.block_hooks = {block: RegionHook(compile_region(self.compiled, block, opts)) for block in blocks}
         elif mode is not None:
             self._compiled = self.compiled.compile_method("forward", type(transformer).forward, transformer, options)
 

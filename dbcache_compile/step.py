@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -205,23 +206,39 @@ def plain_call(skip_hook: str) -> BlockCall:
     return call
 
 
+def block_structure(block: torch.nn.Module) -> tuple:
+    """What of a block's make-up changes its region's graphs, besides input shapes: its class, the classes of its
+    submodules by name and of its attention processors. Blocks of one class differ there (SD3's last block is
+    ``context_pre_only``, SD3.5's first blocks have a second attention, IP-Adapter processors replace the default
+    ones): one compiled region per structure, so that they do not share (and exhaust) one function's recompile
+    budget in a process that runs several models."""
+    modules = tuple((name, type(m).__qualname__) for name, m in block.named_modules())
+    processors = tuple((name, type(m.processor).__qualname__) for name, m in block.named_modules()
+                       if getattr(m, "processor", None) is not None)
+    return type(block).__module__, type(block).__qualname__, modules, processors
+
+
+def compile_region(compiled: Any, block: torch.nn.Module, options: dict[str, Any]) -> Callable:
+    """The compiled region of ``block`` from ``compiled`` (a :class:`~dbcache_compile.compiled.CompiledSet`): one
+    per block structure (:func:`block_structure`), shared by every block, model and runtime of that structure."""
+    return compiled.compile(type(block).__name__, _region_body, options, structural=False,
+                            extra=block_structure(block))
+
+
 def region_call(options: dict[str, Any], compiled: Any, skip_hook: Optional[str] = None) -> BlockCall:
     """A :data:`BlockCall` that runs each block's class ``forward`` through a compiled region, one ``torch.compile``
-    per block class (so no block class ever recompiles for another), each with its own code object
-    (:func:`fresh_function`), compiled in ``compiled`` (a :class:`~dbcache_compile.lowerings.CompiledSet`: fallback
-    counts, release). The block's diffusers hooks run eagerly around it (``skip_hook`` and hooks registered after it
-    excluded: those are the ones calling us)."""
-    regions: dict[type, Callable] = {}
+    per block structure (:func:`compile_region`: no block class ever recompiles for another, nor one structure for
+    another), each with its own code object (:func:`fresh_function`), compiled in ``compiled`` (a
+    :class:`~dbcache_compile.compiled.CompiledSet`: fallback counts, release). The block's diffusers hooks run
+    eagerly around it (``skip_hook`` and hooks registered after it excluded: those are the ones calling us)."""
+    regions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its region
 
     def call(block: torch.nn.Module, io: BlockIO, args: tuple, kwargs: dict) -> Any:
-        region = regions.get(type(block))
+        region = regions.get(block)
         if region is None:
-            cls = type(block)
-            region = regions[cls] = compiled.compile(cls.__name__, _region_body, options, structural=False,
-                                                     extra=(cls.__module__, cls.__qualname__))
+            region = regions[block] = compile_region(compiled, block, options)
         return run_block_hooks(region, block, args, kwargs, skip_hook)
 
-    call.regions = regions  # type: ignore[attr-defined]
     return call
 
 

@@ -116,3 +116,27 @@ def test_the_store_is_bounded_and_cleared():
                 dbc.compile_store_limit(bad)
     finally:
         dbc.compile_store_limit(limit)
+
+
+def test_blocks_of_one_class_but_another_structure_get_their_own_region():
+    """A block region is keyed by the block's structure, not only its class (``step.block_structure``): SD3's last
+    block (``context_pre_only``) and SD3.5's dual-attention blocks are ``JointTransformerBlock`` s built otherwise.
+    Keyed by class, every structure of every model in the process was a guard failure of one compiled function, so
+    a process running SD3 and SD3.5 (the test suite's order found it) ran out of that function's recompile budget and
+    ran blocks uncompiled (``compile_fallbacks``). With a budget of 2 recompiles both models now run compiled."""
+    from families import CASES
+    from dbcache_compile.step import block_structure
+
+    dbc.clear_compiled()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for name in ("sd3", "sd35"):
+            case = CASES[name]
+            pipe = case.builder()
+            blocks = list(pipe.transformer.transformer_blocks)
+            assert len({block_structure(b) for b in blocks}) >= 2  # the last block at least differs
+            dbc.optimize(pipe, cache="F1B0_W2M0MC2_R0.3", mode="default", graph="regional",
+                         compile_options={"backend": "eager"})
+            pipe(**case.inputs(), num_inference_steps=4, generator=generator())
+            assert dbc.summary(pipe).compile_fallbacks == {}, name
+            dbc.disable(pipe)
+    dbc.clear_compiled()
