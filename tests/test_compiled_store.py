@@ -124,7 +124,7 @@ def test_blocks_of_one_class_but_another_structure_get_their_own_region():
     Keyed by class, every structure of every model in the process was a guard failure of one compiled function, so
     a process running SD3 and SD3.5 (the test suite's order found it) ran out of that function's recompile budget and
     ran blocks uncompiled (``compile_fallbacks``). With a budget of 2 recompiles both models now run compiled."""
-    from families import CASES
+    from tests.families import CASES
     from dbcache_compile.step import block_structure
 
     dbc.clear_compiled()

@@ -16,6 +16,7 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.metrics import psnr
+from tests.families import first_transformer_call
 from tests.families.flux import (flux_controlnet_inputs, flux_ip_adapter_inputs, tiny_flux_controlnet_pipeline,
                                  tiny_flux_ip_adapter_pipeline)
 from tests.families.qwen_image import qwen_image_controlnet_inputs, tiny_qwen_image_controlnet_pipeline
@@ -123,18 +124,8 @@ def test_controlnet_residuals_are_graph_inputs_no_recompile(pipelines, case, low
 
 
 def _flux_call(pipe, inputs: dict) -> dict:
-    """The keyword arguments the pipeline passes to its transformer on its first call."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("kwargs", dict(kwargs))
-
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    finally:
-        handle.remove()
-    kwargs = seen["kwargs"]
+    """The keyword arguments the pipeline passes to its transformer on its first call, without its ControlNet inputs."""
+    kwargs = first_transformer_call(pipe, inputs)
     for name in ("controlnet_block_samples", "controlnet_single_block_samples", "controlnet_blocks_repeat"):
         kwargs.pop(name, None)
     return kwargs

@@ -13,7 +13,7 @@ import torch
 
 import dbcache_compile as dbc
 from cachedit_oracle import cache_dit_contexts
-from tests.families import CASES, CFG_COUNT, FAMILY_CASES, PARITY, check_layout
+from tests.families import CASES, CFG_COUNT, FAMILY_CASES, PARITY, check_layout, first_transformer_call
 
 STEPS = 8
 
@@ -149,19 +149,6 @@ def test_unsupported_inputs_are_refused_by_name():
         dbc.disable(pipe)
 
 
-def _transformer_call(pipe, inputs: dict) -> dict:
-    """The keyword arguments the pipeline passes to its transformer on its first call (a real call to replay)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("kwargs", dict(kwargs))
-
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    finally:
-        handle.remove()
-    return seen["kwargs"]
 
 
 def _residuals(transformer, hidden: torch.Tensor, count: int) -> list:
@@ -177,7 +164,7 @@ def test_controlnet_residuals_are_refused_by_name_on_hook_driven_families(case, 
     (SD3's, Sana's and Z-Image's run with the cache: tests/test_index_added.py): a clear error naming the argument and
     that reason with the cache on; the same call runs with the cache off."""
     pipe = CASES[case].builder()
-    kwargs = _transformer_call(pipe, CASES[case].inputs())
+    kwargs = first_transformer_call(pipe, CASES[case].inputs())
     hidden = kwargs["hidden_states"]
     tokens = hidden if hidden.ndim == 3 else hidden.flatten(2).transpose(1, 2)[:, ::4]  # SD3: 2x2 patches
     kwargs[argument] = _residuals(pipe.transformer, tokens, 2)
@@ -202,7 +189,7 @@ def test_kv_cache_and_ip_adapter_inputs_are_refused_by_name(case, argument, valu
     whose diffusers forward has no IP-Adapter path (Sana) are refused by name on a real call of the family's
     transformer. (SD3's and Chroma's run with the cache: tests/test_ip_adapter.py.)"""
     pipe = CASES[case].builder()
-    kwargs = _transformer_call(pipe, CASES[case].inputs())
+    kwargs = first_transformer_call(pipe, CASES[case].inputs())
     kwargs[argument] = value
     dbc.optimize(pipe, cache=_config(0.2))
     try:

@@ -14,7 +14,7 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.metrics import psnr
-from tests.families import CASES
+from tests.families import CASES, first_transformer_call
 
 STEPS = 8
 PIPELINES = ["sd3_controlnet", "sana_controlnet", "zimage_controlnet", "wan_vace", "wan_animate"]
@@ -83,22 +83,6 @@ def test_caching_hits_and_stays_close_eager_and_regional(name, config):
     torch.testing.assert_close(regional, images, rtol=0, atol=1e-4)
 
 
-def _first_call(pipe, case) -> dict:
-    """The keyword arguments the pipeline passes to its transformer on its first call (a real call to replay)."""
-    import inspect
-
-    seen = {}
-    names = list(inspect.signature(type(pipe.transformer).forward).parameters)[1:]
-
-    def grab(module, args, kwargs):  # positional arguments by name (Sana's pipeline passes the latents positionally)
-        seen.setdefault("kwargs", dict(zip(names, args), **kwargs))
-
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        pipe(**case.inputs(), num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    finally:
-        handle.remove()
-    return seen["kwargs"]
 
 
 def _tensor(out) -> torch.Tensor:
@@ -129,7 +113,7 @@ def test_a_hit_on_identical_inputs_adds_each_index_added_residual_once(name, low
     glue) is far off: the test fails if an addition counts twice."""
     case = CASES[name]
     pipe = case.builder()
-    kwargs = dict(_first_call(pipe, case), return_dict=False)
+    kwargs = dict(first_transformer_call(pipe, case.inputs()), return_dict=False)
     transformer = pipe.transformer
     with torch.no_grad():
         reference = _tensor(transformer(**kwargs)[0])
@@ -154,7 +138,7 @@ def test_segments_refuses_index_added_inputs_by_name(name):
         with pytest.raises(ValueError, match=r"cannot run graph='segments'.*inside the groups"):
             dbc.optimize(pipe, cache=CACHING, mode="default", graph="segments", compile_options={"backend": "eager"})
         return
-    kwargs = dict(_first_call(pipe, case), return_dict=False)
+    kwargs = dict(first_transformer_call(pipe, case.inputs()), return_dict=False)
     dbc.optimize(pipe, cache=CACHING, mode="default", graph="segments", compile_options={"backend": "eager"})
     try:
         with pytest.raises(NotImplementedError, match=rf"`{OPTIONAL[name]}`.*graph='regional'"), torch.no_grad():
@@ -223,7 +207,7 @@ def test_other_glue_inside_a_group_is_still_caught_after_calls_with_index_added_
     is a named error under a grouping lowering rather than silently dropped."""
     case = CASES["sd3_controlnet"]
     pipe = case.builder()
-    kwargs = dict(_first_call(pipe, case), return_dict=False)
+    kwargs = dict(first_transformer_call(pipe, case.inputs()), return_dict=False)
     transformer = pipe.transformer
     dbc.optimize(pipe, cache=CACHING, **REGIONAL)
     try:

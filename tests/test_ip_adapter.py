@@ -20,6 +20,7 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.metrics import psnr
+from tests.families import first_transformer_call
 from tests.families.chroma import chroma_ip_adapter_inputs, tiny_chroma_ip_adapter_pipeline
 from tests.families.sd3 import sd3_ip_adapter_inputs, tiny_sd3_ip_adapter_pipeline
 
@@ -119,19 +120,6 @@ def test_never_caching_equals_uncached_and_caching_hits_close(pipelines, case, l
                                                                  eager_summary.cfg_cached_steps)
 
 
-def _first_call(pipe, inputs: dict) -> dict:
-    """The keyword arguments the pipeline passes to its transformer on its first call."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("kwargs", dict(kwargs))
-
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    finally:
-        handle.remove()
-    return dict(seen["kwargs"], return_dict=False)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -141,7 +129,7 @@ def test_ip_adapter_embeddings_are_conditioning(pipelines, case):
     computes, and equals the uncached output for those embeddings); were the embeddings not conditioning it would be
     step 2 of the old generation, a hit, and far from it."""
     pipe = pipelines[case][0]
-    kwargs = _first_call(pipe, CASES[case][1]())
+    kwargs = dict(first_transformer_call(pipe, CASES[case][1]()), return_dict=False)
     transformer = pipe.transformer
     embeds = kwargs["joint_attention_kwargs"]["ip_adapter_image_embeds"]
     other_embeds = ([e + torch.randn(e.shape, generator=torch.Generator().manual_seed(3)) for e in embeds]

@@ -115,3 +115,23 @@ def case_family(name: str):
     """The registered :class:`~dbcache_compile.families.Family` of case ``name``."""
     from dbcache_compile.families import family_named
     return family_named(CASES[name].family)
+
+
+def first_transformer_call(pipe: Any, inputs: dict) -> dict:
+    """The keyword arguments the pipeline passes to its transformer on its first call (a real call to replay);
+    positional arguments by name (Sana's pipeline passes the latents positionally)."""
+    import inspect
+
+    import torch
+    seen: dict = {}
+    names = list(inspect.signature(type(pipe.transformer).forward).parameters)[1:]
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("kwargs", dict(zip(names, args), **kwargs))
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(**inputs, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return seen["kwargs"]
