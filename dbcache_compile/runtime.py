@@ -88,8 +88,8 @@ from .state import BranchState  # noqa: E402
 from .stats import CacheSummary  # noqa: E402
 from .usercompile import (UserCompiled, UserCompiledHooks, refuse_while_compiling,  # noqa: E402
                           route_compiled_blocks, traced_block, traced_forward, unroute_compiled_block)
-from .step import (BlockIO, CacheStep, GroupStep, compile_region, decide_on_host, fold_records, no_views,  # noqa: E402
-                   run_block_hooks, transformer_output)
+from .step import (BlockIO, CacheStep, GroupStep, compile_region, decide_on_host, fold_records,  # noqa: E402
+                   no_views, passes, run_block_hooks, transformer_output)
 
 __all__ = ["HOOK_NAME", "BLOCK_HOOK_NAME", "REGION_HOOK_NAME", "HookRegistry", "Applied", "InputWatch", "Runtime",
            "BranchedRuntime", "CacheRuntime", "UncachedRuntime", "CacheHook", "Branches", "GenerationWatch",
@@ -618,15 +618,6 @@ def check_call(module: torch.nn.Module) -> bool:
     return True
 
 
-def _passed(kwargs: dict, name: str) -> bool:
-    """Whether a call passes ``name`` (not ``None``); ``"<argument>.<key>"``: a key of a dict argument."""
-    arg, _, key = name.partition(".")
-    value = kwargs.get(arg)
-    if key:
-        return isinstance(value, dict) and value.get(key) is not None
-    return value is not None
-
-
 def _ip_adapter_scales(module: torch.nn.Module) -> tuple:
     """The IP-Adapter scales of every attention processor that has them (a hand-captured graph bakes them in): a list
     per processor (FLUX's, one per adapter) or one float (SD3's)."""
@@ -823,7 +814,7 @@ class CacheRuntime(BranchedRuntime):
         if not check_call(module):
             return original(*args, **kwargs)
         named = self.family_record.named_inputs(args, kwargs) if self.prologue else kwargs
-        refused = [name for name in self.unsupported if _passed(named, name)]
+        refused = [name for name in self.unsupported if passes(named, name)]
         if refused:
             from .families import REFUSAL_REASONS
             why = {**REFUSAL_REASONS, **self.family_record.refusal_reasons}.get(
@@ -941,7 +932,7 @@ class CacheRuntime(BranchedRuntime):
         if not self.index_added:
             return None
         named = dict(zip(self.inputs.params, args), **kwargs)
-        passed = next((name for name in self.index_added if _passed(named, name)), None)
+        passed = next((name for name in self.index_added if passes(named, name)), None)
         if passed is not None and self.impl.compile_segments:
             raise NotImplementedError(
                 f"{type(module).__name__}: graph={self.lowering!r} compiles each group of blocks as one segment, but "

@@ -242,6 +242,16 @@ def region_call(options: dict[str, Any], compiled: Any, skip_hook: Optional[str]
     return call
 
 
+def passes(kwargs: dict, name: str) -> bool:
+    """Whether a call's keyword arguments pass ``name`` (not ``None``); ``"<argument>.<key>"``: a key of a dict
+    argument (``"joint_attention_kwargs.ip_adapter_image_embeds"``)."""
+    arg, _, key = name.partition(".")
+    value = kwargs.get(arg)
+    if key:
+        return isinstance(value, dict) and value.get(key) is not None
+    return value is not None
+
+
 def transformer_output(sample: torch.Tensor, return_dict: bool) -> Any:
     """What a diffusers transformer's forward returns: ``Transformer2DModelOutput`` or the ``(sample,)`` tuple."""
     if not return_dict:

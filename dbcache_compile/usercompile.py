@@ -48,7 +48,7 @@ import torch
 
 from .decision import Gates, gate_tensors, gates_of
 from .parallel import cp_group, inner_hooks
-from .step import BlockIO, CacheStep, call_block, counters_from_host, transformer_output
+from .step import BlockIO, CacheStep, call_block, counters_from_host, passes, transformer_output
 
 __all__ = ["UserCompileError", "REASONS", "refuse", "refuse_while_compiling", "UserCompiled", "traced_forward",
            "CompiledBlockCall", "route_compiled_blocks", "unroute_compiled_block"]
@@ -303,26 +303,18 @@ def traced_forward(runtime: Any, module: torch.nn.Module, original: Callable, ar
         refuse("dynamic")
     named = runtime.family_record.named_inputs(args, kwargs)
     if getattr(module, "_cache_config", None) is not None or any(
-            _passed(named, name) for name in runtime.unsupported):
+            passes(named, name) for name in runtime.unsupported):
         refuse("input")
     # inputs added between blocks by index (families that name them; their eager / regional paths run them)
     added = (*getattr(runtime, "index_added", ()), *getattr(runtime.family_record, "block_residual_inputs", ()))
     by_name = dict(zip(runtime.inputs.params, args), **kwargs)
-    passed = next((name for name in added if _passed(by_name, name)), None)
+    passed = next((name for name in added if passes(by_name, name)), None)
     if passed is not None:
         refuse("control", f"`{passed}`")
     runtime.inputs._pending = None  # what the forward pre-hook captured is read at run time (UserCompiled.begin)
     if isinstance(user, UserCompiledHooks):
         return user.forward(module, original, args, kwargs)
     return user.forward(module, *args, **kwargs)
-
-
-def _passed(kwargs: dict, name: str) -> bool:
-    arg, _, key = name.partition(".")
-    value = kwargs.get(arg)
-    if key:
-        return isinstance(value, dict) and value.get(key) is not None
-    return value is not None
 
 
 # ------------------------------------------------------------------------------------------------ compiled blocks
