@@ -16,40 +16,19 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.metrics import psnr
+from tests.cache_checks import CACHING, LOWERINGS, NEVER, STEPS, never_then_caching
+from tests.cache_checks import optimize_in as _optimize
+from tests.cache_checks import run as _run
 from tests.families import first_transformer_call
 from tests.families.flux import (flux_controlnet_inputs, flux_ip_adapter_inputs, tiny_flux_controlnet_pipeline,
                                  tiny_flux_ip_adapter_pipeline)
 from tests.families.qwen_image import qwen_image_controlnet_inputs, tiny_qwen_image_controlnet_pipeline
 
-STEPS = 8
-NEVER = "F1B0_W2MC2_R0.0"  # R <= 0: never caches
-CACHING = "F1B0_W2MC2_R0.5"  # caches steps 2, 3, 5, 6 on each pipeline below
 CASES = {
     "flux_controlnet": (tiny_flux_controlnet_pipeline, flux_controlnet_inputs),
     "qwen_image_controlnet": (tiny_qwen_image_controlnet_pipeline, qwen_image_controlnet_inputs),
     "flux_ip_adapter": (tiny_flux_ip_adapter_pipeline, flux_ip_adapter_inputs),
 }
-EAGER_BACKEND = {"backend": "eager"}  # Dynamo's graphs, run without Inductor (CPU time)
-LOWERINGS = {
-    "eager": {},
-    "regional": dict(mode="default", graph="regional", compile_options=EAGER_BACKEND),
-    "segments": dict(mode="default", graph="segments", compile_options=EAGER_BACKEND),
-    "cond": dict(mode="default", graph="cond", compile_options=EAGER_BACKEND),
-    # the hand-captured CUDA graphs of regional / segments, emulated on CPU: the residuals are copied into the
-    # graphs' own input tensors before each replay
-    "regional+graphs": dict(mode="default", graph="regional", compile_options=EAGER_BACKEND),
-    "segments+graphs": dict(mode="default", graph="segments", compile_options=EAGER_BACKEND),
-}
-
-
-def _optimize(target, cache: str, lowering: str) -> None:
-    dbc.optimize(target, cache=cache, **LOWERINGS[lowering])
-    if lowering.endswith("+graphs"):
-        dbc.runtime_of(target).use_segment_graphs(emulate=True)
-
-
-def _run(pipe, inputs: dict) -> torch.Tensor:
-    return pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
 
 
 @pytest.fixture(scope="module")
@@ -79,24 +58,7 @@ def test_never_caching_equals_uncached_and_caching_hits_close(pipelines, case, l
     inputs = CASES[case][1]
     assert eager_steps == [2, 3, 5, 6]
     assert psnr(eager_cached, reference).min() >= 40
-    _optimize(pipe, NEVER, lowering)
-    try:
-        never = _run(pipe, inputs())
-        assert dbc.summary(pipe).cached_steps == []
-        dbc.runtime_of(pipe).reconfigure(CACHING)  # same block split: the same graphs
-        cached = _run(pipe, inputs())
-        summary = dbc.summary(pipe)
-        if lowering.endswith("+graphs"):
-            assert dbc.runtime_of(pipe).graphs.replays > 0
-    finally:
-        dbc.disable(pipe)
-    if lowering == "eager":
-        assert torch.equal(never, reference)
-        assert torch.equal(cached, eager_cached)
-    else:
-        torch.testing.assert_close(never, reference, rtol=0, atol=1e-4)
-        torch.testing.assert_close(cached, eager_cached, rtol=0, atol=1e-4)
-        assert summary.compile_fallbacks == {}
+    summary = never_then_caching(pipe, inputs, lowering, reference, eager_cached)
     assert summary.cached_steps == eager_steps
 
 

@@ -20,13 +20,12 @@ import torch
 
 import dbcache_compile as dbc
 from dbcache_compile.metrics import psnr
+from tests.cache_checks import CACHING, NEVER, STEPS, never_then_caching, optimize_in as _optimize, run as _run
+from tests.cache_checks import LOWERINGS as ALL_LOWERINGS
 from tests.families import first_transformer_call
 from tests.families.chroma import chroma_ip_adapter_inputs, tiny_chroma_ip_adapter_pipeline
 from tests.families.sd3 import sd3_ip_adapter_inputs, tiny_sd3_ip_adapter_pipeline
 
-STEPS = 8
-NEVER = "F1B0_W2MC2_R0.0"  # R <= 0: never caches
-CACHING = "F1B0_W2MC2_R0.5"  # caches steps 2, 3, 5, 6 on both pipelines (each CFG branch of Chroma's)
 #: (builder, inputs, whether the pipeline makes separate cond / uncond calls, PSNR floor of CACHING in dB; measured
 #: 54.7 (SD3), 38.5 (SD3.5: qk RMSNorm, the IP processor on the dual-attention attn2 too) and 41.3 (Chroma))
 CASES = {
@@ -34,28 +33,12 @@ CASES = {
     "sd35": (partial(tiny_sd3_ip_adapter_pipeline, sd35=True), sd3_ip_adapter_inputs, False, 35.0),
     "chroma": (tiny_chroma_ip_adapter_pipeline, chroma_ip_adapter_inputs, True, 38.0),
 }
-EAGER_BACKEND = {"backend": "eager"}  # Dynamo's graphs, run without Inductor (CPU time)
-LOWERINGS = {
-    "eager": {},
-    "regional": dict(mode="default", graph="regional", compile_options=EAGER_BACKEND),
-    "segments": dict(mode="default", graph="segments", compile_options=EAGER_BACKEND),
-    # the hand-captured CUDA graphs, emulated on CPU
-    "regional+graphs": dict(mode="default", graph="regional", compile_options=EAGER_BACKEND),
-}
+#: the lowerings these pipelines run (cond needs a family with a prologue; SD3 and Chroma run their own forward)
+LOWERINGS = {name: ALL_LOWERINGS[name] for name in ("eager", "regional", "segments", "regional+graphs")}
 #: Chroma is ungroupable (its forward slices a modulation per block): no segments, and regional runs it block by
 #: block, so there is no whole-group graph to capture
 RUNS = [(case, lowering) for case in CASES for lowering in LOWERINGS
         if not (case == "chroma" and lowering in ("segments", "regional+graphs"))]
-
-
-def _optimize(target, cache: str, lowering: str) -> None:
-    dbc.optimize(target, cache=cache, **LOWERINGS[lowering])
-    if lowering.endswith("+graphs"):
-        dbc.runtime_of(target).use_segment_graphs(emulate=True)
-
-
-def _run(pipe, inputs: dict) -> torch.Tensor:
-    return pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
 
 
 @pytest.fixture(scope="module")
@@ -98,24 +81,7 @@ def test_never_caching_equals_uncached_and_caching_hits_close(pipelines, case, l
     value = float(psnr(eager_cached, reference).min())
     print(f"\n{case} IP-Adapter {CACHING}: cached {eager_summary.cached_steps}, PSNR vs uncached {value:.1f} dB")
     assert value >= floor
-    _optimize(pipe, NEVER, lowering)
-    try:
-        never = _run(pipe, inputs())
-        assert dbc.summary(pipe).cached_steps == []
-        dbc.runtime_of(pipe).reconfigure(CACHING)  # same block split: the same graphs
-        cached = _run(pipe, inputs())
-        summary = dbc.summary(pipe)
-        if lowering.endswith("+graphs"):
-            assert dbc.runtime_of(pipe).graphs.replays > 0
-    finally:
-        dbc.disable(pipe)
-    if lowering == "eager":
-        assert torch.equal(never, reference)
-        assert torch.equal(cached, eager_cached)
-    else:
-        torch.testing.assert_close(never, reference, rtol=0, atol=1e-4)
-        torch.testing.assert_close(cached, eager_cached, rtol=0, atol=1e-4)
-        assert summary.compile_fallbacks == {}
+    summary = never_then_caching(pipe, inputs, lowering, reference, eager_cached)
     assert (summary.cached_steps, summary.cfg_cached_steps) == (eager_summary.cached_steps,
                                                                  eager_summary.cfg_cached_steps)
 
